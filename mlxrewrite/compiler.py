@@ -1,0 +1,189 @@
+"""`mlxrewrite.compile`: trace -> rules -> plan -> `mx.compile`, cached per input signature.
+
+Per new signature the function is traced once with MLX's exporter (graph + call sites), every rule
+decides on every call site, and the plan is lowered into an `mx.compile`d function whose intercepted
+calls run the chosen rewrites. Nothing else in the function changes, so where no rule fires the result
+is bitwise that of `mx.compile(fn)`. State declared as `inputs=`/`outputs=` is read at call time
+(never baked in). `explain()` reports each trace, why it happened, and every decision.
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from . import intercept
+from .graph import Graph
+from .lower import Applier, Plan, PlannedCall
+from .policy import Backend
+from .rule import Rule, select_rules
+from .signature import Signature, SignatureError, flatten_call, make_signature, read_slots, rebuild_call, state_slots
+from .trace import CallSite, Recorder, TraceError, trace_call
+
+
+class FallbackWarning(UserWarning):
+    """The pass could not handle a call and ran the original function instead."""
+
+
+@dataclass
+class Entry:
+    """One traced signature: its graph, plan and compiled function."""
+
+    signature: Signature
+    graph: Graph
+    plan: Plan
+    compiled: Callable
+    reason: str
+    mismatches: list[str] = field(default_factory=list)
+
+
+def plan_for(graph: Graph, rules: list[Rule], backend: Backend) -> Plan:
+    """Every rule's decision on every recorded call site (the first rule that fires wins)."""
+    calls = []
+    for site in (s for s in graph.calls if s.source == "python"):
+        decision = next((d for rule in rules if (d := rule.decide(site, graph, backend)) is not None), None)
+        calls.append(PlannedCall.of(site, _site_shapes(graph, site), decision))
+    return Plan(calls, {rule.name: rule for rule in rules})
+
+
+def _site_shapes(graph: Graph, site: CallSite) -> tuple:
+    return tuple((k, None if name is None else graph.values[name].shape) for k, name in site.operands.items())
+
+
+class RewrittenFunction:
+    """A function whose hazardous MLX calls are rewritten by rules, then `mx.compile`d."""
+
+    def __init__(self, fn: Callable, *, rules: list[Rule] | None = None, disable: tuple[str, ...] = (),
+                 shapeless: bool = False, inputs: Any = None, outputs: Any = None, strict: bool = False):
+        if not callable(fn):
+            raise TypeError(f"mlxrewrite.compile expects a callable, got {type(fn).__name__}")
+        self.fn = fn
+        self.rules = select_rules(rules, disable)
+        self.shapeless = shapeless
+        module = fn if isinstance(fn, nn.Module) else getattr(fn, "__self__", None)
+        if inputs is None and outputs is None and isinstance(module, nn.Module):
+            inputs = outputs = module  # read the model's parameters at call time, like mx.compile(inputs=model.state)
+        self.inputs, self.outputs = inputs, outputs
+        self.strict = strict
+        self._entries: dict[Signature, Entry] = {}
+        self._history: list[str] = []
+        self._fallbacks: list[str] = []
+        self._lock = threading.Lock()
+        functools.update_wrapper(self, fn, updated=())
+
+    # ---- calling -----------------------------------------------------------------------------
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            arrays, treespec, statics = flatten_call(args, kwargs)
+            state = read_slots(state_slots(self.inputs))
+            signature = make_signature(arrays, treespec, statics, state, self.shapeless)
+            entry = self._entries.get(signature) or self._build(signature, args, kwargs, self.shapeless)
+            if self.shapeless and entry.plan.fired:  # rewrites bake shapes in: key them by exact shapes
+                exact = make_signature(arrays, treespec, statics, state)
+                entry = self._entries.get(exact) or self._build(exact, args, kwargs, False)
+        except (SignatureError, TraceError) as error:
+            return self._fallback(error, args, kwargs)
+        return entry.compiled(*arrays)
+
+    def _build(self, signature: Signature, args: tuple, kwargs: dict, shapeless: bool = False) -> Entry:
+        with self._lock:
+            if signature in self._entries:
+                return self._entries[signature]
+            reason = self._retrace_reason(signature)
+            graph = trace_call(self.fn, args, kwargs, self.inputs, self.outputs)
+            plan = plan_for(graph, self.rules, Backend.current())
+            entry = Entry(signature, graph, plan, None, reason)
+            entry.compiled = mx.compile(self._runner(signature, entry), inputs=self.inputs, outputs=self.outputs,
+                                        shapeless=shapeless)
+            self._entries[signature] = entry
+            fired = ", ".join(f"{c.decision.rule}:{c.decision.rewrite}" for c in plan.fired) or "no rule fired"
+            self._history.append(f"trace #{len(self._entries)}: {reason} -> {len(plan.calls)} call sites, {fired}")
+            return entry
+
+    def _runner(self, signature: Signature, entry: Entry) -> Callable:
+        def run(*arrays: mx.array) -> Any:
+            call_args, call_kwargs = rebuild_call(signature.treespec, signature.statics, list(arrays))
+            applier = Applier(entry.plan)
+            with intercept.handling(applier):
+                result = self.fn(*call_args, **call_kwargs)
+            entry.mismatches += applier.mismatches
+            if applier.position != len(entry.plan.calls):
+                entry.mismatches.append(f"{applier.position} calls ran, the trace saw {len(entry.plan.calls)}")
+            return result
+
+        return run
+
+    def _retrace_reason(self, signature: Signature) -> str:
+        if not self._entries:
+            return "first call"
+        nearest = min(self._entries, key=lambda old: len(signature.describe_change(old)))
+        return "new signature: " + signature.describe_change(nearest)
+
+    def _fallback(self, error: Exception, args: tuple, kwargs: dict) -> Any:
+        if self.strict:
+            raise error
+        message = f"mlxrewrite: running {getattr(self.fn, '__qualname__', self.fn)!s} unchanged: {error}"
+        if message not in self._fallbacks:
+            self._fallbacks.append(message)
+            warnings.warn(message, FallbackWarning, stacklevel=3)
+        return self.fn(*args, **kwargs)
+
+    # ---- looking inside ----------------------------------------------------------------------
+    @property
+    def traces(self) -> int:
+        """How many times the function was traced (one per signature)."""
+        return len(self._entries)
+
+    def graph(self, *args: Any, **kwargs: Any) -> Graph:
+        """The traced (original) graph for these arguments' signature."""
+        return self._entry_for(args, kwargs).graph
+
+    def trace_rewritten(self, *args: Any, **kwargs: Any) -> Graph:
+        """The graph of the rewritten function: what `mx.compile` runs."""
+        entry = self._entry_for(args, kwargs)
+        recorder = Recorder(apply=Applier(entry.plan))
+        return trace_call(self.fn, args, kwargs, self.inputs, self.outputs, recorder=recorder, record_sites=False)
+
+    def _entry_for(self, args: tuple, kwargs: dict) -> Entry:
+        arrays, treespec, statics = flatten_call(args, kwargs)
+        signature = make_signature(arrays, treespec, statics, read_slots(state_slots(self.inputs)), self.shapeless)
+        return self._entries.get(signature) or self._build(signature, args, kwargs, self.shapeless)
+
+    def explain(self) -> str:
+        """Which rules fired, where and why; every trace and the reason for it; fallbacks."""
+        lines = [f"mlxrewrite.compile({getattr(self.fn, '__qualname__', self.fn)!s}): {self.traces} trace(s); "
+                 f"rules: {', '.join(r.name for r in self.rules)}"]
+        lines += ["  " + h for h in self._history]
+        for number, entry in enumerate(self._entries.values(), 1):
+            lines.append(f"signature #{number}:")
+            for index, call in enumerate(entry.plan.calls):
+                where = call.location or "?"
+                if call.decision is None:
+                    lines.append(f"  call {index} {call.api} at {where}: left as is (no rule matched)")
+                else:
+                    d = call.decision
+                    lines.append(f"  call {index} {call.api} at {where}: {d.rule} -> {d.rewrite}: {d.reason}")
+            lines += [f"  ! {m}" for m in entry.mismatches]
+        lines += [f"fallback: {f}" for f in self._fallbacks]
+        return "\n".join(lines)
+
+
+def compile(fn: Callable | None = None, *, rules: list[Rule] | None = None, disable: tuple[str, ...] = (),
+            shapeless: bool = False, inputs: Any = None, outputs: Any = None, strict: bool = False) -> Any:
+    """Rewrite `fn`'s hazardous MLX calls with rules, then `mx.compile` it (usable as a decorator).
+
+    Arguments as in `mx.compile` (`inputs=`/`outputs=` for captured state; an `nn.Module` or its bound
+    method captures the module by default). `rules` adds rules, `disable` removes rules by name,
+    `strict=True` raises instead of falling back to the original function.
+    """
+    options = dict(rules=rules, disable=tuple(disable), shapeless=shapeless, inputs=inputs, outputs=outputs,
+                   strict=strict)
+    if fn is None:
+        return lambda f: RewrittenFunction(f, **options)
+    return RewrittenFunction(fn, **options)

@@ -1,0 +1,66 @@
+"""Lowering: a plan of decisions, applied at the intercepted calls while `mx.compile` traces.
+
+The plan comes from one trace of the same function with the same signature, so the calls arrive in the
+same order. Each call is checked against the plan entry (API, call site, operand shapes) before its
+rewrite runs; a call that does not match is left exactly as written and reported, never guessed at.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import mlx.core as mx
+
+from .intercept import Call
+from .rule import Decision, Rule
+from .trace import CallSite
+
+
+@dataclass(frozen=True)
+class PlannedCall:
+    """What the trace saw at one call, and what to do there (decision None: leave it)."""
+
+    api: str
+    location: str | None
+    shapes: tuple
+    decision: Decision | None
+
+    @classmethod
+    def of(cls, site: CallSite, shapes: tuple, decision: Decision | None) -> "PlannedCall":
+        return cls(site.api, site.location, shapes, decision)
+
+
+def call_shapes(call: Call) -> tuple:
+    return tuple((k, call.shape_of(k)) for k in call.operands)
+
+
+@dataclass
+class Plan:
+    calls: list[PlannedCall]
+    rules: dict[str, Rule]
+
+    @property
+    def fired(self) -> list[PlannedCall]:
+        return [c for c in self.calls if c.decision is not None]
+
+
+class Applier:
+    """Intercept handler that runs the plan's rewrites; counts calls that did not match the plan."""
+
+    def __init__(self, plan: Plan):
+        self.plan = plan
+        self.position = 0
+        self.mismatches: list[str] = []
+
+    def __call__(self, call: Call) -> mx.array:
+        index = self.position
+        self.position += 1
+        planned = self.plan.calls[index] if index < len(self.plan.calls) else None
+        seen = (call.api, call.location, call_shapes(call))
+        if planned is None or seen != (planned.api, planned.location, planned.shapes):
+            self.mismatches.append(f"call #{index} {call.api} at {call.location} does not match the traced plan; "
+                                   "left as written")
+            return call.run_original()
+        if planned.decision is None:
+            return call.run_original()
+        return self.plan.rules[planned.decision.rule].apply(call, planned.decision)

@@ -1,0 +1,87 @@
+"""What a rule is: a declarative record of one hazard and its rewrites.
+
+A rule looks at one API call site with the graph's facts (`match`), and either declines or returns a
+`Decision` naming one of its rewrites. The rewrite runs later, at the call, on real (traced) arrays.
+The rule's docstring (its module's) says the hazard, the evidence, the rewrite and when it must not fire.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import mlx.core as mx
+
+from .graph import Graph
+from .intercept import Call
+from .policy import Backend
+from .trace import CallSite
+
+Matcher = Callable[[CallSite, Graph, Backend], "Decision | None"]
+Rewrite = Callable[[Call, "Decision"], mx.array]
+
+
+@dataclass(frozen=True)
+class Decision:
+    """A rule's verdict on one call site: which rewrite, why, and what the rewrite needs to know."""
+
+    rule: str
+    rewrite: str
+    reason: str
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One hazard: the API it concerns, how to recognise it, and how to rewrite it."""
+
+    name: str
+    api: str  # the intercepted API whose calls it matches ("quantized_matmul", ...)
+    severity: str  # "error" (wrong numbers or crashes) | "warning" (slow or numerically divergent)
+    hazard: str = field(repr=False)  # one line: what goes wrong
+    match: Matcher = field(repr=False)
+    rewrites: dict[str, Rewrite] = field(repr=False)
+    doc: str = field(default="", repr=False)  # the full docstring: hazard, evidence, rewrite, when it must not fire
+
+    def decide(self, site: CallSite, graph: Graph, backend: Backend) -> Decision | None:
+        if site.api != self.api:
+            return None
+        decision = self.match(site, graph, backend)
+        if decision is not None and decision.rewrite not in self.rewrites:
+            raise ValueError(f"rule {self.name} chose unknown rewrite {decision.rewrite!r}")
+        return decision
+
+    def apply(self, call: Call, decision: Decision) -> mx.array:
+        return self.rewrites[decision.rewrite](call, decision)
+
+
+_REGISTRY: dict[str, Rule] = {}
+
+
+def register_rule(rule: Rule) -> Rule:
+    """Add a rule that every `mlxrewrite.compile`/`audit` uses by default (replaces one of the same name)."""
+    if not isinstance(rule, Rule):
+        raise TypeError(f"register_rule expects a mlxrewrite.Rule, got {type(rule).__name__}")
+    _REGISTRY[rule.name] = rule
+    return rule
+
+
+def default_rules() -> list[Rule]:
+    from mlxrewrite.rules import BUILTIN_RULES
+
+    by_name = {rule.name: rule for rule in BUILTIN_RULES}
+    by_name.update(_REGISTRY)
+    return list(by_name.values())
+
+
+def select_rules(rules: list[Rule] | None = None, disable: tuple[str, ...] | list[str] = ()) -> list[Rule]:
+    """The default rules plus `rules`, less those named in `disable` (unknown names are an error)."""
+    chosen = {rule.name: rule for rule in default_rules()}
+    for rule in rules or ():
+        if not isinstance(rule, Rule):
+            raise TypeError(f"rules= takes mlxrewrite.Rule objects, got {type(rule).__name__}")
+        chosen[rule.name] = rule
+    unknown = set(disable) - set(chosen)
+    if unknown:
+        raise ValueError(f"disable= names unknown rules {sorted(unknown)}; known: {sorted(chosen)}")
+    return [rule for name, rule in chosen.items() if name not in set(disable)]

@@ -1,0 +1,134 @@
+"""Input signatures (the cache key of a rewritten function) and captured state.
+
+Arguments are pytrees (optree): array leaves are traced inputs; every other leaf is a static value
+that must be hashable, as with `mx.compile`. A signature also holds each array's shape, dtype and
+strides, since the rules' decisions depend on all three; `describe_change` says why a retrace happened.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import mlx.core as mx
+import optree
+
+from .graph import Shape, dtype_name
+from .layout import array_strides
+
+
+class SignatureError(TypeError):
+    """An argument that cannot be traced nor used as a static value."""
+
+
+@dataclass(frozen=True)
+class ArrayFacts:
+    shape: Shape
+    dtype: mx.Dtype
+    strides: Shape | None
+
+    def __str__(self) -> str:
+        text = f"{dtype_name(self.dtype)}[{','.join(map(str, self.shape))}]"
+        return text if self.strides is None else f"{text} strides {self.strides}"
+
+
+@dataclass(frozen=True)
+class Signature:
+    treespec: Any
+    statics: tuple  # (leaf index, value) of non-array leaves
+    arrays: tuple[ArrayFacts, ...]  # positional and keyword array leaves
+    state: tuple[ArrayFacts, ...]  # leaves of inputs= state (shape and dtype only)
+
+    def describe_change(self, old: "Signature") -> str:
+        """Why `old` does not serve this call (the first differences, in words)."""
+        if self.treespec != old.treespec:
+            return f"argument structure changed: {old.treespec} -> {self.treespec}"
+        reasons = [f"static argument #{i} changed: {a!r} -> {b!r}"
+                   for (i, a), (_, b) in zip(old.statics, self.statics) if a != b]
+        for label, new_list, old_list in (("array argument", self.arrays, old.arrays),
+                                          ("state array", self.state, old.state)):
+            if len(new_list) != len(old_list):
+                reasons.append(f"number of {label}s changed: {len(old_list)} -> {len(new_list)}")
+                continue
+            reasons += [f"{label} #{i}: {a} -> {b}" for i, (a, b) in enumerate(zip(old_list, new_list)) if a != b]
+        return "; ".join(reasons[:4]) + (f" (+{len(reasons) - 4} more)" if len(reasons) > 4 else "")
+
+
+def is_array(leaf: Any) -> bool:
+    return isinstance(leaf, mx.array)
+
+
+def flatten_call(args: tuple, kwargs: dict) -> tuple[list[mx.array], Any, tuple]:
+    """(array leaves, treespec, static leaves) of a call's arguments."""
+    leaves, treespec = optree.tree_flatten((args, kwargs), none_is_leaf=False)
+    arrays, statics = [], []
+    for index, leaf in enumerate(leaves):
+        if is_array(leaf):
+            arrays.append(leaf)
+            continue
+        try:
+            hash(leaf)
+        except TypeError:
+            raise SignatureError(
+                f"argument leaf #{index} of type {type(leaf).__name__} is neither an mx.array nor a hashable "
+                "static value; pass arrays (or lists/tuples/dicts of them), and give captured state such as "
+                "models or caches through inputs=/outputs= or a closure") from None
+        statics.append((index, leaf))
+    return arrays, treespec, tuple(statics)
+
+
+def rebuild_call(treespec: Any, statics: tuple, arrays: list[mx.array]) -> tuple[tuple, dict]:
+    """Inverse of `flatten_call`."""
+    leaves: list[Any] = []
+    fixed = dict(statics)
+    it = iter(arrays)
+    for index in range(treespec.num_leaves):
+        leaves.append(fixed[index] if index in fixed else next(it))
+    args, kwargs = optree.tree_unflatten(treespec, leaves)
+    return args, kwargs
+
+
+def array_facts(array: mx.array, with_strides: bool = True) -> ArrayFacts:
+    return ArrayFacts(tuple(array.shape), array.dtype, array_strides(array) if with_strides else None)
+
+
+def make_signature(arrays: list[mx.array], treespec: Any, statics: tuple, state: list[mx.array],
+                   shapeless: bool = False) -> Signature:
+    facts = tuple(array_facts(a) for a in arrays)
+    if shapeless:
+        facts = tuple(ArrayFacts((-1,) * len(f.shape), f.dtype, None) for f in facts)
+    state_facts = tuple(array_facts(a, with_strides=False) for a in state)
+    return Signature(treespec, statics, facts, state_facts)
+
+
+# ---- captured state (inputs= / outputs=), replaced in place like mx.compile does -----------------
+
+Slot = tuple[Any, Any]  # (container, key)
+
+
+def state_slots(tree: Any) -> list[Slot]:
+    """Mutable places holding arrays in dicts/lists (nn.Module is a dict), depth first."""
+    slots: list[Slot] = []
+
+    def visit(node: Any) -> None:
+        items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, (list, tuple)) else ()
+        for key, child in items:
+            if is_array(child):
+                if isinstance(node, tuple):
+                    raise SignatureError("state arrays inside a tuple cannot be updated in place; use a list")
+                slots.append((node, key))
+            else:
+                visit(child)
+
+    if tree is not None:
+        visit(tree)
+    return slots
+
+
+def read_slots(slots: list[Slot]) -> list[mx.array]:
+    return [container[key] for container, key in slots]
+
+
+def write_slots(slots: list[Slot], values: list[mx.array]) -> None:
+    for (container, key), value in zip(slots, values):
+        container[key] = value

@@ -1,0 +1,8 @@
+"""Built-in rules, one module each. Installed as `mlxrewrite.rules`."""
+
+from .quantized_matmul_broadcast import RULE as QUANTIZED_MATMUL_BROADCAST
+from .sdpa_noop_mask import RULE as SDPA_NOOP_MASK
+
+BUILTIN_RULES = [QUANTIZED_MATMUL_BROADCAST, SDPA_NOOP_MASK]
+
+__all__ = ["BUILTIN_RULES", "QUANTIZED_MATMUL_BROADCAST", "SDPA_NOOP_MASK"]

@@ -1,0 +1,119 @@
+"""quantized-matmul-broadcast-weights: no quantized matmul kernel may see a stride-0 weight batch dim.
+
+Hazard: `mx.quantized_matmul(x, w, scales, biases)` where a batch dim of w/scales/biases has stride 0:
+an explicit `mx.broadcast_to`, or (the GQA quantized-KV pattern of mlx-lm) `mx.expand_dims(k, -3)` that
+MLX broadcasts against queries shaped (B, n_kv, n_rep, M, D).
+
+Evidence: Metal's vector kernels (M below `get_qmv_batch_limit`) read wrong memory for M >= 2 (MLX
+#3480: errors up to 12.5 in real logits). CUDA (MLX 0.32.4, H100): every kernel uses weight matrix 0
+for every batch of a broadcast weight, wrong for every M (max error ~100 on unit data), and
+"No implementation for problem shape" for sliced (unaligned-length) caches. See bench/results/.
+
+Rewrites (both exact: the same dot products, only the batching differs):
+- fold: index the stride-0 dims away and move the matching batch dims of x into M, so the kernel
+  multiplies the un-broadcast weights by a taller x (less memory traffic: 1.1-2.8x faster on H100).
+- copy: materialise the weights with `mx.concatenate` along the broadcast dims (the upstream-proposed
+  fix, slower). Chosen when fold cannot apply: a dim is stride 0 in some of w/scales/biases but not
+  all, or (CUDA) the un-broadcast weights are not dense with row-major last two dims.
+
+Must not fire: weights without a stride-0 batch dim (equal batch dims, 2-D weights), x or w of rank
+2 (MLX does not broadcast then), and on Metal when M selects the matrix kernel, which is correct.
+"""
+
+from __future__ import annotations
+
+import math
+
+import mlx.core as mx
+
+from mlxrewrite.graph import Graph
+from mlxrewrite.intercept import Call
+from mlxrewrite.layout import broadcast_strides, is_dense
+from mlxrewrite.policy import Backend, kernel_accepts_layout, qmm_hazard_applies
+from mlxrewrite.rule import Decision, Rule
+from mlxrewrite.trace import CallSite
+
+NAME = "quantized-matmul-broadcast-weights"
+WEIGHTS = ("w", "scales", "biases")
+
+
+def match(site: CallSite, graph: Graph, backend: Backend) -> Decision | None:
+    x = graph.values[site.operands["x"]]
+    out = graph.values[site.output]
+    weights = {k: graph.values[site.operands[k]] for k in WEIGHTS if site.operands.get(k)}
+    if len(x.shape) <= 2 or len(weights["w"].shape) <= 2:
+        return None
+    batch = out.shape[:-2]
+    kernel = {k: broadcast_strides(v.shape, v.strides, batch + v.shape[-2:]) for k, v in weights.items()}
+    zero = {k: tuple(d for d in range(len(batch)) if batch[d] > 1 and s[d] == 0) for k, s in kernel.items()}
+    dims = tuple(sorted(set().union(*zero.values())))
+    if not dims:
+        return None
+    m, k_dim, n = x.shape[-2], x.shape[-1], out.shape[-1]
+    hazardous, why = qmm_hazard_applies(backend, m, k_dim, n, site.params["transpose"])
+    if not hazardous:
+        return None
+    facts = ", ".join(f"{k} strides {kernel[k]}" for k in weights)
+    reason = f"batch dims {dims} of the weights have stride 0 ({facts}); {why}"
+    params = {"dims": dims, "batch": batch, "operand_dims": zero}
+    if any(zero[k] != dims for k in weights):
+        return Decision(NAME, "copy", reason + "; copy: not every weight operand is broadcast on those dims", params)
+    folded_ok = all(_dense_without(kernel[k], weights[k].shape, batch, dims) for k in weights)
+    if not kernel_accepts_layout(backend, folded_ok):
+        return Decision(NAME, "copy", reason + "; copy: the un-broadcast weights are not dense (CUDA needs it)",
+                        params)
+    return Decision(NAME, "fold", reason + f"; fold dims {dims} into M={m}", params)
+
+
+def _dense_without(strides: tuple, shape: tuple, batch: tuple, dims: tuple) -> bool:
+    full_shape = batch + shape[-2:]
+    kept = [(st, n) for d, (st, n) in enumerate(zip(strides, full_shape)) if d not in dims]
+    sizes = tuple(n for _, n in kept)
+    kept_strides = tuple(st for st, _ in kept)
+    return is_dense(sizes, kept_strides) and kept_strides[-1] == 1 and kept_strides[-2] in (sizes[-1], 0)
+
+
+def _aligned(a: mx.array, ndim: int) -> mx.array:
+    return a.reshape((1,) * (ndim - a.ndim) + tuple(a.shape)) if a.ndim < ndim else a
+
+
+def fold(call: Call, decision: Decision) -> mx.array:
+    dims, batch = decision.params["dims"], decision.params["batch"]
+    nb = len(batch)
+    x = _aligned(call.operands["x"], nb + 2)
+    index = tuple(0 if d in dims else slice(None) for d in range(nb))
+    weights = {k: _aligned(call.operands[k], nb + 2)[index] for k in WEIGHTS if call.operands.get(k) is not None}
+    keep = [d for d in range(nb) if d not in dims]
+    order = keep + list(dims) + [nb, nb + 1]
+    m, k_dim = x.shape[-2], x.shape[-1]
+    folded_sizes = [x.shape[d] for d in dims]
+    x_folded = mx.transpose(x, order).reshape([x.shape[d] for d in keep] + [math.prod(folded_sizes) * m, k_dim])
+    out = call.run_original(x=x_folded, **weights)
+    out = out.reshape(list(out.shape[:-2]) + folded_sizes + [m, out.shape[-1]])
+    out = mx.transpose(out, [order.index(d) for d in range(nb + 2)])
+    return mx.broadcast_to(out, tuple(batch) + tuple(out.shape[-2:]))
+
+
+def copy(call: Call, decision: Decision) -> mx.array:
+    batch = decision.params["batch"]
+    nb = len(batch)
+    weights = {}
+    for name, dims in decision.params["operand_dims"].items():
+        array = _aligned(call.operands[name], nb + 2)
+        for d in dims:
+            one = array[tuple(slice(0, 1) if k == d else slice(None) for k in range(array.ndim))]
+            array = mx.concatenate([one] * batch[d], axis=d)
+        weights[name] = array
+    return call.run_original(**weights)
+
+
+RULE = Rule(
+    name=NAME,
+    api="quantized_matmul",
+    severity="error",
+    hazard="quantized_matmul with stride-0 (broadcast) weight batch dims: wrong results on Metal (M >= 2, "
+           "vector kernel) and CUDA (every M), or 'No implementation for problem shape' on CUDA",
+    match=match,
+    rewrites={"fold": fold, "copy": copy},
+    doc=__doc__,
+)
