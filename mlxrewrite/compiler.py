@@ -72,6 +72,7 @@ class RewrittenFunction:
         self.inputs, self.outputs = inputs, outputs
         self.strict = strict
         self._entries: dict[Signature, Entry] = {}
+        self._fast: dict[tuple, Entry] = {}  # positional-arrays-only calls: (shape, dtype) per argument
         self._history: list[str] = []
         self._fallbacks: list[str] = []
         self._lock = threading.Lock()
@@ -79,6 +80,10 @@ class RewrittenFunction:
 
     # ---- calling -----------------------------------------------------------------------------
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        fast_key = self._fast_key(args, kwargs)
+        entry = self._fast.get(fast_key) if fast_key is not None else None
+        if entry is not None:
+            return entry.compiled(*args)
         try:
             arrays, treespec, statics = flatten_call(args, kwargs)
             state = read_slots(state_slots(self.inputs))
@@ -89,7 +94,17 @@ class RewrittenFunction:
                 entry = self._entries.get(exact) or self._build(exact, args, kwargs, False)
         except (SignatureError, TraceError) as error:
             return self._fallback(error, args, kwargs)
+        if fast_key is not None and not (self.shapeless and entry.plan.fired):
+            self._fast[fast_key] = entry
         return entry.compiled(*arrays)
+
+    def _fast_key(self, args: tuple, kwargs: dict) -> tuple | None:
+        """A cheap key for the common call (positional arrays only, no state); None otherwise."""
+        if kwargs or self.inputs is not None or self.shapeless:
+            return None
+        if not all(type(a) is mx.array for a in args):
+            return None
+        return tuple((a.shape, a.dtype) for a in args)
 
     def _build(self, signature: Signature, args: tuple, kwargs: dict, shapeless: bool = False) -> Entry:
         with self._lock:

@@ -1,8 +1,10 @@
 """Input signatures (the cache key of a rewritten function) and captured state.
 
 Arguments are pytrees (optree): array leaves are traced inputs; every other leaf is a static value
-that must be hashable, as with `mx.compile`. A signature also holds each array's shape, dtype and
-strides, since the rules' decisions depend on all three; `describe_change` says why a retrace happened.
+that must be hashable, as with `mx.compile`. A signature also holds each array's shape and dtype;
+`describe_change` says why a retrace happened. Input strides are not read per call (reading them
+forces evaluation and, on CUDA, a synchronisation): inputs are taken as row-major, which only ever makes
+a rule fire less (no rewrite relies on an input being broadcast).
 """
 
 from __future__ import annotations
@@ -14,22 +16,18 @@ import mlx.core as mx
 import optree
 
 from .graph import Shape, dtype_name
-from .layout import array_strides
 
 
 class SignatureError(TypeError):
     """An argument that cannot be traced nor used as a static value."""
 
 
-@dataclass(frozen=True)
-class ArrayFacts:
-    shape: Shape
-    dtype: mx.Dtype
-    strides: Shape | None
+ArrayFacts = tuple  # (shape, dtype): plain tuples keep the per-call key cheap
 
-    def __str__(self) -> str:
-        text = f"{dtype_name(self.dtype)}[{','.join(map(str, self.shape))}]"
-        return text if self.strides is None else f"{text} strides {self.strides}"
+
+def facts_text(facts: ArrayFacts) -> str:
+    shape, dtype = facts
+    return f"{dtype_name(dtype)}[{','.join(map(str, shape))}]"
 
 
 @dataclass(frozen=True)
@@ -50,7 +48,8 @@ class Signature:
             if len(new_list) != len(old_list):
                 reasons.append(f"number of {label}s changed: {len(old_list)} -> {len(new_list)}")
                 continue
-            reasons += [f"{label} #{i}: {a} -> {b}" for i, (a, b) in enumerate(zip(old_list, new_list)) if a != b]
+            reasons += [f"{label} #{i}: {facts_text(a)} -> {facts_text(b)}"
+                        for i, (a, b) in enumerate(zip(old_list, new_list)) if a != b]
         return "; ".join(reasons[:4]) + (f" (+{len(reasons) - 4} more)" if len(reasons) > 4 else "")
 
 
@@ -88,17 +87,13 @@ def rebuild_call(treespec: Any, statics: tuple, arrays: list[mx.array]) -> tuple
     return args, kwargs
 
 
-def array_facts(array: mx.array, with_strides: bool = True) -> ArrayFacts:
-    return ArrayFacts(tuple(array.shape), array.dtype, array_strides(array) if with_strides else None)
-
-
 def make_signature(arrays: list[mx.array], treespec: Any, statics: tuple, state: list[mx.array],
                    shapeless: bool = False) -> Signature:
-    facts = tuple(array_facts(a) for a in arrays)
     if shapeless:
-        facts = tuple(ArrayFacts((-1,) * len(f.shape), f.dtype, None) for f in facts)
-    state_facts = tuple(array_facts(a, with_strides=False) for a in state)
-    return Signature(treespec, statics, facts, state_facts)
+        facts = tuple(((-1,) * a.ndim, a.dtype) for a in arrays)
+    else:
+        facts = tuple((a.shape, a.dtype) for a in arrays)
+    return Signature(treespec, statics, facts, tuple((a.shape, a.dtype) for a in state))
 
 
 # ---- captured state (inputs= / outputs=), replaced in place like mx.compile does -----------------

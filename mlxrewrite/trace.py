@@ -16,7 +16,6 @@ import optree
 
 from . import intercept
 from .graph import Graph, Node
-from .layout import array_strides
 from .signature import flatten_call, read_slots, rebuild_call, state_slots, write_slots
 
 MODE_NAMES = {0: "affine", 1: "mxfp4", 2: "mxfp8", 3: "nvfp4"}
@@ -118,13 +117,7 @@ def trace_call(fn: Callable, args: tuple, kwargs: dict, state_in: Any = None, st
     finally:
         write_slots(in_slots, saved_in)
         write_slots(out_slots, saved_out)
-    input_strides = {}
-    graph_inputs = [e for e in events if e["type"] == "inputs"][0]["inputs"]
-    for (name, _, _), array in zip(graph_inputs, [*arrays, *saved_in]):
-        strides = array_strides(array)
-        if strides is not None:
-            input_strides[name] = strides
-    graph = Graph.from_export_events(events, input_strides)
+    graph = Graph.from_export_events(events)  # inputs taken as row-major: see signature.py
     extra_names = graph.outputs[n_outputs[0]:]
     graph.outputs = graph.outputs[:n_outputs[0]]
     python_sites = recorder.sites(extra_names) if record_sites else []
