@@ -130,11 +130,12 @@ def sdpa_cases(rows: list, dtype=mx.float16, shapes=((64, 1, 16384), (128, 1, 40
 
 def sdpa_fixture(path: str) -> None:
     """The GPU export of SDPA with a constant all-True mask (a test fixture: GPU exports it as one primitive)."""
-    q, k = mx.ones((1, 4, 1, 64), dtype=mx.float16), mx.ones((1, 2, 32, 64), dtype=mx.float16)
+    # L=4, D=64, fp16: cuDNN takes array masks there, so CUDA exports the fused primitive
+    q, k = mx.ones((1, 4, 4, 64), dtype=mx.float16), mx.ones((1, 2, 32, 64), dtype=mx.float16)
     events = []
 
     def fn(q, k):
-        return sdpa(q, k, k, mx.ones((1, 1, 1, 32), dtype=mx.bool_))
+        return sdpa(q, k, k, mx.ones((1, 1, 4, 32), dtype=mx.bool_))
 
     mx.export_function(events.append, fn, q, k)
     def enc(entry):
@@ -160,6 +161,9 @@ def sdpa_fixture(path: str) -> None:
 
 def main() -> None:
     out_dir = sys.argv[1] if len(sys.argv) > 1 else "."
+    if "--fixture-only" in sys.argv:
+        sdpa_fixture(f"{out_dir}/sdpa_gpu_trace.json")
+        return
     info = {"mlx": mx.__version__, "device": str(mx.default_device()),
             "date": datetime.date.today().isoformat()}
     try:

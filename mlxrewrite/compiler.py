@@ -9,6 +9,7 @@ is bitwise that of `mx.compile(fn)`. State declared as `inputs=`/`outputs=` is r
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import threading
 import warnings
@@ -19,7 +20,8 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from . import intercept
-from .graph import Graph
+from .graph import Graph, row_major_strides
+from .layout import array_strides
 from .lower import Applier, Plan, PlannedCall
 from .policy import Backend
 from .rule import Rule, select_rules
@@ -41,6 +43,20 @@ class Entry:
     compiled: Callable
     reason: str
     mismatches: list[str] = field(default_factory=list)
+    layout_guards: tuple = ()  # (array index, strides) of inputs traced with a non-row-major layout
+
+    def layout_holds(self, arrays: list[mx.array]) -> bool:
+        return all(array_strides(arrays[i]) == strides for i, strides in self.layout_guards)
+
+
+def _layout_guards(graph: Graph, signature: Signature) -> tuple:
+    """Inputs whose traced layout was not row-major: the plan may rely on it, so it is checked per call."""
+    guards = []
+    for index, name in enumerate(graph.inputs[:len(signature.arrays)]):
+        value = graph.values[name]
+        if value.strides != row_major_strides(value.shape) and any(n > 1 for n in value.shape):
+            guards.append((index, value.strides))
+    return tuple(guards)
 
 
 def plan_for(graph: Graph, rules: list[Rule], backend: Backend) -> Plan:
@@ -82,7 +98,7 @@ class RewrittenFunction:
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         fast_key = self._fast_key(args, kwargs)
         entry = self._fast.get(fast_key) if fast_key is not None else None
-        if entry is not None:
+        if entry is not None and (not entry.layout_guards or entry.layout_holds(list(args))):
             return entry.compiled(*args)
         try:
             arrays, treespec, statics = flatten_call(args, kwargs)
@@ -91,6 +107,10 @@ class RewrittenFunction:
             entry = self._entries.get(signature) or self._build(signature, args, kwargs, self.shapeless)
             if self.shapeless and entry.plan.fired:  # rewrites bake shapes in: key them by exact shapes
                 exact = make_signature(arrays, treespec, statics, state)
+                entry = self._entries.get(exact) or self._build(exact, args, kwargs, False)
+            if entry.layout_guards and not entry.layout_holds(arrays):  # an input's layout changed
+                layouts = tuple(array_strides(a) for a in arrays)
+                exact = dataclasses.replace(entry.signature, layouts=layouts)
                 entry = self._entries.get(exact) or self._build(exact, args, kwargs, False)
         except (SignatureError, TraceError) as error:
             return self._fallback(error, args, kwargs)
@@ -113,7 +133,7 @@ class RewrittenFunction:
             reason = self._retrace_reason(signature)
             graph = trace_call(self.fn, args, kwargs, self.inputs, self.outputs)
             plan = plan_for(graph, self.rules, Backend.current())
-            entry = Entry(signature, graph, plan, None, reason)
+            entry = Entry(signature, graph, plan, None, reason, layout_guards=_layout_guards(graph, signature))
             entry.compiled = mx.compile(self._runner(signature, entry), inputs=self.inputs, outputs=self.outputs,
                                         shapeless=shapeless)
             self._entries[signature] = entry

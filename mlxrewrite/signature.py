@@ -2,9 +2,9 @@
 
 Arguments are pytrees (optree): array leaves are traced inputs; every other leaf is a static value
 that must be hashable, as with `mx.compile`. A signature also holds each array's shape and dtype;
-`describe_change` says why a retrace happened. Input strides are not read per call (reading them
-forces evaluation and, on CUDA, a synchronisation): inputs are taken as row-major, which only ever makes
-a rule fire less (no rewrite relies on an input being broadcast).
+`describe_change` says why a retrace happened. Input strides are read when tracing, but not on every
+call (that forces evaluation and, on CUDA, a synchronisation): only inputs that were not row-major when
+traced are guarded per call (`Entry.layout_guards` in compiler.py).
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ class Signature:
     statics: tuple  # (leaf index, value) of non-array leaves
     arrays: tuple[ArrayFacts, ...]  # positional and keyword array leaves
     state: tuple[ArrayFacts, ...]  # leaves of inputs= state (shape and dtype only)
+    layouts: tuple = ()  # input strides, only for signatures split off by a layout guard
 
     def describe_change(self, old: "Signature") -> str:
         """Why `old` does not serve this call (the first differences, in words)."""
@@ -50,6 +51,8 @@ class Signature:
                 continue
             reasons += [f"{label} #{i}: {facts_text(a)} -> {facts_text(b)}"
                         for i, (a, b) in enumerate(zip(old_list, new_list)) if a != b]
+        if self.layouts != old.layouts:
+            reasons.append(f"input layout (strides) changed: {old.layouts or 'as traced'} -> {self.layouts}")
         return "; ".join(reasons[:4]) + (f" (+{len(reasons) - 4} more)" if len(reasons) > 4 else "")
 
 

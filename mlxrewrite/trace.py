@@ -16,6 +16,7 @@ import optree
 
 from . import intercept
 from .graph import Graph, Node
+from .layout import array_strides
 from .signature import flatten_call, read_slots, rebuild_call, state_slots, write_slots
 
 MODE_NAMES = {0: "affine", 1: "mxfp4", 2: "mxfp8", 3: "nvfp4"}
@@ -103,7 +104,7 @@ def trace_call(fn: Callable, args: tuple, kwargs: dict, state_in: Any = None, st
                              f"{sorted({type(leaf).__name__ for leaf in leaves})}")
         outs = leaves + read_slots(out_slots)
         n_outputs.append(len(outs))
-        return tuple(outs + recorder.extra_outputs())
+        return tuple(outs + (recorder.extra_outputs() if record_sites else []))
 
     events: list[dict] = []
     try:
@@ -117,7 +118,10 @@ def trace_call(fn: Callable, args: tuple, kwargs: dict, state_in: Any = None, st
     finally:
         write_slots(in_slots, saved_in)
         write_slots(out_slots, saved_out)
-    graph = Graph.from_export_events(events)  # inputs taken as row-major: see signature.py
+    graph_inputs = next(e for e in events if e["type"] == "inputs")["inputs"]
+    input_strides = {name: st for (name, _, _), array in zip(graph_inputs, [*arrays, *saved_in])
+                     if (st := array_strides(array)) is not None}
+    graph = Graph.from_export_events(events, input_strides)
     extra_names = graph.outputs[n_outputs[0]:]
     graph.outputs = graph.outputs[:n_outputs[0]]
     python_sites = recorder.sites(extra_names) if record_sites else []

@@ -371,8 +371,6 @@ def test_disable_keeps_the_hazard():
     assert kernel_stride0_dims(rewritten.trace_rewritten(*args)) == [(2,)] * 6
 
 
-@pytest.mark.xfail(strict=True, reason="input strides are no longer read (signature.py: inputs taken as "
-                                       "row-major), so weights broadcast before the call are not seen (reported)")
 def test_weights_broadcast_outside_the_function_are_detected():
     (q, deq) = quantize((1, 2, 1, N, K), 8)
     ws = [mx.broadcast_to(a, (1, 2, 4) + a.shape[-2:]) for a in q]  # a broadcast KV cache handed in as is
@@ -384,3 +382,13 @@ def test_weights_broadcast_outside_the_function_are_detected():
     rewritten = mlxrewrite.compile(fn)
     assert_close_to(rewritten(x, *ws), float_qmm(x, deq, True))
     assert f"{NAME} -> fold" in rewritten.explain()
+    # the plan relied on the inputs' stride 0: the same shapes with dense (different) weights must retrace,
+    # never reuse "index 0 of the broadcast dim"
+    dense_full = [mx.random.normal((1, 2, 4, N, K)) for _ in range(1)][0]
+    dq = mx.quantize(dense_full, group_size=64, bits=8)
+    mx.eval(dq)
+    out = rewritten(x, *dq)
+    reference = x @ mx.dequantize(*dq, group_size=64, bits=8).swapaxes(-1, -2)
+    assert_close_to(out, reference)
+    assert rewritten.traces == 2
+    assert "input layout (strides) changed" in rewritten.explain()

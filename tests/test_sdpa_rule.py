@@ -274,8 +274,7 @@ def synthetic_gpu_events(mask_shape, mask_value=True, mask_dtype="bool"):
     return [
         {"type": "inputs", "inputs": [["q", q, "float16"], ["k", k, "float16"], ["v", k, "float16"]]},
         {"type": "keyword_inputs", "keywords": []},
-        {"type": "outputs", "outputs": [["out", [max(B, mask_shape[0]) if len(mask_shape) == 4 else B, H, L, D],
-                                         "float16"]]},
+        {"type": "outputs", "outputs": [["out", [B, H, L, D], "float16"]]},
         {"type": "constants", "constants": [{"name": "c", "value": mask_value, "dtype": mask_dtype}]},
         {"type": "primitive", "name": "Broadcast", "arguments": [list(mask_shape)],
          "inputs": [["c", [], mask_dtype]], "outputs": [["m", list(mask_shape), mask_dtype]]},
