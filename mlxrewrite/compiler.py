@@ -114,6 +114,8 @@ class RewrittenFunction:
                 entry = self._entries.get(exact) or self._build(exact, args, kwargs, False)
         except (SignatureError, TraceError) as error:
             return self._fallback(error, args, kwargs)
+        if entry.compiled is None:  # this signature could not be traced before: no second attempt
+            return self._fallback(entry.reason, args, kwargs)
         if fast_key is not None and not (self.shapeless and entry.plan.fired):
             self._fast[fast_key] = entry
         return entry.compiled(*arrays)
@@ -131,7 +133,11 @@ class RewrittenFunction:
             if signature in self._entries:
                 return self._entries[signature]
             reason = self._retrace_reason(signature)
-            graph = trace_call(self.fn, args, kwargs, self.inputs, self.outputs)
+            try:
+                graph = trace_call(self.fn, args, kwargs, self.inputs, self.outputs)
+            except TraceError as error:  # remembered, so later calls fall back without tracing again
+                self._entries[signature] = Entry(signature, Graph({}, [], [], []), Plan([], {}), None, str(error))
+                raise
             plan = plan_for(graph, self.rules, Backend.current())
             entry = Entry(signature, graph, plan, None, reason, layout_guards=_layout_guards(graph, signature))
             entry.compiled = mx.compile(self._runner(signature, entry), inputs=self.inputs, outputs=self.outputs,
@@ -160,9 +166,9 @@ class RewrittenFunction:
         nearest = min(self._entries, key=lambda old: len(signature.describe_change(old)))
         return "new signature: " + signature.describe_change(nearest)
 
-    def _fallback(self, error: Exception, args: tuple, kwargs: dict) -> Any:
+    def _fallback(self, error: Exception | str, args: tuple, kwargs: dict) -> Any:
         if self.strict:
-            raise error
+            raise error if isinstance(error, Exception) else TraceError(error)
         message = f"mlxrewrite: running {getattr(self.fn, '__qualname__', self.fn)!s} unchanged: {error}"
         if message not in self._fallbacks:
             self._fallbacks.append(message)

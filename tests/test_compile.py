@@ -249,6 +249,10 @@ def test_unexportable_function_falls_back():
         out = rewritten(X)
     assert "Contiguous" in str(record[0].message)
     assert mx.array_equal(out, X.T * 2).item()
+    traced = rewritten.traces
+    assert mx.array_equal(rewritten(X), X.T * 2).item()  # same signature: falls back without tracing again
+    assert rewritten.traces == traced
+    assert "fallback:" in rewritten.explain()
     with pytest.raises(TraceError, match="exporter"):
         mlxrewrite.compile(fn, strict=True)(X)
 

@@ -392,3 +392,18 @@ def test_weights_broadcast_outside_the_function_are_detected():
     assert_close_to(out, reference)
     assert rewritten.traces == 2
     assert "input layout (strides) changed" in rewritten.explain()
+
+
+@pytest.mark.parametrize("mode,group_size,bits", [("mxfp4", 32, 4), ("mxfp8", 32, 8), ("nvfp4", 16, 4)])
+def test_floating_point_modes_fold_without_biases(mode, group_size, bits):
+    w = mx.random.normal((1, 2, 1, 128, 64))
+    q = mx.quantize(w, group_size=group_size, bits=bits, mode=mode)  # (w, scales): no biases in fp modes
+    x = mx.random.normal((1, 2, 4, 2, 64))
+
+    def fn(x, *q):
+        return mx.quantized_matmul(x, *q, transpose=True, group_size=group_size, bits=bits, mode=mode)
+
+    rewritten = mlxrewrite.compile(fn)
+    reference = x @ mx.dequantize(*q, group_size=group_size, bits=bits, mode=mode).swapaxes(-1, -2)
+    assert_close_to(rewritten(x, *q), reference)
+    assert f"{NAME} -> fold" in rewritten.explain()
