@@ -8,7 +8,6 @@ can read it like torch.fx's Graph and print it like a jaxpr. Facts live on `Valu
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator
 
@@ -168,7 +167,3 @@ class Graph:
 
         assign_layouts(graph, input_strides or {})
         return graph
-
-    def replace_value(self, name: str, **changes: Any) -> None:
-        self.values[name] = dataclasses.replace(self.values[name], **changes)
-        self.nx.nodes[name]["value"] = self.values[name]
