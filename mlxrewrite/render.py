@@ -62,7 +62,6 @@ def graph_to_dot(graph: "Graph", highlight: set[str], title: str | None = None) 
                 source = f"c_{name}"
                 lines.append(f"  {source} [shape=plaintext label={_quote(_value_text(value))}];")
             else:
-                source = _quote(producers.get(name, name)) if name in producers else _quote(name)
                 source = producers.get(name, _quote(name))
             lines.append(f"  {source} -> {node.key} [label={_quote(_value_text(value))}];")
     for name in graph.outputs:

@@ -28,7 +28,7 @@ import mlx.core as mx
 
 from mlxrewrite.graph import Graph
 from mlxrewrite.intercept import Call
-from mlxrewrite.layout import broadcast_strides, is_dense
+from mlxrewrite.layout import broadcast_strides, is_dense, stride0_batch_dims
 from mlxrewrite.policy import Backend, kernel_accepts_layout, qmm_hazard_applies
 from mlxrewrite.rule import Decision, Rule
 from mlxrewrite.trace import CallSite
@@ -45,7 +45,7 @@ def match(site: CallSite, graph: Graph, backend: Backend) -> Decision | None:
         return None
     batch = out.shape[:-2]
     kernel = {k: broadcast_strides(v.shape, v.strides, batch + v.shape[-2:]) for k, v in weights.items()}
-    zero = {k: tuple(d for d in range(len(batch)) if batch[d] > 1 and s[d] == 0) for k, s in kernel.items()}
+    zero = {k: stride0_batch_dims(batch + weights[k].shape[-2:], s) for k, s in kernel.items()}
     dims = tuple(sorted(set().union(*zero.values())))
     if not dims:
         return None
