@@ -28,6 +28,7 @@ class ConstSummary:
     min: float
     max: float
     preview: tuple | None  # the values, when there are at most 8
+    source: str = "constant"  # how it is known: "constant" (proved from the graph) or "runtime check"
 
     def __str__(self) -> str:
         if self.preview is not None:
@@ -118,16 +119,18 @@ def summarize(graph: Graph, name: str) -> ConstSummary | None:
     array = evaluate(graph, name)
     if array is None:
         return None
+    value.constant = summarize_array(array)
+    return value.constant
+
+
+def summarize_array(array: mx.array, source: str = "constant") -> ConstSummary:
+    """Summary of a concrete array (evaluates it: one synchronisation)."""
     as_float = array.astype(mx.float32)
-    summary = ConstSummary(
-        all_true=bool(mx.all(array != 0).item()),
-        all_zero=bool(mx.all(array == 0).item()),
-        min=float(mx.min(as_float).item()) if array.size else 0.0,
-        max=float(mx.max(as_float).item()) if array.size else 0.0,
-        preview=tuple(array.reshape(-1).tolist()) if array.size <= 8 else None,
-    )
-    value.constant = summary
-    return summary
+    empty = array.size == 0
+    stats = mx.stack([mx.all(array != 0), mx.all(array == 0), mx.min(as_float) if not empty else mx.array(0.0),
+                      mx.max(as_float) if not empty else mx.array(0.0)]).astype(mx.float32).tolist()
+    return ConstSummary(all_true=bool(stats[0]), all_zero=bool(stats[1]), min=stats[2], max=stats[3],
+                        preview=tuple(array.reshape(-1).tolist()) if array.size <= 8 else None, source=source)
 
 
 def _numel(shape: tuple[int, ...]) -> int:

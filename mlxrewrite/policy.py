@@ -81,6 +81,7 @@ def qmm_hazard_applies(backend: Backend, m: int, k: int, n: int, transpose: bool
     return True, "CPU is correct, but the rewrite keeps CPU and GPU graphs alike and is faster"
 
 
-def kernel_accepts_layout(backend: Backend, dense_last2_row_major: bool) -> bool:
-    """CUDA never copies quantized weights: they must be dense with row-major last two dims."""
-    return backend.kind != "cuda" or dense_last2_row_major
+def needs_dense_weights(backend: Backend) -> bool:
+    """CUDA never copies quantized weights: they must be dense with row-major last two dims, or MLX raises
+    "No implementation for problem shape" (a sliced KV cache is not dense). Metal and CPU copy them."""
+    return backend.kind == "cuda"

@@ -3,12 +3,16 @@
 A rule looks at one API call site with the graph's facts (`match`), and either declines or returns a
 `Decision` naming one of its rewrites. The rewrite runs later, at the call, on real (traced) arrays.
 The rule's docstring (its module's) says the hazard, the evidence, the rewrite and when it must not fire.
+
+For eager rewriting (`eager.py`, the mlx-lm wrapper), where a whole-function trace per shape would mean a
+trace per token, a rule also declares which facts of a call its decision depends on (`site_key`): calls
+with equal keys get the same decision, so one small trace serves a whole decode loop.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Hashable
 
 import mlx.core as mx
 
@@ -19,6 +23,7 @@ from .trace import CallSite
 
 Matcher = Callable[[CallSite, Graph, Backend], "Decision | None"]
 Rewrite = Callable[[Call, "Decision"], mx.array]
+SiteKey = Callable[[Call, Backend], "Hashable | None"]
 
 
 @dataclass(frozen=True)
@@ -42,6 +47,12 @@ class Rule:
     match: Matcher = field(repr=False)
     rewrites: dict[str, Rewrite] = field(repr=False)
     doc: str = field(default="", repr=False)  # the full docstring: hazard, evidence, rewrite, when it must not fire
+    # Eager mode: the facts of a call the decision depends on (None: the rule cannot fire on this call).
+    # Without one, eager mode keys decisions by exact operand shapes (a new analysis per new shape).
+    site_key: SiteKey | None = field(default=None, repr=False)
+    # Operands whose values (not just shapes) the decision depends on; eager mode may check them at run
+    # time when the user allows it (`check_values=True`), once per value per forward pass.
+    value_operands: tuple[str, ...] = ()
 
     def decide(self, site: CallSite, graph: Graph, backend: Backend) -> Decision | None:
         if site.api != self.api:
@@ -50,6 +61,15 @@ class Rule:
         if decision is not None and decision.rewrite not in self.rewrites:
             raise ValueError(f"rule {self.name} chose unknown rewrite {decision.rewrite!r}")
         return decision
+
+    def key(self, call: Call, backend: Backend) -> Hashable | None:
+        """Eager-mode cache key of `call` for this rule (None: it cannot fire here)."""
+        if call.api != self.api:
+            return None
+        if self.site_key is None:
+            return tuple((k, None if a is None else (a.shape, a.dtype)) for k, a in call.operands.items()) + (
+                tuple(sorted(call.params.items(), key=lambda kv: kv[0])),)
+        return self.site_key(call, backend)
 
     def apply(self, call: Call, decision: Decision) -> mx.array:
         return self.rewrites[decision.rewrite](call, decision)

@@ -13,7 +13,9 @@ Rewrite: drop_mask, the same call with `mask=None`.
 Must not fire: unless the mask is proven constant by evaluating its producer chain once (built only
 from constants: mx.ones, mx.full, comparisons and broadcasts of constants, ...). A mask that depends on
 an input or declared state, that is partly False/nonzero, or that would broadcast the output to a
-larger shape, is kept.
+larger shape, is kept. The one exception is opt-in: eager mode with `check_values=True` (the mlx-lm
+wrapper's `check_masks=True`) checks a runtime mask's values once per forward pass and drops it for
+that pass only when it is all True / all zero.
 """
 
 from __future__ import annotations
@@ -35,22 +37,32 @@ def match(site: CallSite, graph: Graph, backend: Backend) -> Decision | None:
     if not mask_name:
         return None
     mask = graph.values[mask_name]
-    if "q" in site.operands and not _fits(mask.shape, graph, site):
-        return None
+    if "q" in site.operands:
+        q, k = graph.values[site.operands["q"]], graph.values[site.operands["k"]]
+        if not _fits(mask.shape, q.shape, k.shape):
+            return None
     summary = summarize(graph, mask_name)
     if summary is None:
         return None
+    how = "is constant and" if summary.source == "constant" else f"was checked at run time ({summary.source}):"
     if mask.dtype == mx.bool_ and summary.all_true:
-        return Decision(NAME, "drop_mask", f"bool mask {mask.type_str} is constant and all True")
+        return Decision(NAME, "drop_mask", f"bool mask {mask.type_str} {how} all True")
     if mask.dtype != mx.bool_ and summary.all_zero:
-        return Decision(NAME, "drop_mask", f"additive mask {mask.type_str} is constant and all zero")
+        return Decision(NAME, "drop_mask", f"additive mask {mask.type_str} {how} all zero")
     return None
 
 
-def _fits(mask_shape: tuple, graph: Graph, site: CallSite) -> bool:
+def site_key(call: Call, backend: Backend):
+    """Only the mask's dtype and whether it fits matter by shape; its values are checked separately."""
+    mask = call.operands.get("mask")
+    if mask is None:
+        return None
+    return mask.dtype, _fits(mask.shape, call.shape_of("q"), call.shape_of("k"))
+
+
+def _fits(mask_shape: tuple, q_shape: tuple, k_shape: tuple) -> bool:
     """The mask broadcasts to the scores' shape (B, Hq, Lq, Lk) without enlarging it."""
-    q, k = graph.values[site.operands["q"]], graph.values[site.operands["k"]]
-    scores = q.shape[:-1] + (k.shape[-2],)
+    scores = q_shape[:-1] + (k_shape[-2],)
     if len(mask_shape) > len(scores):
         return False
     return all(m in (1, s) for m, s in zip(reversed(mask_shape), reversed(scores)))
@@ -69,4 +81,6 @@ RULE = Rule(
     match=match,
     rewrites={"drop_mask": drop_mask},
     doc=__doc__,
+    site_key=site_key,
+    value_operands=("mask",),
 )

@@ -9,7 +9,7 @@ import pytest
 import mlxrewrite
 from mlxrewrite import Decision, Rule
 from mlxrewrite.audit import audit_graph
-from mlxrewrite.layout import stride0_batch_dims
+from mlxrewrite.layout import is_dense, stride0_batch_dims
 from mlxrewrite.policy import Backend
 from mlxrewrite.rules import quantized_matmul_broadcast as qmb
 
@@ -288,15 +288,25 @@ def test_w_only_broadcast_copy_only_touches_w():
     assert "not every weight operand is broadcast" in decision.reason
 
 
-def test_sliced_cache_copy_on_cuda_fold_on_cpu():
+def test_sliced_cache_on_cuda_folds_onto_dense_weights(monkeypatch):
+    """CUDA kernels raise on non-dense weights (a sliced cache): fold makes them dense (one copy of the
+    un-broadcast cache), where CPU and Metal fold onto the sliced view as is."""
     fn, args, ref, _, _ = case_sliced_cache(2)
     graph = mlxrewrite.trace(fn, *args)
-    assert decisions(graph, CPU)[0].rewrite == "fold"
+    assert decisions(graph, CPU)[0].params["densify"] is False
     (cuda,) = decisions(graph, Backend("cuda"))
-    assert cuda.rewrite == "copy" and "not dense" in cuda.reason
-    # and with a dense cache CUDA folds
-    fn2, args2, _, _, _ = case_non_adjacent(2)
-    assert decisions(mlxrewrite.trace(fn2, *args2), Backend("cuda"))[0].rewrite == "fold"
+    assert cuda.rewrite == "fold" and cuda.params["densify"] and "made dense" in cuda.reason
+
+    monkeypatch.setattr(Backend, "current", classmethod(lambda cls: Backend("cuda")))
+    rewritten = mlxrewrite.compile(fn)
+    assert_close_to(rewritten(*args), ref)
+    after = rewritten.trace_rewritten(*args)
+    (node,) = after.find("QuantizedMatmul")
+    for name, strides in node.notes["kernel_strides"].items():  # what the kernel reads: dense, row-major
+        value = after.values[name]
+        assert is_dense(value.shape, strides) and strides[-1] == 1, (name, value.shape, strides)
+    before = graph.find("QuantizedMatmul")[0]
+    assert not all(is_dense(graph.values[n].shape, st) for n, st in before.notes["kernel_strides"].items())
 
 
 @pytest.mark.parametrize("m,transpose,fires", [
