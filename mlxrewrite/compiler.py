@@ -24,7 +24,7 @@ from .graph import Graph, row_major_strides
 from .layout import array_strides
 from .lower import Applier, Plan, PlannedCall
 from .policy import Backend
-from .rule import Rule, select_rules
+from .rule import Rule, first_decision, select_rules
 from .signature import Signature, SignatureError, flatten_call, make_signature, read_slots, rebuild_call, state_slots
 from .trace import CallSite, Recorder, TraceError, trace_call
 
@@ -63,7 +63,7 @@ def plan_for(graph: Graph, rules: list[Rule], backend: Backend) -> Plan:
     """Every rule's decision on every recorded call site (the first rule that fires wins)."""
     calls = []
     for site in (s for s in graph.calls if s.source == "python"):
-        decision = next((d for rule in rules if (d := rule.decide(site, graph, backend)) is not None), None)
+        decision = first_decision(rules, site, graph, backend)
         calls.append(PlannedCall.of(site, _site_shapes(graph, site), decision))
     return Plan(calls, {rule.name: rule for rule in rules})
 

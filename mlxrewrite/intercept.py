@@ -60,14 +60,21 @@ class Call:
 
     def run_original(self, **overrides: Any) -> mx.array:
         """Call the unpatched MLX function, with some operands or parameters replaced."""
-        kwargs = {**self.operands, **self.params, **overrides}
+        return _invoke(original(self.api), self.api, {**self.operands, **self.params, **overrides})
+
+    def dispatch(self, **overrides: Any) -> mx.array:
+        """Call the API through its dispatcher (so the active handler sees it), operands replaced."""
         spec = APIS[self.api]
-        leading = [kwargs.pop(name) for name in spec.positional[:3]]
-        return original(self.api)(*leading, **kwargs)
+        return _invoke(getattr(spec.module, spec.attr), self.api, {**self.operands, **self.params, **overrides})
 
     def shape_of(self, name: str) -> tuple[int, ...] | None:
         array = self.operands.get(name)
         return None if array is None else tuple(array.shape)
+
+
+def _invoke(fn: Callable, api: str, kwargs: dict[str, Any]) -> mx.array:
+    leading = [kwargs.pop(name) for name in APIS[api].positional[:3]]
+    return fn(*leading, **kwargs)
 
 
 def original(api: str) -> Callable:

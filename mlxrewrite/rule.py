@@ -75,6 +75,11 @@ class Rule:
         return self.rewrites[decision.rewrite](call, decision)
 
 
+def first_decision(rules: list[Rule], site: CallSite, graph: Graph, backend: Backend) -> Decision | None:
+    """The decision of the first rule that fires on `site` (rules are tried in order)."""
+    return next((d for rule in rules if (d := rule.decide(site, graph, backend)) is not None), None)
+
+
 _REGISTRY: dict[str, Rule] = {}
 
 

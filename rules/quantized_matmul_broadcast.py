@@ -85,23 +85,34 @@ def _aligned(a: mx.array, ndim: int) -> mx.array:
     return a.reshape((1,) * (ndim - a.ndim) + tuple(a.shape)) if a.ndim < ndim else a
 
 
+def _first_only(a: mx.array, dims: tuple) -> mx.array:
+    """`a` with its broadcast batch dims cut to size 1 (nothing to do in mlx-lm's expand_dims pattern)."""
+    if all(a.shape[d] == 1 for d in dims):
+        return a
+    return a[tuple(slice(0, 1) if d in dims else slice(None) for d in range(a.ndim))]
+
+
 def fold(call: Call, decision: Decision) -> mx.array:
     dims, batch = decision.params["dims"], decision.params["batch"]
     nb = len(batch)
     x = _aligned(call.operands["x"], nb + 2)
-    index = tuple(0 if d in dims else slice(None) for d in range(nb))
-    weights = {k: _aligned(call.operands[k], nb + 2)[index] for k in WEIGHTS if call.operands.get(k) is not None}
+    weights = {k: _first_only(_aligned(call.operands[k], nb + 2), dims) for k in WEIGHTS
+               if call.operands.get(k) is not None}
     if decision.params.get("densify"):
         weights = {k: w.reshape(-1).reshape(w.shape) for k, w in weights.items()}  # a view unless it must copy
     keep = [d for d in range(nb) if d not in dims]
     order = keep + list(dims) + [nb, nb + 1]
+    moved = order != list(range(nb + 2))  # mlx-lm's pattern folds the dim next to M: no transpose needed
     m, k_dim = x.shape[-2], x.shape[-1]
     folded_sizes = [x.shape[d] for d in dims]
-    x_folded = mx.transpose(x, order).reshape([x.shape[d] for d in keep] + [math.prod(folded_sizes) * m, k_dim])
+    ones = [1 if d in dims else x.shape[d] for d in range(nb)]  # size 1 where the weights have it
+    x_folded = (mx.transpose(x, order) if moved else x).reshape(ones + [math.prod(folded_sizes) * m, k_dim])
     out = call.run_original(x=x_folded, **weights)
-    out = out.reshape(list(out.shape[:-2]) + folded_sizes + [m, out.shape[-1]])
-    out = mx.transpose(out, [order.index(d) for d in range(nb + 2)])
-    return mx.broadcast_to(out, tuple(batch) + tuple(out.shape[-2:]))
+    out = out.reshape([out.shape[d] for d in keep] + folded_sizes + [m, out.shape[-1]])
+    if moved:
+        out = mx.transpose(out, [order.index(d) for d in range(nb + 2)])
+    full = tuple(batch) + tuple(out.shape[-2:])
+    return out if tuple(out.shape) == full else mx.broadcast_to(out, full)
 
 
 def copy(call: Call, decision: Decision) -> mx.array:

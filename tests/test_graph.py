@@ -159,7 +159,7 @@ def test_trace_of_compiled_function_is_rewritten():
     original = mlxrewrite.trace(gqa_like, XQ, *QUANT)
     after = mlxrewrite.trace(rewritten, XQ, *QUANT)
     (qmm_before,), (qmm_after,) = original.find("QuantizedMatmul"), after.find("QuantizedMatmul")
-    assert after.values[qmm_after.inputs[0]].shape == (1, 2, 12, 128)  # 3 repeats folded into M=4
+    assert after.values[qmm_after.inputs[0]].shape == (1, 2, 1, 12, 128)  # 3 repeats folded into M=4
     assert original.values[qmm_before.inputs[0]].shape == (1, 2, 3, 4, 128)
 
 
