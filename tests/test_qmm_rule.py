@@ -135,10 +135,11 @@ def test_gqa_graph_before_and_after():
     assert len(before.find("QuantizedMatmul")) == len(after.find("QuantizedMatmul")) == 2
     assert kernel_stride0_dims(before) == [(2,)] * 6  # w, scales, biases of both calls
     assert kernel_stride0_dims(after) == [()] * 6
-    # fold moved the 4 repeats into M: the kernel multiplies (1, 4, 4*M, D) by un-broadcast weights
+    # fold moved the 4 repeats into M: the kernel multiplies (1, 4, 1, 4*M, D) by the weights as expanded
+    # (1, 4, 1, N, D/pack): equal batch shapes, nothing broadcast
     first = after.find("QuantizedMatmul")[0]
     assert after.values[first.inputs[0]].shape == (1, gqa.N_KV, 1, gqa.N_REP * 2, gqa.D)
-    assert after.values[first.inputs[1]].shape[:2] == (1, gqa.N_KV) and len(after.values[first.inputs[1]].shape) == 4
+    assert after.values[first.inputs[1]].shape[:3] == (1, gqa.N_KV, 1)
     # mlxrewrite.trace of a compiled function gives the rewritten graph
     assert [n.op for n in mlxrewrite.trace(rewritten, *args).nodes] == [n.op for n in after.nodes]
     assert "QuantizedMatmul" in str(after)
