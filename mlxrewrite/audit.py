@@ -1,10 +1,20 @@
-"""Audit: findings for every call site where a rule would fire, with the facts that made it fire."""
+"""Audit: findings for every call site where a rule would fire, with the facts that made it fire.
+
+A `Report` holds one or more steps: `audit(fn, *args)` gives one (the function), the mlx-lm audit gives
+one per generation step (prefill, decode, ...). Its JSON form is documented field by field in
+docs/audit.md; `SCHEMA_VERSION` changes only when a field changes meaning or goes away.
+"""
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
-from typing import Any, Callable
+import re
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Iterable
+
+import mlx.core as mx
+import networkx as nx
 
 from .graph import Graph, dtype_name
 from .policy import Backend
@@ -19,7 +29,7 @@ class Finding:
     """One hazardous call site."""
 
     rule: str
-    severity: str
+    severity: str  # "error" (wrong numbers or crashes) | "warning" (slow or numerically divergent)
     op: str  # the API call ("quantized_matmul", ...)
     location: str  # file:line of the call, or "graph opN" when only the graph knows it
     node: int | None  # index of the primitive in the graph
@@ -28,56 +38,192 @@ class Finding:
     strides: dict[str, list[int]]
     why: str  # the rule's hazard and the facts that made it fire
     fix: str  # the rewrite mlxrewrite.compile applies
+    rewrite: str = ""  # the rewrite's name, for machines ("fold", "copy", "drop_mask")
+    evidence: str = ""  # where the hazard was measured (the rule's documented evidence)
+    step: str = ""  # the audited step it belongs to (the function's name, or "decode (M=1)", ...)
 
     def __str__(self) -> str:
         facts = ", ".join(f"{k}: {self.dtypes[k]}{self.shapes[k]} strides {self.strides[k]}" for k in self.shapes)
-        return (f"[{self.severity}] {self.rule} at {self.location}\n    {self.op}({facts})\n"
-                f"    why: {self.why}\n    fix: {self.fix}")
+        lines = [f"[{self.severity}] {self.rule} at {self.location}", f"    {self.op}({facts})",
+                 f"    why: {self.why}"]
+        if self.evidence:
+            lines.append(f"    evidence: {self.evidence}")
+        lines.append(f"    fix: {self.fix}")
+        return "\n".join(lines)
+
+
+@dataclass
+class Step:
+    """One audited function: its graph, how many call sites were audited, and the findings."""
+
+    name: str
+    graph: Graph
+    call_sites: int
+    findings: list[Finding]
+
+    def summary(self) -> str:
+        if not self.findings:
+            return f"no hazards in {self.call_sites} call site(s)"
+        return f"{len(self.findings)} hazard(s) in {self.call_sites} call site(s)"
 
 
 @dataclass
 class Report:
-    findings: list[Finding]
-    graph: Graph
+    """Findings of one audit run, step by step, with where it ran (backend, MLX version)."""
+
+    steps: list[Step]
     backend: str
+    target: str = ""  # what was audited ("examples/x.py:attention", "llama (tiny ...)")
+    mlx_version: str = field(default_factory=lambda: mx.__version__)
+
+    @property
+    def findings(self) -> list[Finding]:
+        return [f for step in self.steps for f in step.findings]
+
+    @property
+    def graph(self) -> Graph:
+        """The first step's graph (the only one for `audit(fn, ...)`)."""
+        return self.steps[0].graph
+
+    @property
+    def call_sites(self) -> int:
+        return sum(step.call_sites for step in self.steps)
 
     @property
     def clean(self) -> bool:
         return not self.findings
 
+    @classmethod
+    def combine(cls, reports: Iterable["Report"], target: str = "") -> "Report":
+        """One report of several runs' steps (they must share a backend)."""
+        reports = list(reports)
+        return cls([s for r in reports for s in r.steps], reports[0].backend, target, reports[0].mlx_version)
+
     def __str__(self) -> str:
-        if self.clean:
-            return f"audit ({self.backend}): no hazards in {len(self.graph.calls)} call site(s)"
-        head = f"audit ({self.backend}): {len(self.findings)} hazard(s) in {len(self.graph.calls)} call site(s)"
-        return "\n".join([head] + [str(f) for f in self.findings])
+        total = Step("", self.graph, self.call_sites, self.findings)
+        if len(self.steps) == 1:
+            return "\n".join([f"audit ({self.backend}): {total.summary()}"] + _finding_lines(self.findings, ""))
+        lines = [f"audit ({self.backend}): {total.summary()}, {len(self.steps)} steps of {self.target}, "
+                 f"MLX {self.mlx_version}"]
+        for step in self.steps:
+            lines.append(f"{step.name}: {step.summary()}")
+            lines += _finding_lines(step.findings, "  ")
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON form (docs/audit.md lists every field)."""
+        from . import __version__
+
+        return {"schema": SCHEMA_VERSION, "mlxrewrite_version": __version__, "mlx_version": self.mlx_version,
+                "backend": self.backend, "target": self.target, "call_sites": self.call_sites,
+                "steps": [{"name": s.name, "call_sites": s.call_sites, "hazards": len(s.findings)}
+                          for s in self.steps],
+                "findings": [asdict(f) for f in self.findings]}
 
     def to_json(self) -> str:
-        return json.dumps({"schema": SCHEMA_VERSION, "backend": self.backend, "call_sites": len(self.graph.calls),
-                           "findings": [asdict(f) for f in self.findings]}, indent=2)
+        return json.dumps(self.to_dict(), indent=2)
+
+
+def _finding_lines(findings: list[Finding], indent: str) -> list[str]:
+    """Findings as text; the same hazard repeated at one call site (one per layer) is printed once."""
+    counts = Counter((f.rule, f.location, str(f.shapes), str(f.strides)) for f in findings)
+    lines, seen = [], set()
+    for f in findings:
+        key = (f.rule, f.location, str(f.shapes), str(f.strides))
+        if key in seen:
+            continue
+        seen.add(key)
+        text = str(f)
+        if counts[key] > 1:
+            head, _, rest = text.partition("\n")
+            text = f"{head} ({counts[key]} calls)\n{rest}"
+        lines += [indent + line for line in text.splitlines()]
+    return lines
+
+
+def rule_evidence(rule: Rule) -> str:
+    """The "Evidence:" paragraph of the rule's docstring on one line ("" when it has none)."""
+    match = re.search(r"^Evidence:\s*(.*?)(?:\n\s*\n|\Z)", rule.doc, re.S | re.M)
+    return " ".join(match.group(1).split()) if match else ""
+
+
+@dataclass(frozen=True)
+class Case:
+    """A function and the inputs to audit it on, as one named step."""
+
+    name: str
+    fn: Callable
+    args: tuple = ()
+    kwargs: dict = field(default_factory=dict)
+    # Leading input arrays that only replay earlier steps (the prompt that fills the cache before a decode
+    # step): call sites that depend on none of the other inputs belong to those steps and are not reported.
+    replayed: int = 0
+
+    def audit(self) -> Report:
+        graph = trace(self.fn, *self.args, **self.kwargs)
+        return audit_graph(graph, step=self.name, depends_on=graph.inputs[self.replayed:] if self.replayed else None)
+
+    def rewritten_graph(self) -> Graph:
+        """The graph `mlxrewrite.compile(fn)` runs for these inputs."""
+        from .compiler import compile
+
+        return compile(self.fn).trace_rewritten(*self.args, **self.kwargs)
 
 
 def audit(fn: Callable, *args: Any, **kwargs: Any) -> Report:
     """Trace `fn(*args, **kwargs)` and report every call site a rule would rewrite."""
-    return audit_graph(trace(fn, *args, **kwargs))
+    name = getattr(fn, "__qualname__", None) or type(fn).__name__
+    report = Case(name, fn, args, kwargs).audit()
+    report.target = name
+    return report
 
 
-def audit_graph(graph: Graph, rules: list[Rule] | None = None, backend: Backend | None = None) -> Report:
+def picture_dot(step: Step, after: Graph) -> str:
+    """DOT of the step's graph with its hazards in red, beside the rewritten graph (its API calls in green,
+    any hazard left in red)."""
+    from .render import side_by_side_dot
+
+    before_marks = {f"op{f.node}": ("hazard", f.rule) for f in step.findings if f.node is not None}
+    left = {f"op{f.node}": ("hazard", f.rule) for f in audit_graph(after).findings if f.node is not None}
+    after_marks = {f"op{s.node}": ("call", "") for s in after.calls if s.node is not None} | left
+    return side_by_side_dot(
+        (step.graph, before_marks, f"{step.name}: as written, {step.summary()}"),
+        (after, after_marks, f"after mlxrewrite.compile: {len(left)} hazard(s) left"))
+
+
+def audit_graph(graph: Graph, rules: list[Rule] | None = None, backend: Backend | None = None,
+                step: str = "graph", depends_on: Iterable[str] | None = None) -> Report:
+    """Audit a traced graph as one step.
+
+    `depends_on` (graph input names) restricts the audit to call sites whose result depends on one of
+    them: a decode step traced together with the prefill that fills its cache reports only its own calls.
+    """
     rules = select_rules() if rules is None else rules
     backend = backend or Backend.current()
-    findings = []
-    for site in graph.calls:
-        for rule in rules:
-            decision = rule.decide(site, graph, backend)
-            if decision is None:
-                continue
-            operands = {k: graph.values[v] for k, v in site.operands.items() if v}
-            findings.append(Finding(
-                rule=rule.name, severity=rule.severity, op=site.api, location=site.where(), node=site.node,
-                shapes={k: list(v.shape) for k, v in operands.items()},
-                dtypes={k: dtype_name(v.dtype) for k, v in operands.items()},
-                strides={k: list(v.strides) for k, v in operands.items()},
-                why=f"{rule.hazard}. Here: {decision.reason}",
-                fix=f"mlxrewrite.compile rewrites it with '{decision.rewrite}' (rule {rule.name})",
-            ))
-            break
-    return Report(findings, graph, backend.kind)
+    sites = graph.calls if depends_on is None else _sites_depending_on(graph, set(depends_on))
+    findings = [finding for site in sites if (finding := _first_finding(site, graph, rules, backend, step))]
+    return Report([Step(step, graph, len(sites), findings)], backend.kind)
+
+
+def _sites_depending_on(graph: Graph, inputs: set[str]) -> list:
+    return [site for site in graph.calls
+            if site.output and (site.output in inputs or inputs & nx.ancestors(graph.nx, site.output))]
+
+
+def _first_finding(site, graph: Graph, rules: list[Rule], backend: Backend, step: str) -> Finding | None:
+    """The finding of the first rule that fires on `site` (the one mlxrewrite.compile would apply)."""
+    for rule in rules:
+        decision = rule.decide(site, graph, backend)
+        if decision is None:
+            continue
+        operands = {k: graph.values[v] for k, v in site.operands.items() if v}
+        return Finding(
+            rule=rule.name, severity=rule.severity, op=site.api, location=site.where(), node=site.node,
+            shapes={k: list(v.shape) for k, v in operands.items()},
+            dtypes={k: dtype_name(v.dtype) for k, v in operands.items()},
+            strides={k: list(v.strides) for k, v in operands.items()},
+            why=f"{rule.hazard}. Here: {decision.reason}",
+            fix=f"mlxrewrite.compile rewrites it with '{decision.rewrite}' (rule {rule.name})",
+            rewrite=decision.rewrite, evidence=rule_evidence(rule), step=step,
+        )
+    return None

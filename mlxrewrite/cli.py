@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
+import os
 import runpy
 import sys
 from pathlib import Path
@@ -12,38 +13,137 @@ from pathlib import Path
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 
+class UsageError(Exception):
+    """A problem with the command line or with what it names: one line on stderr, exit status 2."""
+
+
 def _load(target: str):
     """`FILE.py:FUNC` or `package.module:FUNC` -> (module, function name)."""
     location, _, name = target.rpartition(":")
     if not location or not name:
-        raise SystemExit(f"mlxrewrite: expected FILE.py:FUNC or module:FUNC, got {target!r}")
-    if location.endswith(".py"):
-        spec = importlib.util.spec_from_file_location(Path(location).stem, location)
-        if spec is None or not Path(location).exists():
-            raise SystemExit(f"mlxrewrite: no such file {location!r}")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    else:
-        module = importlib.import_module(location)
+        raise UsageError(f"expected FILE.py:FUNC or module:FUNC, got {target!r}")
+    try:
+        if location.endswith(".py"):
+            if not Path(location).is_file():
+                raise UsageError(f"no such file {location!r}")
+            spec = importlib.util.spec_from_file_location(Path(location).stem, location)
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+        else:
+            if os.getcwd() not in sys.path:  # as `python -m` would, so modules of the current directory load
+                sys.path.insert(0, os.getcwd())
+            module = importlib.import_module(location)
+    except UsageError:
+        raise
+    except (Exception, SystemExit) as error:
+        raise UsageError(f"cannot load {location!r}: {type(error).__name__}: {error}") from error
     return module, name
 
 
-def audit_command(args: argparse.Namespace) -> int:
-    import mlxrewrite
+def _function_case(target: str, builder_name: str):
+    """The function named by `target`, with the arguments its builder returns: `args` or `(args, kwargs)`."""
+    from .audit import Case
 
-    module, name = _load(args.target)
-    fn = getattr(module, name, None)
-    builder = getattr(module, args.inputs, None)
-    if not callable(fn) or not callable(builder):
-        missing = name if not callable(fn) else args.inputs
-        print(f"mlxrewrite: {args.target.rpartition(':')[0]} has no function {missing!r}", file=sys.stderr)
+    module, name = _load(target)
+    fn, builder = getattr(module, name, None), getattr(module, builder_name, None)
+    for what, found in ((name, fn), (builder_name, builder)):
+        if not callable(found):
+            raise UsageError(f"{target.rpartition(':')[0]} has no function {what!r}")
+    try:
+        built = builder()
+    except Exception as error:
+        raise UsageError(f"inputs builder {builder_name!r} raised {type(error).__name__}: {error}") from error
+    is_pair = isinstance(built, tuple) and len(built) == 2 and isinstance(built[1], dict)
+    call_args, call_kwargs = built if is_pair else (built if isinstance(built, tuple) else (built,), {})
+    return Case(name, fn, tuple(call_args), call_kwargs)
+
+
+def _audit_cases(args: argparse.Namespace) -> tuple[str, list]:
+    """(what is audited, the cases to audit) from the command line."""
+    if (args.target is None) == (args.mlx_lm_config is None):
+        raise UsageError("give either FILE.py:FUNC or --mlx-lm-config CONFIG.json")
+    if args.target is not None:
+        return args.target, [_function_case(args.target, args.inputs)]
+    from .audit_mlx_lm import ConfigError, Options, config_cases
+
+    options = Options(kv_bits=args.kv_bits, kv_group_size=args.kv_group_size, batch=args.batch,
+                      prompt_len=args.prompt_len, num_draft_tokens=args.num_draft_tokens, full_size=args.full_size)
+    try:
+        return config_cases(args.mlx_lm_config, options)
+    except ConfigError as error:
+        raise UsageError(str(error)) from error
+
+
+def _audit(case):
+    try:
+        return case.audit()
+    except Exception as error:  # the audited code failed: say so on one line, as for any usage error
+        raise UsageError(f"cannot trace {case.name}: {type(error).__name__}: {error}") from error
+
+
+def _pictures(args: argparse.Namespace) -> list[tuple[Path, str]]:
+    """The pictures asked for, (file, format); fails before the audit when they cannot be drawn."""
+    from .render import dot_program
+
+    pictures = [(Path(path), fmt) for fmt, path in (("dot", args.dot), ("svg", args.svg), ("png", args.png)) if path]
+    if (args.svg or args.png) and dot_program() is None:
+        raise UsageError("--svg/--png need a Graphviz program: `pip install graphviz-pure` (or Graphviz's dot), "
+                         "or write --dot FILE instead")
+    return pictures
+
+
+def _write_pictures(pictures: list[tuple[Path, str]], cases: list, report) -> None:
+    """The first step with findings (else the first step), beside its rewritten graph."""
+    from .audit import picture_dot
+    from .render import RenderError, write_picture
+
+    index = next((i for i, step in enumerate(report.steps) if step.findings), 0)
+    dot = picture_dot(report.steps[index], cases[index].rewritten_graph())
+    for path, fmt in pictures:
+        try:
+            write_picture(dot, path, fmt)
+        except (RenderError, OSError) as error:
+            raise UsageError(str(error)) from error
+        print(f"mlxrewrite: wrote {path} ({report.steps[index].name})", file=sys.stderr)
+
+
+def audit_command(args: argparse.Namespace) -> int:
+    from .audit import Report
+
+    try:
+        pictures = _pictures(args)
+        target, cases = _audit_cases(args)
+        report = Report.combine([_audit(case) for case in cases], target)
+        print(report.to_json() if args.json else report)
+        if pictures:
+            _write_pictures(pictures, cases, report)
+    except UsageError as error:
+        print(f"mlxrewrite: {error}", file=sys.stderr)
         return 2
-    built = builder()
-    call_args, call_kwargs = built if isinstance(built, tuple) and len(built) == 2 and isinstance(built[1], dict) \
-        else (tuple(built), {})
-    report = mlxrewrite.audit(fn, *call_args, **call_kwargs)
-    print(report.to_json() if args.json else report)
     return 0 if report.clean else 1
+
+
+def _add_audit_parser(sub) -> None:
+    audit = sub.add_parser(
+        "audit", help="audit FILE.py:FUNC or an mlx-lm config for hazards (exit 0 clean, 1 hazards, 2 usage error)",
+        description="Find hazardous MLX graph patterns. Exit status: 0 clean, 1 hazards found, 2 usage error "
+                    "(or the audited code failed). docs/audit.md describes the output.")
+    audit.add_argument("target", nargs="?", help="FILE.py:FUNC or package.module:FUNC")
+    audit.add_argument("--inputs", default="example_inputs", metavar="BUILDER",
+                       help="zero-argument function beside FUNC returning its arguments: a tuple, or (args, kwargs)")
+    audit.add_argument("--json", action="store_true", help="machine-readable output (schema in docs/audit.md)")
+    for fmt in ("dot", "svg", "png"):
+        audit.add_argument(f"--{fmt}", metavar="FILE", help=f"write a {fmt.upper()} picture: hazards in red, "
+                           "the rewritten graph beside it")
+    lm = audit.add_argument_group("mlx-lm models (random weights; no download)")
+    lm.add_argument("--mlx-lm-config", metavar="CONFIG.json", help="an mlx-lm config.json to build and audit")
+    lm.add_argument("--kv-bits", type=int, choices=(2, 3, 4, 5, 6, 8), help="quantize the KV cache (as mlx-lm)")
+    lm.add_argument("--kv-group-size", type=int, default=64, choices=(32, 64, 128))
+    lm.add_argument("--batch", type=int, default=2, help="batch of the batched decode step (1: leave it out)")
+    lm.add_argument("--prompt-len", type=int, default=8)
+    lm.add_argument("--num-draft-tokens", type=int, default=2, help="speculative verification runs this many + 1")
+    lm.add_argument("--full-size", action="store_true", help="keep the config's sizes (default: a tiny model "
+                    "with the same attention geometry)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -51,10 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     example = sub.add_parser("example", help="run a built-in example (default: gqa_quantized_attention)")
     example.add_argument("name", nargs="?", default="gqa_quantized_attention")
-    audit = sub.add_parser("audit", help="audit FILE.py:FUNC (exit 0 clean, 1 hazards, 2 usage error)")
-    audit.add_argument("target")
-    audit.add_argument("--inputs", default="example_inputs", help="zero-argument builder of the arguments")
-    audit.add_argument("--json", action="store_true")
+    _add_audit_parser(sub)
     args = parser.parse_args(argv)
     if args.command == "example":
         path = EXAMPLES / f"{args.name}.py"

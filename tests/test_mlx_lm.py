@@ -1,0 +1,264 @@
+"""mlxrewrite.mlx_lm.wrap on tiny random-weight mlx-lm models (CPU, float32: CPU kernels are right, so the
+wrapped model must give the unwrapped model's numbers while its rules fire)."""
+
+import threading
+import warnings
+
+import mlx.core as mx
+import mlx.nn as nn
+import pytest
+from mlx_lm.generate import generate_step, speculative_generate_step
+from mlx_lm.models.cache import BatchKVCache, KVCache, QuantizedKVCache, RotatingKVCache, make_prompt_cache
+
+import mlxrewrite.mlx_lm as mrl
+from mlxrewrite.mlx_lm.tiny import TINY_CONFIGS, tiny
+
+QMM = "quantized_matmul: quantized-matmul-broadcast-weights -> fold"
+DROP = "scaled_dot_product_attention: sdpa-noop-mask -> drop_mask"
+TOL = 1e-4
+
+
+@pytest.fixture(autouse=True)
+def no_warnings():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a coverage or fallback warning fails the test
+        yield
+
+
+def tokens(n, batch=1, seed=1):
+    mx.random.seed(seed)
+    return mx.random.randint(0, 256, (batch, n))
+
+
+def quantized_cache(model, bits=8):
+    return [QuantizedKVCache(group_size=64, bits=bits) for _ in make_prompt_cache(model)]
+
+
+def teacher_forced(model, toks, prompt, cache, chunk=None):
+    """Logits of the last position of the prefill (in chunks of `chunk`), then of each forced decode step."""
+    chunk = chunk or prompt
+    for start in range(0, prompt, chunk):
+        logits = model(toks[:, start:min(prompt, start + chunk)], cache=cache)
+    outs = [logits[:, -1]]
+    for t in range(prompt, toks.shape[1]):
+        outs.append(model(toks[:, t:t + 1], cache=cache)[:, -1])
+    return mx.stack(outs, axis=1)
+
+
+def counts(model):
+    return dict(mrl.state(model).rewriter._counts)
+
+
+def assert_close(a, b, tol=TOL):
+    assert a.shape == b.shape
+    assert mx.max(mx.abs(a - b)).item() <= tol
+
+
+@pytest.mark.parametrize("arch", sorted(TINY_CONFIGS))
+def test_quantized_kv_decode_matches_unwrapped(arch):
+    model = tiny(arch)
+    toks = tokens(28)
+    expected = teacher_forced(model, toks, 20, quantized_cache(model))
+    mrl.wrap(model)
+    try:
+        got = teacher_forced(model, toks, 20, quantized_cache(model))
+        assert_close(got, expected)
+        layers = len(make_prompt_cache(model))
+        assert counts(model)[QMM] == 2 * layers * 9  # scores and values, every layer, prefill + 8 steps
+        assert mrl.state(model).rewriter.traces == 4  # (prefill, decode) x (scores, values)
+    finally:
+        mrl.unwrap(model)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_float_prefill_then_quantized_like_quantized_kv_start(bits):
+    model = mrl.wrap(tiny("llama"))
+    toks = tokens(30)
+    mrl.unwrap(model)
+
+    def run():
+        cache = make_prompt_cache(model)
+        model(toks[:, :16], cache=cache)  # float cache up to quantized_kv_start
+        cache = [c.to_quantized(group_size=64, bits=bits) for c in cache]
+        return teacher_forced(model, toks, 16, cache, chunk=16)[:, 1:]
+
+    expected = run()
+    mrl.wrap(model)
+    assert_close(run(), expected)
+    assert counts(model)[QMM] > 0
+
+
+def test_generate_step_with_kv_bits_gives_the_same_tokens():
+    model = tiny("qwen3")
+    prompt = tokens(12)[0]
+
+    def generated():
+        steps = generate_step(prompt, model, max_tokens=12, kv_bits=8, kv_group_size=64, quantized_kv_start=0)
+        return [int(t) for t, _ in steps]
+
+    expected = generated()
+    mrl.wrap(model)
+    assert generated() == expected
+    assert counts(model)[QMM] > 0
+
+
+def test_speculative_decoding_verification_passes():
+    model, draft = tiny("llama"), tiny("llama", seed=3, num_hidden_layers=1)
+    prompt = tokens(10)[0]
+
+    def generated(num_draft):
+        steps = speculative_generate_step(prompt, model, draft, num_draft_tokens=num_draft, max_tokens=10,
+                                          kv_bits=8, kv_group_size=64, quantized_kv_start=0)
+        return [int(t) for t, _, _ in steps]
+
+    expected = {n: generated(n) for n in (1, 3, 7)}
+    mrl.wrap(model), mrl.wrap(draft)
+    assert {n: generated(n) for n in (1, 3, 7)} == expected
+    # verification passes of M = num_draft + 1 tokens went through the rule
+    ms = {int(a.operands.split("x: float32[")[1].split(",")[3]) for a in mrl.state(model).rewriter.analyses()}
+    assert {2, 4, 8} <= ms
+
+
+@pytest.mark.parametrize("m", range(2, 9))
+def test_small_m_verification_logits(m):
+    model = tiny("mistral")
+    toks = tokens(20 + m)
+
+    def run():
+        cache = quantized_cache(model)
+        model(toks[:, :20], cache=cache)
+        return model(toks[:, 20:], cache=cache)
+
+    expected = run()
+    mrl.wrap(model)
+    assert_close(run(), expected)
+    assert any(f"x: float32[1,2,2,{m},64]" in a.operands for a in mrl.state(model).rewriter.analyses())
+
+
+def test_chunked_prefill():
+    model = tiny("phi3")
+    toks = tokens(40)
+    expected = teacher_forced(model, toks, 33, quantized_cache(model), chunk=8)
+    mrl.wrap(model)
+    assert_close(teacher_forced(model, toks, 33, quantized_cache(model), chunk=8), expected)
+
+
+def test_no_retrace_per_token_over_256_steps():
+    model = mrl.wrap(tiny("llama", num_hidden_layers=1))
+    toks = tokens(8 + 256)
+    teacher_forced(model, toks, 8, quantized_cache(model))
+    rewriter = mrl.state(model).rewriter
+    assert rewriter.traces == 4
+    assert counts(model)[QMM] == 2 * 257
+    text = mrl.explain(model)
+    assert "4 call trace(s), one per new site key" in text and "257 forward pass(es)" in text
+    assert f"{QMM} x514" in text
+
+
+def test_float_caches_no_rule_fires_and_nothing_is_traced():
+    model = tiny("gemma3")
+    toks = tokens(40)
+    for make in (lambda: make_prompt_cache(model), lambda: [RotatingKVCache(max_size=24) for _ in range(2)],
+                 lambda: [KVCache() for _ in range(2)]):
+        mrl.unwrap(model)
+        expected = teacher_forced(model, toks, 30, make())
+        mrl.wrap(model)
+        assert_close(teacher_forced(model, toks, 30, make()), expected, tol=0)  # bitwise: nothing rewritten
+    assert not [what for what in counts(model) if "->" in what]  # no rewrite ran
+    assert counts(model)["scaled_dot_product_attention: left as is"] == 3 * 8  # gemma3's window masks: kept
+
+
+def batch_run(model, toks, padding, steps=4):
+    cache = [BatchKVCache(left_padding=padding) for _ in make_prompt_cache(model)]
+    prompt = toks.shape[1] - steps
+    return teacher_forced(model, toks, prompt, cache)
+
+
+@pytest.mark.parametrize("check", [True, False])
+def test_batched_all_true_masks_dropped_only_when_checked(check):
+    model = tiny("qwen3")
+    toks = tokens(16, batch=4)
+    expected = batch_run(model, toks, [0, 0, 0, 0])
+    mrl.wrap(model, check_masks=check)
+    got = batch_run(model, toks, [0, 0, 0, 0])
+    assert (mx.argmax(got, -1) == mx.argmax(expected, -1)).all().item()
+    assert_close(got, expected, tol=1e-4)
+    dropped = counts(model).get(DROP, 0)
+    if check:
+        assert dropped == 2 * 4  # both layers, every decode step (the prefill is causal: its mask has False)
+        checks = sum(n for what, n in counts(model).items() if what.startswith("value check"))
+        assert checks == 5  # one per forward pass, shared by both layers
+        assert "was checked at run time" in mrl.explain(model) or "runtime" in mrl.explain(model)
+    else:
+        assert dropped == 0
+
+
+def test_partly_padded_batch_keeps_its_mask():
+    model = tiny("llama")
+    toks = tokens(16, batch=3)
+    padding = [0, 3, 5]
+    expected = batch_run(model, toks, padding)
+    mrl.wrap(model, check_masks=True)
+    assert_close(batch_run(model, toks, padding), expected, tol=0)
+    assert counts(model).get(DROP, 0) == 0
+    assert counts(model)["scaled_dot_product_attention: left as is"] == 2 * 5
+
+
+def test_wrap_is_idempotent_and_unwrap_restores():
+    model = tiny("llama")
+    cls = type(model)
+    assert mrl.wrap(model) is model and mrl.wrap(model) is model
+    assert isinstance(model, cls) and type(model) is not cls and type(model).__name__ == cls.__name__
+    assert mrl.is_wrapped(model) and "lm_head" in dict(model.children())
+    rewriter = mrl.state(model).rewriter
+    mrl.wrap(model, check_masks=True)
+    assert mrl.state(model).rewriter is rewriter  # the first wrap's options stay
+    assert mrl.unwrap(model) is model and type(model) is cls and not mrl.is_wrapped(model)
+    assert mrl.unwrap(model) is model
+    with pytest.raises(ValueError, match="not wrapped"):
+        mrl.explain(model)
+    with pytest.raises(TypeError, match="expects an mlx.nn.Module"):
+        mrl.wrap(lambda x: x)
+
+
+def test_threads_share_decisions_not_state():
+    model = tiny("llama")
+    seqs = [tokens(20, seed=s) for s in range(4)]
+    mx.eval(seqs)  # arrays cross threads only evaluated (MLX streams are per thread)
+    expected = [teacher_forced(model, t, 14, quantized_cache(model)) for t in seqs]
+    mrl.wrap(model)
+    results = [None] * 4
+
+    def work(i):
+        results[i] = teacher_forced(model, seqs[i], 14, quantized_cache(model))
+        mx.eval(results[i])  # MLX streams are per thread: evaluate where it was built
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for got, want in zip(results, expected):
+        assert_close(got, want)
+    assert mrl.state(model).rewriter.traces == 4
+
+
+class HandRolledAttention(nn.Module):
+    """A model whose attention uses plain matmuls: nothing for mlxrewrite to intercept."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(8, 8)
+
+    def __call__(self, x, cache=None):
+        h = self.proj(x.astype(mx.float32)[..., None] * mx.ones((8,)))
+        k, v = cache[0].update_and_fetch(h[:, None], h[:, None])
+        scores = mx.softmax(h[:, None] @ k.swapaxes(-1, -2), axis=-1)
+        return (scores @ v)[:, 0]
+
+
+def test_uncovered_attention_is_reported():
+    model = mrl.wrap(HandRolledAttention())
+    with pytest.warns(mrl.CoverageWarning, match="1 of 1 attention layers made no call"):
+        model(mx.ones((1, 3)), cache=[KVCache()])
+    assert "not covered: 1 of 1 attention layers" in mrl.explain(model)
