@@ -7,6 +7,7 @@ default `kv_group_size=64` applies.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
@@ -48,3 +49,22 @@ def tiny(name: str, dtype: mx.Dtype = mx.float32, seed: int = 0, **overrides: An
     if name not in TINY_CONFIGS:
         raise ValueError(f"no tiny config for {name!r}; known: {sorted(TINY_CONFIGS)}")
     return build({**TINY_CONFIGS[name], **overrides}, dtype, seed)
+
+
+def save_tiny(path: str | Path, name: str = "llama", **overrides: Any) -> Path:
+    """Write a loadable mlx-lm model directory (`mlx_lm.load(path)` works offline): a tiny random model
+    of `name` and a word-level tokenizer whose tokens are "w1".."w255" (id 0 is [UNK], "w255" is EOS)."""
+    from mlx_lm.utils import save_config, save_model
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    path = Path(path)
+    config = {**TINY_CONFIGS[name], **overrides}
+    save_model(path, build(config))
+    save_config(dict(config), path / "config.json")
+    vocab = {"[UNK]": 0, **{f"w{i}": i for i in range(1, config["vocab_size"])}}
+    tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    eos = f"w{config['vocab_size'] - 1}"
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=eos, unk_token="[UNK]").save_pretrained(path)
+    return path

@@ -1,0 +1,77 @@
+"""`python -m mlxrewrite.mlx_lm generate ...`: mlx-lm's own `generate` command with the models wrapped.
+
+Every flag of `mlx_lm.generate` works as it does there (`--model`, `--prompt`, `--max-tokens`,
+`--kv-bits`, `--kv-group-size`, `--quantized-kv-start`, `--draft-model`, `--num-draft-tokens`, ...):
+this runs mlx-lm's `main()` with its loader replaced by one that wraps what it loads (the model and the
+draft model). Our own flags, removed before mlx-lm parses the rest:
+  --check-masks   check runtime SDPA masks once per forward pass and drop all-True ones
+  --explain       print what the rules did (call traces, rewrites, coverage) to stderr at the end
+  --no-rewrite    load and run without wrapping (for side-by-side comparisons)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import sys
+from typing import Any, Callable, Iterator
+
+import mlxrewrite.mlx_lm as mrl
+
+OWN_FLAGS = ("--check-masks", "--explain", "--no-rewrite")
+USAGE = "usage: python -m mlxrewrite.mlx_lm generate [--check-masks] [--explain] [--no-rewrite] MLX_LM_GENERATE_FLAGS"
+
+
+@contextlib.contextmanager
+def wrapping_loader(module: Any, check_masks: bool, loaded: list) -> Iterator[None]:
+    """Replace `module.load` with one that wraps each model it returns."""
+    real: Callable = module.load
+
+    def load(*args: Any, **kwargs: Any) -> Any:
+        result = real(*args, **kwargs)
+        mrl.wrap(result[0], check_masks=check_masks)
+        loaded.append(result[0])
+        return result
+
+    module.load = load
+    try:
+        yield
+    finally:
+        module.load = real
+
+
+def generate(argv: list[str]) -> int:
+    mlx_lm_generate = importlib.import_module("mlx_lm.generate")  # the module; `mlx_lm.generate` is a function
+
+    flags = {flag: flag in argv for flag in OWN_FLAGS}
+    rest = [a for a in argv if a not in OWN_FLAGS]
+    loaded: list = []
+    saved_argv = sys.argv
+    sys.argv = ["mlxrewrite.mlx_lm generate", *rest]
+    try:
+        if flags["--no-rewrite"]:
+            mlx_lm_generate.main()
+        else:
+            with wrapping_loader(mlx_lm_generate, flags["--check-masks"], loaded):
+                mlx_lm_generate.main()
+    finally:
+        sys.argv = saved_argv
+    if flags["--explain"]:
+        for model in loaded:
+            print(mrl.explain(model), file=sys.stderr)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE + "\n\n" + __doc__)
+        return 0 if argv else 2
+    if argv[0] != "generate":
+        print(f"mlxrewrite.mlx_lm: unknown command {argv[0]!r}\n{USAGE}", file=sys.stderr)
+        return 2
+    return generate(argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
