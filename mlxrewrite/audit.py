@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import json
 import re
-from collections import Counter
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import mlx.core as mx
@@ -44,12 +44,16 @@ class Finding:
 
     def __str__(self) -> str:
         facts = ", ".join(f"{k}: {self.dtypes[k]}{self.shapes[k]} strides {self.strides[k]}" for k in self.shapes)
-        lines = [f"[{self.severity}] {self.rule} at {self.location}", f"    {self.op}({facts})",
-                 f"    why: {self.why}"]
-        if self.evidence:
-            lines.append(f"    evidence: {self.evidence}")
-        lines.append(f"    fix: {self.fix}")
-        return "\n".join(lines)
+        return (f"[{self.severity}] {self.rule} at {short_location(self.location)}\n    {self.op}({facts})\n"
+                f"    why: {self.why}\n    fix: {self.fix}")
+
+
+def short_location(location: str) -> str:
+    """file:line for reading: relative to the working directory, or from the installed package on."""
+    path = Path(location.rpartition(":")[0])
+    if path.is_absolute() and path.is_relative_to(Path.cwd()):
+        return str(Path(location).relative_to(Path.cwd()))
+    return location.rpartition("site-packages/")[2]
 
 
 @dataclass
@@ -62,9 +66,12 @@ class Step:
     findings: list[Finding]
 
     def summary(self) -> str:
-        if not self.findings:
-            return f"no hazards in {self.call_sites} call site(s)"
-        return f"{len(self.findings)} hazard(s) in {self.call_sites} call site(s)"
+        return _summary(len(self.findings), self.call_sites)
+
+
+def _summary(findings: int, call_sites: int) -> str:
+    hazards = f"{findings} hazard(s)" if findings else "no hazards"
+    return f"{hazards} in {call_sites} call site(s)"
 
 
 @dataclass
@@ -75,6 +82,7 @@ class Report:
     backend: str
     target: str = ""  # what was audited ("examples/x.py:attention", "llama (tiny ...)")
     mlx_version: str = field(default_factory=lambda: mx.__version__)
+    notes: list[str] = field(default_factory=list)  # advice for this kind of target (printed last)
 
     @property
     def findings(self) -> list[Finding]:
@@ -100,15 +108,23 @@ class Report:
         return cls([s for r in reports for s in r.steps], reports[0].backend, target, reports[0].mlx_version)
 
     def __str__(self) -> str:
-        total = Step("", self.graph, self.call_sites, self.findings)
+        head = f"audit ({self.backend}): {_summary(len(self.findings), self.call_sites)}"
         if len(self.steps) == 1:
-            return "\n".join([f"audit ({self.backend}): {total.summary()}"] + _finding_lines(self.findings, ""))
-        lines = [f"audit ({self.backend}): {total.summary()}, {len(self.steps)} steps of {self.target}, "
-                 f"MLX {self.mlx_version}"]
-        for step in self.steps:
-            lines.append(f"{step.name}: {step.summary()}")
-            lines += _finding_lines(step.findings, "  ")
-        return "\n".join(lines)
+            lines = [head] + _finding_lines(self.findings, "")
+        else:
+            lines = [f"{head} in {len(self.steps)} steps of {self.target}"]
+            for step in self.steps:
+                lines.append(f"{step.name}: {step.summary()}")
+                lines += _finding_lines(step.findings, "  ")
+        return "\n".join(lines + self._evidence_lines() + [f"note: {note}" for note in self.notes])
+
+    def _evidence_lines(self) -> list[str]:
+        """Each fired rule's evidence once, and where this audit ran."""
+        evidence = {f.rule: f.evidence for f in self.findings if f.evidence}
+        if not evidence:
+            return []
+        return ([f"evidence (from the rules' docs; this audit ran on {self.backend}, MLX {self.mlx_version}):"] +
+                [f"  {rule}: {text}" for rule, text in evidence.items()])
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON form (docs/audit.md lists every field)."""
@@ -118,7 +134,7 @@ class Report:
                 "backend": self.backend, "target": self.target, "call_sites": self.call_sites,
                 "steps": [{"name": s.name, "call_sites": s.call_sites, "hazards": len(s.findings)}
                           for s in self.steps],
-                "findings": [asdict(f) for f in self.findings]}
+                "findings": [asdict(f) for f in self.findings], "notes": self.notes}
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
@@ -126,18 +142,14 @@ class Report:
 
 def _finding_lines(findings: list[Finding], indent: str) -> list[str]:
     """Findings as text; the same hazard repeated at one call site (one per layer) is printed once."""
-    counts = Counter((f.rule, f.location, str(f.shapes), str(f.strides)) for f in findings)
-    lines, seen = [], set()
+    groups: dict[tuple, list[Finding]] = {}
     for f in findings:
-        key = (f.rule, f.location, str(f.shapes), str(f.strides))
-        if key in seen:
-            continue
-        seen.add(key)
-        text = str(f)
-        if counts[key] > 1:
-            head, _, rest = text.partition("\n")
-            text = f"{head} ({counts[key]} calls)\n{rest}"
-        lines += [indent + line for line in text.splitlines()]
+        groups.setdefault((f.rule, f.location, str(f.shapes), str(f.strides)), []).append(f)
+    lines = []
+    for same in groups.values():
+        head, _, rest = str(same[0]).partition("\n")
+        count = f" ({len(same)} calls)" if len(same) > 1 else ""
+        lines += [indent + line for line in f"{head}{count}\n{rest}".splitlines()]
     return lines
 
 

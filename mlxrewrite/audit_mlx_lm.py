@@ -34,6 +34,11 @@ EXPERT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts")
 EXPERTS_PER_TOKEN_KEYS = ("num_experts_per_tok",)
 
 
+FIX_NOTE = ("in mlx-lm, `mlxrewrite.mlx_lm.wrap(model)` (or `python -m mlxrewrite.mlx_lm generate ...`) applies "
+            "these rewrites as the model runs; it drops masks of the batched cache only with check_masks=True, "
+            "as they are runtime values there")
+
+
 class ConfigError(ValueError):
     """The config cannot be read, or mlx-lm cannot build or run that model (the message says why)."""
 
@@ -49,6 +54,11 @@ class Options:
     num_draft_tokens: int = 2  # speculative verification runs this many + 1 tokens (mlx-lm's default: 2)
     full_size: bool = False
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name, least in (("batch", 1), ("prompt_len", 1), ("num_draft_tokens", 0)):
+            if getattr(self, name) < least:
+                raise ConfigError(f"{name.replace('_', '-')} must be at least {least}, got {getattr(self, name)}")
 
 
 def load_config(path: str | Path) -> dict[str, Any]:
@@ -95,19 +105,15 @@ def _cap(tiny: dict, config: dict, keys: tuple[str, ...], limit: int) -> None:
 
 
 def build_model(config: dict[str, Any], seed: int = 0) -> nn.Module:
-    """mlx-lm's model class for `config`, with random float32 weights."""
-    from mlx_lm.utils import _get_classes
+    """mlx-lm's model for `config` with random float32 weights (CPU quantized matmuls are 10-60x slower in
+    fp16/bf16); any failure of mlx-lm to build it becomes a ConfigError."""
+    from .mlx_lm.tiny import build
 
-    mx.random.seed(seed)
     try:
-        model_class, args_class = _get_classes(config)
-        model = model_class(args_class.from_dict(config))
+        return build(config, mx.float32, seed)
     except (Exception, SystemExit) as error:  # some mlx-lm modules sys.exit on a missing optional package
         raise ConfigError(f"mlx-lm cannot build {config['model_type']!r} from this config: "
                           f"{type(error).__name__}: {error}") from error
-    model.set_dtype(mx.float32)  # CPU quantized matmuls are 10-60x slower in fp16/bf16
-    mx.eval(model.parameters())
-    return model
 
 
 def make_caches(model: nn.Module, options: Options, batch: int = 1) -> list:
@@ -157,7 +163,7 @@ def model_cases(model: nn.Module, vocab_size: int, options: Options) -> list[Cas
     ]
     if options.batch > 1:
         batched = functools.partial(_generate, model, functools.partial(make_caches, model, options, options.batch))
-        cases.append(Case(f"batched decode (B={options.batch}, float BatchKVCache, M=1 after P={p})", batched,
+        cases.append(Case(f"batched decode (B={options.batch}, float batch cache, M=1 after P={p})", batched,
                           (tokens((options.batch, p)), tokens((options.batch, 1))), replayed=1))
     return cases
 

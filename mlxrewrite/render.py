@@ -1,7 +1,7 @@
 """Printing a graph: a jaxpr-like listing, Graphviz DOT (one graph, or two side by side) and pictures.
 
-Pictures are drawn by a Graphviz `dot` program: `graphviz-pure` (a pip-installable port, a dependency of
-mlxrewrite) or, failing that, Graphviz's own `dot` on PATH.
+Pictures are drawn by a Graphviz `dot` program: `graphviz-pure` (a pip-installable port, the
+`render` extra: `pip install 'mlxrewrite[render]'`) or, failing that, Graphviz's own `dot` on PATH.
 """
 
 from __future__ import annotations
@@ -165,7 +165,7 @@ def write_picture(dot_text: str, path: str | Path, fmt: str | None = None) -> Pa
     program = dot_program()
     if program is None:
         raise RenderError(f"cannot draw {path}: no Graphviz program found; install one with "
-                          "`pip install graphviz-pure` (or Graphviz's `dot`), or write --dot instead")
+                          "`pip install 'mlxrewrite[render]'` (graphviz-pure) or Graphviz's `dot`, or write --dot instead")
     done = subprocess.run([program, f"-T{fmt}", "-o", str(path)], input=dot_text, capture_output=True, text=True)
     if done.returncode != 0:
         raise RenderError(f"{Path(program).name} failed to draw {path}: {done.stderr.strip()}")
