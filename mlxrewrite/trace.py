@@ -182,13 +182,14 @@ def _feeds_softmax_from_matmul(graph: Graph, node: Node) -> bool:
 
 
 def _covered(graph: Graph, site: CallSite, python_sites: list[CallSite]) -> bool:
-    """Is a recognised site the same call as a recorded Python one?"""
+    """Is a recognised site the same call as a recorded Python one? (Its primitive, or the masking step
+    of a decomposed SDPA that lies between a recorded call's queries and its result.)"""
     for known in python_sites:
         if site.node is not None and site.node == known.node:
             return True
-        mask = site.operands.get("mask")
-        if site.params.get("decomposed") and known.operands.get("mask") and mask:
-            chain = {mask} | {v.name for v in graph.ancestors(mask)}
-            if known.operands["mask"] in chain:
+        if site.params.get("decomposed") and known.api == site.api and known.output and known.operands.get("q"):
+            masked = graph.nodes[site.node].outputs[0]
+            upstream = {v.name for v in graph.ancestors(known.output)}
+            if masked in upstream and known.operands["q"] in {v.name for v in graph.ancestors(masked)}:
                 return True
     return False

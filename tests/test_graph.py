@@ -180,3 +180,12 @@ def test_audit_report_text_and_json():
     clean = mlxrewrite.audit(lambda x: x + 1, mx.ones(3))
     assert clean.clean and str(clean) == "audit (cpu): no hazards in 0 call site(s)"
     assert json.loads(clean.to_json())["findings"] == []
+
+
+def test_causal_sdpa_is_one_call_site_on_cpu():
+    """CPU exports SDPA decomposed; its masking step must not count as a second call site."""
+    q = mx.ones((1, 2, 4, 8))
+    graph = mlxrewrite.trace(lambda q: mx.fast.scaled_dot_product_attention(q, q, q, scale=1.0, mask="causal"), q)
+    assert [(c.api, c.source) for c in graph.calls] == [("scaled_dot_product_attention", "python")]
+    hand_written = mlxrewrite.trace(lambda q: mx.softmax(q @ q.swapaxes(-1, -2) + mx.zeros((4, 4)), axis=-1) @ q, q)
+    assert [c.source for c in hand_written.calls] == ["graph"]  # a decomposition with no Python call is kept
