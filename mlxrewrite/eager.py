@@ -152,13 +152,12 @@ class EagerRewriter:
             number = len(self._analyses) + 1
             try:
                 analysis = analyse(call, number)
+                analysis.decision = first_decision(self.rules, analysis.site, analysis.graph, key[1])
             except (TraceError, RuntimeError, ValueError, TypeError) as error:
                 analysis = Analysis(number, call.api, call.location or "?", _operand_text(call), None, None, None,
                                     error=str(error))
                 warnings.warn(f"mlxrewrite: cannot analyse {call.api} at {call.location}; it runs as written: "
                               f"{error}", EagerFallbackWarning, stacklevel=5)
-            else:
-                analysis.decision = first_decision(self.rules, analysis.site, analysis.graph, key[1])
             self._analyses[key] = analysis
             return analysis
 
