@@ -6,13 +6,14 @@
     graph = mlxrewrite.trace(fn, *args)      # print(graph); graph.to_networkx(); graph.to_dot()
     report = mlxrewrite.audit(fn, *args)     # print(report); report.to_json()
     fn = mlxrewrite.eager(fn)                # no compile: rules applied call by call (mlx-lm decode loops)
+    mlxrewrite.doctor()                      # measure this backend; the rules consult the profile
 
 Pipeline, one module per stage: trace.py -> graph.py (+ layout.py, constants.py) -> rules (rule.py,
 rules/) -> lower.py -> compiler.py (mx.compile). eager.py applies the same rules call by call, for code
 that changes shapes every step (mlx_lm/ wraps mlx-lm models with it).
 """
 
-from . import intercept
+from . import doctor, intercept
 from .audit import Finding, Report, audit, audit_graph
 from .compiler import FallbackWarning, RewrittenFunction, compile
 from .eager import EagerRewriter, eager
@@ -25,6 +26,6 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CallSite", "Decision", "EagerRewriter", "FallbackWarning", "Finding", "Graph", "Node", "Report", "RewrittenFunction", "Rule",
-    "SignatureError", "TraceError", "Value", "audit", "audit_graph", "compile", "eager", "default_rules", "intercept",
+    "SignatureError", "TraceError", "Value", "audit", "audit_graph", "compile", "doctor", "eager", "default_rules", "intercept",
     "register_rule", "trace",
 ]

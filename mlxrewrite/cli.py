@@ -9,6 +9,10 @@ import os
 import runpy
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .audit import Case, Report
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
@@ -40,7 +44,7 @@ def _load(target: str):
     return module, name
 
 
-def _function_case(target: str, builder_name: str):
+def _function_case(target: str, builder_name: str) -> "Case":
     """The function named by `target`, with the arguments its builder returns: `args` or `(args, kwargs)`."""
     from .audit import Case
 
@@ -58,23 +62,24 @@ def _function_case(target: str, builder_name: str):
     return Case(name, fn, tuple(call_args), call_kwargs)
 
 
-def _audit_cases(args: argparse.Namespace) -> tuple[str, list]:
-    """(what is audited, the cases to audit) from the command line."""
+def _audit_cases(args: argparse.Namespace) -> tuple[str, list["Case"], list[str]]:
+    """(what is audited, the cases to audit, notes for its report) from the command line."""
     if (args.target is None) == (args.mlx_lm_config is None):
         raise UsageError("give either FILE.py:FUNC or --mlx-lm-config CONFIG.json")
     if args.target is not None:
-        return args.target, [_function_case(args.target, args.inputs)]
-    from .audit_mlx_lm import ConfigError, Options, config_cases
+        return args.target, [_function_case(args.target, args.inputs)], []
+    from .audit_mlx_lm import FIX_NOTE, ConfigError, Options, config_cases
 
-    options = Options(kv_bits=args.kv_bits, kv_group_size=args.kv_group_size, batch=args.batch,
-                      prompt_len=args.prompt_len, num_draft_tokens=args.num_draft_tokens, full_size=args.full_size)
     try:
-        return config_cases(args.mlx_lm_config, options)
+        options = Options(kv_bits=args.kv_bits, kv_group_size=args.kv_group_size, batch=args.batch,
+                          prompt_len=args.prompt_len, num_draft_tokens=args.num_draft_tokens,
+                          full_size=args.full_size)
+        return (*config_cases(args.mlx_lm_config, options), [FIX_NOTE])
     except ConfigError as error:
         raise UsageError(str(error)) from error
 
 
-def _audit(case):
+def _audit_case(case: "Case") -> "Report":
     try:
         return case.audit()
     except Exception as error:  # the audited code failed: say so on one line, as for any usage error
@@ -87,12 +92,12 @@ def _pictures(args: argparse.Namespace) -> list[tuple[Path, str]]:
 
     pictures = [(Path(path), fmt) for fmt, path in (("dot", args.dot), ("svg", args.svg), ("png", args.png)) if path]
     if (args.svg or args.png) and dot_program() is None:
-        raise UsageError("--svg/--png need a Graphviz program: `pip install graphviz-pure` (or Graphviz's dot), "
+        raise UsageError("--svg/--png need a Graphviz program: `pip install 'mlxrewrite[render]'` (graphviz-pure) or Graphviz's dot, "
                          "or write --dot FILE instead")
     return pictures
 
 
-def _write_pictures(pictures: list[tuple[Path, str]], cases: list, report) -> None:
+def _write_pictures(pictures: list[tuple[Path, str]], cases: list["Case"], report: "Report") -> None:
     """The first step with findings (else the first step), beside its rewritten graph."""
     from .audit import picture_dot
     from .render import RenderError, write_picture
@@ -112,8 +117,9 @@ def audit_command(args: argparse.Namespace) -> int:
 
     try:
         pictures = _pictures(args)
-        target, cases = _audit_cases(args)
-        report = Report.combine([_audit(case) for case in cases], target)
+        target, cases, notes = _audit_cases(args)
+        report = Report.combine([_audit_case(case) for case in cases], target)
+        report.notes = notes if report.findings else []
         print(report.to_json() if args.json else report)
         if pictures:
             _write_pictures(pictures, cases, report)
@@ -146,13 +152,31 @@ def _add_audit_parser(sub) -> None:
                     "with the same attention geometry)")
 
 
+def _add_doctor_parser(sub) -> None:
+    doctor = sub.add_parser(
+        "doctor", help="self-test this MLX backend's kernels; write the profile the rules consult (exit 0)",
+        description="Run the kernels the rules depend on against a dequantize-then-float reference, time each "
+                    "rewrite, print what is wrong, unsupported and fastest, and cache the profile for this device "
+                    "and MLX version (MLXREWRITE_PROFILE=PATH|off overrides where). docs/doctor.md explains it.")
+    doctor.add_argument("--quick", action="store_true", help="a few buckets only (a smoke test)")
+    doctor.add_argument("--json", action="store_true", help="print the profile as JSON instead of the table")
+    doctor.add_argument("--out", metavar="FILE", help="also write the profile (JSON) to FILE")
+    doctor.add_argument("--no-cache", action="store_true", help="measure, but leave the cached profile as it is")
+    doctor.add_argument("--show", action="store_true", help="show the cached profile; measure nothing")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="mlxrewrite", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     example = sub.add_parser("example", help="run a built-in example (default: gqa_quantized_attention)")
     example.add_argument("name", nargs="?", default="gqa_quantized_attention")
     _add_audit_parser(sub)
+    _add_doctor_parser(sub)
     args = parser.parse_args(argv)
+    if args.command == "doctor":
+        from .doctor import command
+
+        return command(args)
     if args.command == "example":
         path = EXAMPLES / f"{args.name}.py"
         if not path.exists():

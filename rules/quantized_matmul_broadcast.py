@@ -9,7 +9,7 @@ Evidence: Metal's vector kernels (M below `get_qmv_batch_limit`) read wrong memo
 for every batch of a broadcast weight, wrong for every M (max error ~100 on unit data), and
 "No implementation for problem shape" for sliced (unaligned-length) caches. See bench/results/.
 
-Rewrites (both exact: the same dot products, only the batching differs):
+Rewrites (all exact: the same dot products, only the batching or the kernel differs):
 - fold: index the stride-0 dims away and move the matching batch dims of x into M, so the kernel
   multiplies the un-broadcast weights by a taller x (less memory traffic: 1.1-2.8x faster on H100).
   On CUDA, whose kernels need dense weights, the un-broadcast weights are made dense first with a
@@ -17,9 +17,16 @@ Rewrites (both exact: the same dot products, only the batching differs):
   are a sliced cache.
 - copy: materialise the weights with `mx.concatenate` along the broadcast dims (the upstream-proposed
   fix, slower). Chosen when fold cannot apply: a dim is stride 0 in some of w/scales/biases but not all.
+- dequantize: dequantize the weights (broadcast dims cut to size 1), then a float matmul in x's dtype.
+  No quantized kernel runs, so it serves shapes the backend's quantized kernels reject.
+
+Which one (`policy.qmm_route`, docs/doctor.md): where `mlxrewrite doctor` measured the call's bucket on
+this device and MLX version, the fastest rewrite that was correct there, then dequantize; elsewhere fold
+(copy when fold cannot apply).
 
 Must not fire: weights without a stride-0 batch dim (equal batch dims, 2-D weights), x or w of rank
-2 (MLX does not broadcast then), and on Metal when M selects the matrix kernel, which is correct.
+2 (MLX does not broadcast then), and on Metal when M selects the matrix kernel, which is correct, unless
+a profile measured that bucket wrong. A profile never stops the rule where the source facts see a hazard.
 """
 
 from __future__ import annotations
@@ -28,10 +35,10 @@ import math
 
 import mlx.core as mx
 
-from mlxrewrite.graph import Graph
+from mlxrewrite.graph import Graph, dtype_name
 from mlxrewrite.intercept import Call
 from mlxrewrite.layout import broadcast_strides, stride0_batch_dims
-from mlxrewrite.policy import Backend, needs_dense_weights, qmm_hazard_applies
+from mlxrewrite.policy import Backend, needs_dense_weights, qmm_route
 from mlxrewrite.rule import Decision, Rule
 from mlxrewrite.trace import CallSite
 
@@ -51,34 +58,39 @@ def match(site: CallSite, graph: Graph, backend: Backend) -> Decision | None:
     dims = tuple(sorted(set().union(*zero.values())))
     if not dims:
         return None
-    hazardous, why = qmm_hazard_applies(backend, *_mkn(x.shape, out.shape[-1]), site.params["transpose"])
-    if not hazardous:
+    foldable = all(zero[k] == dims for k in weights)
+    route = qmm_route(backend, dtype_name(x.dtype), x.shape, weights["w"].shape, site.params)
+    rewrite = route.choose(foldable)
+    if rewrite is None:
         return None
     facts = ", ".join(f"{k} strides {kernel[k]}" for k in weights)
-    reason = f"batch dims {dims} of the weights have stride 0 ({facts}); {why}"
-    params = {"dims": dims, "batch": batch, "operand_dims": zero}
-    if any(zero[k] != dims for k in weights):
-        return Decision(NAME, "copy", reason + "; copy: not every weight operand is broadcast on those dims", params)
-    densify = needs_dense_weights(backend)
-    return Decision(NAME, "fold", reason + f"; fold dims {dims} into M={x.shape[-2]}" +
-                    (" (weights made dense first)" if densify else ""), {**params, "densify": densify})
+    params = rewrite_params(batch, zero, backend)
+    how = {
+        "fold": f"fold dims {dims} into M={x.shape[-2]}" + (" (weights made dense first)" if params["densify"] else ""),
+        "copy": "copy" + ("" if foldable else ": not every weight operand is broadcast on those dims"),
+        "dequantize": "dequantize the weights, then a float matmul",
+    }[rewrite]
+    return Decision(NAME, rewrite, f"batch dims {dims} of the weights have stride 0 ({facts}); {route.why}; {how}",
+                    params)
 
 
-def _mkn(x_shape: tuple, n: int) -> tuple[int, int, int]:
-    return x_shape[-2], x_shape[-1], n
+def rewrite_params(batch: tuple, operand_dims: dict[str, tuple], backend: Backend) -> dict:
+    """What every rewrite needs: the output batch shape, each weight operand's stride-0 dims, and whether
+    fold must make the weights dense (also the doctor's way to force a rewrite on a probe)."""
+    dims = tuple(sorted(set().union(*operand_dims.values())))
+    return {"dims": dims, "batch": batch, "operand_dims": operand_dims, "densify": needs_dense_weights(backend)}
 
 
 def site_key(call: Call, backend: Backend):
-    """The decision depends on the batch shapes (which dims broadcast), M, the parameters and, on Metal,
-    the K/N size class; not on the KV length itself, so a decode loop reuses one decision."""
+    """The decision depends on the batch shapes (which dims broadcast), M, the parameters and the route
+    (which holds the profile's verdict for the call's bucket, or the source-derived hazard); not on the
+    KV length itself, only its bucket, so a decode loop reuses one decision per bucket."""
     x, w = call.operands["x"], call.operands["w"]
     if x.ndim <= 2 or w.ndim <= 2:
         return None
-    bits = call.params["bits"] or (4 if call.params["mode"] in ("mxfp4", "nvfp4") else 8)
-    n = w.shape[-2] if call.params["transpose"] else w.shape[-1] * 32 // bits
     batches = tuple(None if a is None else a.shape[:-2] for a in call.operands.values())
-    hazard = qmm_hazard_applies(backend, *_mkn(x.shape, n), call.params["transpose"])
-    return batches, x.shape[-2], x.dtype, tuple(sorted(call.params.items())), hazard
+    route = qmm_route(backend, dtype_name(x.dtype), x.shape, w.shape, call.params)
+    return batches, x.shape[-2], x.dtype, tuple(sorted(call.params.items())), route
 
 
 def _aligned(a: mx.array, ndim: int) -> mx.array:
@@ -111,6 +123,11 @@ def fold(call: Call, decision: Decision) -> mx.array:
     out = out.reshape([out.shape[d] for d in keep] + folded_sizes + [m, out.shape[-1]])
     if moved:
         out = mx.transpose(out, [order.index(d) for d in range(nb + 2)])
+    return _to_batch(out, batch)
+
+
+def _to_batch(out: mx.array, batch: tuple) -> mx.array:
+    """`out` broadcast to the original call's batch shape, which may exceed both x's and the cut weights'."""
     full = tuple(batch) + tuple(out.shape[-2:])
     return out if tuple(out.shape) == full else mx.broadcast_to(out, full)
 
@@ -128,6 +145,17 @@ def copy(call: Call, decision: Decision) -> mx.array:
     return call.run_original(**weights)
 
 
+def dequantize(call: Call, decision: Decision) -> mx.array:
+    batch = decision.params["batch"]
+    nb = len(batch)
+    common = tuple(set.intersection(*(set(d) for d in decision.params["operand_dims"].values())))
+    weights = [None if call.operands.get(k) is None else _first_only(_aligned(call.operands[k], nb + 2), common)
+               for k in WEIGHTS]
+    x, p = call.operands["x"], call.params
+    w = mx.dequantize(*weights, group_size=p["group_size"], bits=p["bits"], mode=p["mode"]).astype(x.dtype)
+    return _to_batch(x @ (mx.swapaxes(w, -1, -2) if p["transpose"] else w), batch)
+
+
 RULE = Rule(
     name=NAME,
     api="quantized_matmul",
@@ -135,7 +163,7 @@ RULE = Rule(
     hazard="quantized_matmul with stride-0 (broadcast) weight batch dims: wrong results on Metal (M >= 2, "
            "vector kernel) and CUDA (every M), or 'No implementation for problem shape' on CUDA",
     match=match,
-    rewrites={"fold": fold, "copy": copy},
+    rewrites={"fold": fold, "copy": copy, "dequantize": dequantize},
     doc=__doc__,
     site_key=site_key,
 )

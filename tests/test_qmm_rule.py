@@ -1,4 +1,4 @@
-"""quantized-matmul-broadcast-weights: matching, both rewrites (fold, copy), numerics, audit, graphs."""
+"""quantized-matmul-broadcast-weights: matching, the rewrites (fold, copy, dequantize), numerics, audit, graphs."""
 
 import importlib.util
 from pathlib import Path
@@ -61,7 +61,7 @@ def forced(rewrite):
         return Decision(decision.rule, rewrite, decision.reason + f"; forced {rewrite}", decision.params)
 
     return Rule(name=NAME, api="quantized_matmul", severity="error", hazard=qmb.RULE.hazard, match=match,
-                rewrites={"fold": qmb.fold, "copy": qmb.copy})
+                rewrites=qmb.RULE.rewrites)
 
 
 def kernel_stride0_dims(graph):
@@ -271,6 +271,18 @@ def test_forced_rewrite_is_exact(variant, rewrite):
     assert kernel_stride0_dims(rewritten.trace_rewritten(*args)) == [()] * 3
 
 
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_forced_dequantize_is_exact_and_runs_no_quantized_kernel(variant):
+    """The fallback for shapes a backend's quantized kernels reject: also where fold cannot apply."""
+    fn, args, ref, _, _ = VARIANTS[variant](2)
+    rewritten = mlxrewrite.compile(fn, rules=[forced("dequantize")])
+    out = rewritten(*args)
+    assert_close_to(out, ref)
+    assert out.dtype == fn(*args).dtype
+    after = rewritten.trace_rewritten(*args)
+    assert not after.find("QuantizedMatmul") and after.find("Matmul")
+
+
 def test_forced_copy_on_gqa_matches_reference():
     args, ref = gqa_case(512, 4)
     rewritten = mlxrewrite.compile(gqa.attention, rules=[forced("copy")])
@@ -414,7 +426,8 @@ def test_floating_point_modes_fold_without_biases(mode, group_size, bits):
     def fn(x, *q):
         return mx.quantized_matmul(x, *q, transpose=True, group_size=group_size, bits=bits, mode=mode)
 
-    rewritten = mlxrewrite.compile(fn)
     reference = x @ mx.dequantize(*q, group_size=group_size, bits=bits, mode=mode).swapaxes(-1, -2)
+    rewritten = mlxrewrite.compile(fn)
     assert_close_to(rewritten(x, *q), reference)
     assert f"{NAME} -> fold" in rewritten.explain()
+    assert_close_to(mlxrewrite.compile(fn, rules=[forced("dequantize")])(x, *q), reference)

@@ -1,0 +1,357 @@
+"""mlxrewrite doctor: verdicts against a fake backend with known faults, the rules routing around them,
+profile caching and invalidation, eager-mode site keys, the command line."""
+
+import dataclasses
+import json
+from typing import Callable
+
+import mlx.core as mx
+import pytest
+
+import mlxrewrite
+import mlxrewrite.doctor
+from mlxrewrite import cli, doctor, policy
+from mlxrewrite.policy import ORIGINAL, Backend, Measured, Profile, QmmBucket, QmmVerdict, ProfileWarning
+from mlxrewrite.rules import quantized_matmul_broadcast as qmb
+
+# Small and fast on CPU: d=64, rows 256 (aligned) and 255 (not), M buckets 1, 2-3, 4-7
+GRID = doctor.Grid("test", ("float32",), (4,), m_buckets=3, rows=(256, 255), d=64, iters=1,
+                   sdpa=((64, 1, 256),), gather_m=(1,))
+NO_IMPLEMENTATION = "[quantized_matmul] No implementation for problem shape"
+Fault = Callable[[bool, int, int], bool]  # (weights broadcast?, M, weight rows) -> fault?
+
+
+def broadcast(x: mx.array, w: mx.array) -> bool:
+    """Does MLX broadcast w's batch dims against x's (a size-1 weight dim against a larger x dim)?"""
+    pairs = zip(reversed(x.shape[:-2]), reversed(w.shape[:-2]))
+    return any(wd == 1 and xd > 1 for xd, wd in pairs)
+
+
+class FakeKernels(doctor.Kernels):
+    """MLX on CPU, but wrong (CUDA's bug: weight matrix 0 for every batch) or unsupported where told."""
+
+    def __init__(self, wrong: Fault = lambda *_: False, unsupported: Fault = lambda *_: False,
+                 sdpa_mask_off: bool = False, gather_fails: bool = False):
+        self.wrong, self.unsupported = wrong, unsupported
+        self.sdpa_mask_off, self.gather_fails = sdpa_mask_off, gather_fails
+
+    def quantized_matmul(self, x, w, scales, biases=None, **params):
+        problem = (broadcast(x, w), x.shape[-2], w.shape[-2])
+        if self.unsupported(*problem):
+            raise RuntimeError(f"{NO_IMPLEMENTATION}: {x.shape[-2]}x{w.shape[-2]}")
+        if self.wrong(*problem):
+            first = tuple(slice(0, 1) for _ in w.shape[:-2])
+            w, scales, biases = (None if a is None else a[first] for a in (w, scales, biases))
+        return super().quantized_matmul(x, w, scales, biases, **params)
+
+    def scaled_dot_product_attention(self, q, k, v, **params):
+        out = super().scaled_dot_product_attention(q, k, v, **params)
+        return out * 1.5 if self.sdpa_mask_off and params.get("mask") is not None else out
+
+    def gather_qmm(self, x, w, scales, biases=None, **params):
+        if self.gather_fails:
+            raise ValueError("[gather_qmm] No implementation for problem shape")
+        return super().gather_qmm(x, w, scales, biases, **params)
+
+
+def expected_statuses(grid: doctor.Grid, wrong: Fault, unsupported: Fault) -> dict[QmmBucket, dict[str, str]]:
+    """What each way must measure, from the faults and the kernel call each way makes: as shipped calls with
+    broadcast weights, fold with dense weights and N_REP * M rows of x, copy with dense weights, dequantize
+    with no quantized kernel at all."""
+    calls = {ORIGINAL: lambda m, rows: (True, m, rows), "fold": lambda m, rows: (False, doctor.N_REP * m, rows),
+             "copy": lambda m, rows: (False, m, rows)}
+    flags: dict[QmmBucket, dict[str, set]] = {}
+    for probe in grid.qmm_probes():
+        ways = flags.setdefault(probe.bucket, {name: set() for name in (ORIGINAL, *policy.QMM_REWRITES)})
+        for name, call in calls.items():
+            problem = call(probe.m, probe.rows)
+            if unsupported(*problem):
+                ways[name].add("unsupported")
+            elif wrong(*problem):
+                ways[name].add("wrong")
+    return {bucket: {name: ", ".join(s for s in ("wrong", "unsupported") if s in found) or "ok"
+                     for name, found in ways.items()} for bucket, ways in flags.items()}
+
+
+def measured_statuses(profile: Profile) -> dict[QmmBucket, dict[str, str]]:
+    return {bucket: {name: m.status for name, m in v.ways.items()} for bucket, v in profile.qmm.items()}
+
+
+# A Metal-like fault (vector kernel for M < 4 wrong from M = 2) and a CUDA-like one (wrong for every M;
+# kernels without broadcast raise for rows not a multiple of 8)
+METAL_WRONG: Fault = lambda bcast, m, rows: bcast and 2 <= m < 4
+CUDA_WRONG: Fault = lambda bcast, m, rows: bcast
+UNALIGNED_UNSUPPORTED: Fault = lambda bcast, m, rows: not bcast and rows % 8 != 0
+
+
+@pytest.fixture(autouse=True)
+def no_user_cache(tmp_path, monkeypatch):
+    """Whatever a test does, the user's real cache is neither read nor written."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.delenv("MLXREWRITE_PROFILE", raising=False)
+
+
+@pytest.fixture
+def profile_file(tmp_path, monkeypatch):
+    """Profiles go to (and are read from) a temporary file, never the user's cache."""
+    path = tmp_path / "profile.json"
+    monkeypatch.setenv("MLXREWRITE_PROFILE", str(path))
+    return path
+
+
+def measure(wrong: Fault = lambda *_: False, unsupported: Fault = lambda *_: False, **options) -> Profile:
+    return doctor.run(grid=GRID, kernels=FakeKernels(wrong, unsupported), progress=False, **options)
+
+
+_PROFILES: dict = {}
+
+
+def cached_measure(name: str, wrong: Fault, unsupported: Fault) -> Profile:
+    """One doctor run per fault scenario for the whole module (each takes about a second)."""
+    if name not in _PROFILES:
+        _PROFILES[name] = measure(wrong, unsupported, save=False)
+    return _PROFILES[name]
+
+
+# ---- the doctor finds exactly the injected faults --------------------------------------------------------
+
+@pytest.mark.parametrize("name,wrong,unsupported", [
+    ("healthy", lambda *_: False, lambda *_: False),
+    ("metal", METAL_WRONG, lambda *_: False),
+    ("cuda", CUDA_WRONG, UNALIGNED_UNSUPPORTED),
+])
+def test_verdicts_are_exactly_the_injected_faults(name, wrong, unsupported):
+    profile = cached_measure(name, wrong, unsupported)
+    expected = expected_statuses(GRID, wrong, unsupported)
+    assert len(expected) == 2 * 2 * 3  # alignments (256, 255) x transposes x M buckets
+    assert measured_statuses(profile) == expected
+    for verdict in profile.qmm.values():
+        assert verdict.probes == len([p for p in GRID.qmm_probes() if p.bucket == verdict.bucket])
+        for name_, m in verdict.ways.items():
+            if m.status == "ok":
+                assert m.max_error < doctor.TOLERANCE["float32"] and m.us > 0
+            if "wrong" in m.status:
+                assert m.max_error > 0.1  # the kv-head offsets make a misread large, not a rounding matter
+            if "unsupported" in m.status:
+                assert m.error.startswith(NO_IMPLEMENTATION)
+
+
+def test_sdpa_and_gather_qmm_are_reported():
+    healthy = cached_measure("healthy", lambda *_: False, lambda *_: False)
+    (sdpa,) = healthy.notes["sdpa"]
+    assert sdpa["status"] == "equal" and sdpa["max_diff"] < 1e-5 and sdpa["mask_over_none"] > 0
+    assert [g["status"] for g in healthy.notes["gather_qmm"]] == ["ok"]
+    faulty = doctor.run(grid=dataclasses.replace(GRID, m_buckets=0), progress=False, save=False,
+                        kernels=FakeKernels(sdpa_mask_off=True, gather_fails=True))
+    assert faulty.qmm == {}
+    assert faulty.notes["sdpa"][0]["status"] == "differ"
+    assert faulty.notes["gather_qmm"][0]["status"] == "unsupported"
+    assert "No implementation" in faulty.notes["gather_qmm"][0]["error"]
+
+
+def test_time_budget_leaves_buckets_unmeasured():
+    profile = doctor.run(grid=GRID, kernels=FakeKernels(), progress=False, save=False, budget_s=0)
+    assert profile.qmm == {}
+    assert profile.notes["skipped_buckets"] == len({p.bucket for p in GRID.qmm_probes()})
+
+
+def test_probes_cover_each_bucket_at_both_ends():
+    probes = doctor.grid_for(Backend("cuda")).qmm_probes()
+    by_bucket: dict = {}
+    for probe in probes:
+        by_bucket.setdefault(probe.bucket, set()).add((probe.m, probe.sliced))
+    assert len(by_bucket) == 2 * 2 * 2 * len(policy.M_BUCKETS) * len(policy.ROW_CLASSES) * len(policy.ALIGNMENTS)
+    for bucket, seen in by_bucket.items():
+        low, high = policy.M_BUCKETS[policy.M_LABELS.index(bucket.m)]
+        ends = {low, high or doctor.LARGE_M}
+        assert seen == {(m, sliced) for m in ends for sliced in (False, True)}, bucket
+    rows = doctor.probe_rows(len(policy.ROW_CLASSES))
+    assert rows == (2048, 2040, 2047, 4096, 4088, 4095, 16384, 16376, 16383)
+
+
+# ---- the rules consult the profile -----------------------------------------------------------------------
+
+def gqa_call(m: int, rows: int, transpose: bool = True, d: int = 64):
+    """mlx-lm's pattern: x (1, 2, 4, m, .) against an expand_dims'd cache; and its float reference."""
+    cache = mx.random.normal((1, 2, rows, d))
+    q = mx.quantize(cache, group_size=64, bits=4)
+    x = mx.random.normal((1, 2, 4, m, d if transpose else rows))
+
+    def fn(x, w, s, b):
+        ws = [mx.expand_dims(a, -3) for a in (w, s, b)]
+        return mx.quantized_matmul(x, *ws, transpose=transpose, group_size=64, bits=4)
+
+    deq = mx.expand_dims(mx.dequantize(*q, group_size=64, bits=4), -3)
+    return fn, (x, *q), x @ (mx.swapaxes(deq, -1, -2) if transpose else deq)
+
+
+PARAMS = {"group_size": 64, "bits": 4, "mode": "affine"}
+
+
+def as_call(args, transpose: bool) -> mlxrewrite.intercept.Call:
+    """The intercepted call `gqa_call`'s function makes (what eager mode keys and rewrites)."""
+    x, *q = args
+    operands = dict(zip(("x", "w", "scales", "biases"), (x, *[mx.expand_dims(a, -3) for a in q])))
+    return mlxrewrite.intercept.Call("quantized_matmul", operands, {"transpose": transpose, **PARAMS}, None)
+
+
+def bucket_of(args, transpose: bool) -> QmmBucket:
+    return QmmBucket.of("float32", args[0].shape, args[1].shape, {"transpose": transpose, **PARAMS})
+
+
+def decide(fn, args, backend):
+    graph = mlxrewrite.trace(fn, *args)
+    (site,) = [s for s in graph.calls if s.api == "quantized_matmul"]
+    return qmb.RULE.decide(site, graph, backend)
+
+
+def with_profile(profile: Profile, **changes) -> Backend:
+    return dataclasses.replace(policy.device_backend(), profile=profile, **changes)
+
+
+def test_rule_routes_around_unsupported_shapes_with_dequantize():
+    profile = cached_measure("cuda", CUDA_WRONG, UNALIGNED_UNSUPPORTED)
+    fn, args, ref = gqa_call(m=2, rows=255)
+    decision = decide(fn, args, with_profile(profile))
+    assert decision.rewrite == "dequantize"  # fold and copy measured unsupported, as shipped wrong
+    assert "measured by `mlxrewrite doctor`" in decision.reason and "as shipped wrong" in decision.reason
+    assert mx.allclose(qmb.RULE.apply(as_call(args, True), decision), ref, atol=1e-4).item()
+    fn, args, _ = gqa_call(m=2, rows=256)
+    assert decide(fn, args, with_profile(profile)).rewrite == profile.qmm[bucket_of(args, True)].ranked[0]
+
+
+def test_compiled_function_uses_the_cached_profile(profile_file):
+    profile = measure(CUDA_WRONG, UNALIGNED_UNSUPPORTED)  # saved where Backend.current() looks
+    assert Backend.current().profile == profile
+    for transpose in (True, False):
+        fn, args, ref = gqa_call(m=3, rows=255, transpose=transpose)
+        rewritten = mlxrewrite.compile(fn)
+        assert mx.allclose(rewritten(*args), ref, atol=1e-4, rtol=1e-4).item()
+        assert f"{qmb.NAME} -> dequantize" in rewritten.explain(), rewritten.explain()
+
+
+def test_measured_fault_overrides_source_facts_that_call_the_kernel_right():
+    """Metal's source says M >= 4 with transpose=False runs the (correct) matrix kernel. Measured right
+    too: the call is left alone. Measured wrong: the rule rewrites it anyway."""
+    fn, args, _ = gqa_call(m=5, rows=256, transpose=False)
+    metal = dict(kind="metal", arch="applegpu_g13s")
+    assert decide(fn, args, dataclasses.replace(policy.device_backend(), **metal)) is None  # no profile
+    right = cached_measure("metal", METAL_WRONG, lambda *_: False)
+    assert decide(fn, args, with_profile(right, **metal)) is None
+    wrong = cached_measure("cuda", CUDA_WRONG, UNALIGNED_UNSUPPORTED)
+    decision = decide(fn, args, with_profile(wrong, **metal))
+    assert decision is not None and decision.rewrite in ("fold", "copy", "dequantize")
+    assert "Metal matrix kernel runs" in decision.reason and "as shipped wrong" in decision.reason
+
+
+def test_measured_right_never_relaxes_a_source_hazard():
+    """On CPU (and CUDA) the source policy rewrites every broadcast call; a profile measuring the call right
+    only changes which correct rewrite runs, never leaves the call alone."""
+    healthy = cached_measure("healthy", lambda *_: False, lambda *_: False)
+    for m in (1, 2, 5):
+        fn, args, _ = gqa_call(m=m, rows=256)
+        fastest = healthy.qmm[bucket_of(args, True)].ranked[0]
+        for kind in ("cpu", "cuda"):
+            assert decide(fn, args, with_profile(healthy, kind=kind)).rewrite == fastest
+
+
+def test_unmeasured_bucket_keeps_the_source_policy():
+    healthy = cached_measure("healthy", lambda *_: False, lambda *_: False)
+    fn, args, _ = gqa_call(m=2, rows=4100)  # rows class >4096: not in the test grid
+    assert decide(fn, args, with_profile(healthy)).rewrite == "fold"
+
+
+def test_ranking_is_by_time_among_correct_rewrites():
+    bucket = QmmBucket("float16", "affine", 4, 64, True, "2-3", 128, "<=2048", 128)
+    ways = {ORIGINAL: Measured("wrong", 0.5, 10.0), "fold": Measured("ok", 1e-4, 30.0),
+            "copy": Measured("ok", 1e-4, 20.0), "dequantize": Measured("unsupported", error="boom")}
+    verdict = QmmVerdict(bucket, 4, ways)
+    assert verdict.ranked == ("copy", "fold")
+    assert verdict.preference == ("copy", "fold", "dequantize")  # dequantize: last resort, never dropped
+    route = policy.qmm_route(Backend("cuda", profile=Profile("x", "cuda", mx.__version__, "now", {bucket: verdict})),
+                             "float16", (1, 2, 4, 2, 128), (1, 2, 1, 2048, 16), {"transpose": True, "bits": 4})
+    assert route.ways == ("copy", "fold", "dequantize")
+    assert route.choose(foldable=True) == "copy" and route.choose(foldable=False) == "copy"
+    assert policy.QmmRoute(("fold", "dequantize"), "").choose(foldable=False) == "dequantize"
+
+
+# ---- eager mode: equal site keys, equal decisions ----------------------------------------------------------
+
+def test_site_keys_hold_every_fact_the_decision_depends_on():
+    profile = cached_measure("cuda", CUDA_WRONG, UNALIGNED_UNSUPPORTED)
+    backends = [Backend("cpu"), with_profile(profile), with_profile(profile, kind="metal", arch="applegpu_g13s")]
+    shapes = [(m, rows, t) for m in (1, 2, 3, 5) for rows in (250, 251, 253, 255, 256, 384, 2100)
+              for t in (True, False)]
+    for backend in backends:
+        groups: dict = {}
+        for m, rows, transpose in shapes:
+            fn, args, _ = gqa_call(m, rows, transpose)
+            decision = decide(fn, args, backend)
+            groups.setdefault(qmb.RULE.key(as_call(args, transpose), backend), set()).add(
+                None if decision is None else (decision.rewrite, repr(decision.params)))
+        assert all(len(found) == 1 for found in groups.values()), groups
+        assert len(groups) < len(shapes)  # a decode loop's growing rows share keys within a bucket
+
+
+# ---- profile files -------------------------------------------------------------------------------------------
+
+def test_profile_round_trips_and_hashes_by_content():
+    profile = cached_measure("metal", METAL_WRONG, lambda *_: False)
+    again = Profile.from_dict(json.loads(json.dumps(profile.to_dict())))
+    assert again == profile and hash(again) == hash(profile) and again is not profile
+    assert measured_statuses(again) == measured_statuses(profile)
+    assert hash(with_profile(profile)) == hash(with_profile(again))  # eager mode keys on the Backend
+
+
+def test_cache_location_is_per_device_and_mlx_version(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLXREWRITE_PROFILE", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert Backend.current().profile is None
+    profile = measure(CUDA_WRONG, UNALIGNED_UNSUPPORTED)
+    (written,) = (tmp_path / "mlxrewrite").iterdir()
+    assert written == policy.profile_path(policy.device_backend())
+    assert f"mlx-{mx.__version__}" in written.name and policy.device_backend().kind in written.name
+    assert Backend.current().profile == profile
+    monkeypatch.setattr(mx, "__version__", "99.0.0")  # another MLX: its kernels may differ, no profile yet
+    assert Backend.current().profile is None
+    monkeypatch.setenv("MLXREWRITE_PROFILE", str(written))  # forced onto it: refused, with a warning
+    with pytest.warns(ProfileWarning, match="MLX 99.0.0"):
+        assert Backend.current().profile is None
+
+
+def test_profile_off_and_rewritten_files(profile_file, monkeypatch):
+    first = measure(METAL_WRONG)
+    assert Backend.current().profile == first
+    assert Backend.current().profile is Backend.current().profile  # read once, not per call
+    second = measure(CUDA_WRONG, UNALIGNED_UNSUPPORTED)  # a new run replaces the file: picked up
+    assert second != first and Backend.current().profile == second
+    monkeypatch.setenv("MLXREWRITE_PROFILE", "off")
+    assert Backend.current().profile is None
+    monkeypatch.setenv("MLXREWRITE_PROFILE", str(profile_file))
+    profile_file.write_text("{not json")
+    with pytest.warns(ProfileWarning, match="ignoring profile"):
+        assert Backend.current().profile is None
+
+
+# ---- entry points ----------------------------------------------------------------------------------------------
+
+def test_module_is_callable_and_shows_progress(profile_file, capsys):
+    profile = mlxrewrite.doctor(grid=GRID, kernels=FakeKernels(), save=False)
+    assert isinstance(profile, Profile) and not profile_file.exists()
+    err = capsys.readouterr().err
+    total = len(GRID.qmm_probes()) + len(GRID.sdpa) + len(GRID.gather_m)
+    assert "doctor [" in err and f"{total}/{total}" in err
+
+
+def test_cli_measures_shows_and_writes_json(profile_file, tmp_path, capsys):
+    assert cli.main(["doctor", "--show"]) == 0
+    assert "no profile" in capsys.readouterr().err
+    out = tmp_path / "out.json"
+    assert cli.main(["doctor", "--quick", "--json", "--no-cache", "--out", str(out)]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed == json.loads(out.read_text()) and printed["notes"]["grid"] == "quick"
+    assert not profile_file.exists()  # --no-cache
+    measure(CUDA_WRONG, UNALIGNED_UNSUPPORTED)
+    assert cli.main(["doctor", "--show"]) == 0
+    table = capsys.readouterr().out
+    assert "| float32 | 4/64 | True | 2-3 | 64 |" in table and "**WRONG**" in table and "**UNSUPPORTED**" in table
