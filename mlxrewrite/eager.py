@@ -75,7 +75,7 @@ class ForwardPass:
 
     def __init__(self, rewriter: "EagerRewriter", observer: Callable[[intercept.Call], None] | None = None):
         self.rewriter = rewriter
-        self.backend = Backend.current()
+        self.backend = rewriter.backend()
         self.observer = observer
         self.checked: dict[int, tuple[mx.array, ConstSummary]] = {}  # id -> (array kept alive, summary)
         self.decided: dict[Hashable, Decision | None] = {}  # value-dependent decisions of this pass
@@ -106,6 +106,15 @@ class EagerRewriter:
         self._analyses: dict[Hashable, Analysis] = {}
         self._counts: Counter[str] = Counter()
         self._lock = threading.Lock()
+        self._backend: tuple[mx.Device, Backend] | None = None
+
+    def backend(self) -> Backend:
+        """The backend (and doctor profile) as of this rewriter's first pass on the current default device:
+        read once, not per forward pass (a profile written later applies to rewriters made later)."""
+        device = mx.default_device()
+        if self._backend is None or self._backend[0] != device:
+            self._backend = (device, Backend.current())
+        return self._backend[1]
 
     @contextlib.contextmanager
     def forward(self, observer: Callable[[intercept.Call], None] | None = None) -> Iterator[ForwardPass]:
