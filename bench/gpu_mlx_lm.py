@@ -21,6 +21,7 @@ import mlx.core as mx
 from mlx_lm.models import llama
 
 import mlxrewrite.mlx_lm as mrl
+from mlxrewrite.policy import Backend
 
 SMALL = "--small" in sys.argv
 CONFIG = dict(model_type="llama", hidden_size=256 if SMALL else 2048, num_hidden_layers=2 if SMALL else 16,
@@ -65,14 +66,13 @@ def run(model, tokens, prompt, kv_bits, wrapped: bool) -> dict:
         mrl.wrap(model)
     try:
         logits, ms = teacher_forced(model, tokens, prompt, kv_bits)
-        return {"logits": logits, "ms_per_step": round(ms, 2)}
+        result = {"logits": logits, "ms_per_step": round(ms, 2)}
     except (RuntimeError, ValueError) as error:
-        return {"error": str(error)[:200]}
-    finally:
-        if wrapped:
-            explain = mrl.explain(model)
-            mrl.unwrap(model)
-            print(explain.splitlines()[1], flush=True)
+        result = {"error": str(error)[:200]}
+    if wrapped:
+        result["calls"] = mrl.state(model).rewriter.calls
+        mrl.unwrap(model)
+    return result
 
 
 def main() -> None:
@@ -88,7 +88,8 @@ def main() -> None:
                                         ("kv8 as shipped", 8, False),
                                         ("kv8 wrapped", 8, True)):
             result = run(model, tokens, prompt, kv_bits, wrapped)
-            row = {"prompt": prompt, "variant": label, "float_ms_per_step": reference["ms_per_step"]}
+            row = {"prompt": prompt, "variant": label, "float_ms_per_step": reference["ms_per_step"],
+                   "calls": result.get("calls")}
             if "error" in result:
                 row["error"] = result["error"]
             else:
@@ -98,7 +99,7 @@ def main() -> None:
                            ms_per_step=result["ms_per_step"])
             rows.append(row)
             print(json.dumps(row), flush=True)
-    meta = {"device": str(mx.default_device()), "device_info": _device_info(), "mlx": mx.__version__,
+    meta = {"doctor_profile": Backend.current().profile is not None, "device": str(mx.default_device()), "device_info": _device_info(), "mlx": mx.__version__,
             "date": datetime.date.today().isoformat(), "config": CONFIG, "steps": STEPS, "verify_tokens": VERIFY,
             "dtype": str(DTYPE)}
     (out_dir / "gpu_mlx_lm.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
@@ -115,6 +116,7 @@ def _device_info() -> dict:
 def _markdown(meta: dict, rows: list[dict]) -> str:
     lines = [f"# mlx-lm teacher-forced decode, {meta['device']} {meta['device_info'].get('device_name', '')}, "
              f"MLX {meta['mlx']}, {meta['date']}", "",
+             f"A `mlxrewrite doctor` profile was {'active' if meta['doctor_profile'] else 'not present'}.", "",
              f"Random Llama ({meta['config']['num_hidden_layers']} layers, 16 q / 4 kv heads, head_dim 128, "
              f"{meta['dtype']}), {meta['steps']} forced decode steps + one {meta['verify_tokens']}-token "
              "verification step. Errors are max |logits - float-cache logits| over all of them.", "",

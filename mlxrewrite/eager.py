@@ -204,6 +204,11 @@ class EagerRewriter:
         """How many calls were traced (one per new site key), however many calls ran."""
         return len(self._analyses)
 
+    @property
+    def calls(self) -> dict[str, int]:
+        """How often each outcome ran: per API, which rule and rewrite or "left as is"; value checks."""
+        return dict(self._counts)
+
     def analyses(self) -> list[Analysis]:
         return list(self._analyses.values())
 

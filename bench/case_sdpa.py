@@ -1,0 +1,101 @@
+"""Case sdpa: SDPA decode with a constant all-True bool mask, kept vs dropped by the rule vs mask=None.
+
+mlx-lm's batched caches pass such masks every step; MLX then takes the masked path (on CUDA the vector
+kernel rejects array masks, so decode falls back to a slower kernel). The mask is built inside the
+function with `mx.ones`, so the rule can prove it all True and drop it: the rewritten call should cost
+what `mask=None` costs, and give the same numbers.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import mlx.core as mx
+
+import mlxrewrite
+from bench.common import Env, Goal, Result, Table, fmt, fmt_span, fmt_time, max_abs_err, measure, progress, ratio, \
+    rewrites_chosen
+from bench.plots import line_panels
+
+B, HQ, HKV = 2, 16, 4
+FULL = {"D": [64, 128, 256], "L": [1, 4], "N": [2048, 4096, 8192, 16384, 32768], "iters": 30}
+QUICK = {"D": [64, 128], "L": [1], "N": [2048, 8192], "iters": 20}
+VARIANTS = ("none", "mask", "rewritten")
+EQUAL_TOL = 0.05  # "equal to mask=None": within 5% (timing noise)
+
+
+def attention(q: mx.array, k: mx.array, v: mx.array, mask: mx.array | None) -> mx.array:
+    return mx.fast.scaled_dot_product_attention(q, k, v, scale=q.shape[-1] ** -0.5, mask=mask)
+
+
+def with_true_mask(l: int, n: int) -> Callable:
+    """Attention with a (B, 1, L, N) all-True mask made inside, as a batched cache would pass it."""
+    def fn(q, k, v):
+        return attention(q, k, v, mx.ones((B, 1, l, n), dtype=mx.bool_))
+    return fn
+
+
+def without_mask(q: mx.array, k: mx.array, v: mx.array) -> mx.array:
+    return attention(q, k, v, None)
+
+
+def measure_row(d: int, l: int, n: int, env: Env, iters: int) -> dict:
+    mx.random.seed(0)
+    q, k, v = (mx.random.normal(shape).astype(env.mx_dtype) for shape in
+               ((B, HQ, l, d), (B, HKV, n, d), (B, HKV, n, d)))
+    mx.eval(q, k, v)
+    masked = with_true_mask(l, n)
+    fns = {"none": mx.compile(without_mask), "mask": mx.compile(masked), "rewritten": mlxrewrite.compile(masked)}
+    timed, outputs = measure({name: (lambda f=fn: f(q, k, v)) for name, fn in fns.items()}, iters)
+    row = {"D": d, "L": l, "N": n, **timed, "rewrite_chosen": rewrites_chosen(fns["rewritten"].explain()),
+           "max_diff_vs_none": max_abs_err(outputs["rewritten"], outputs["none"])}
+    row["rewritten/none"] = ratio(row, "rewritten", "none")
+    row["mask/none"] = ratio(row, "mask", "none")
+    row["rewritten/mask"] = ratio(row, "rewritten", "mask")
+    progress("sdpa", row, ("D", "L", "N", "rewrite_chosen", "rewritten/none", "mask/none"))
+    return row
+
+
+def run(env: Env, quick: bool) -> Result:
+    grid = QUICK if quick else FULL
+    rows = [measure_row(d, l, n, env, grid["iters"]) for d in grid["D"] for l in grid["L"] for n in grid["N"]]
+    columns = ["D", "L", "N", *(f"{v} us" for v in VARIANTS), "chosen", "rw/none", "mask/none", "rw/mask",
+               "diff vs none"]
+    table = Table(columns, [[r["D"], r["L"], r["N"], *(fmt_time(r[v]) for v in VARIANTS), r["rewrite_chosen"],
+                             fmt(r["rewritten/none"]), fmt(r["mask/none"]), fmt(r["rewritten/mask"]),
+                             f"{r['max_diff_vs_none']:.1e}"] for r in rows])
+    return Result("sdpa", "SDPA decode with an all-True mask: kept vs dropped vs mask=None", env, quick,
+                  dict(grid, B=B, q_heads=HQ, kv_heads=HKV), rows, table, headline(rows), goals(rows))
+
+
+def headline(rows: list[dict]) -> Table:
+    out = Table(["D", "L", "mask/none", "rewritten/none", "rewritten/mask", "mask dropped"])
+    for d, l in sorted({(r["D"], r["L"]) for r in rows}):
+        group = [r for r in rows if (r["D"], r["L"]) == (d, l)]
+        spans = [fmt_span(r[key] for r in group) for key in ("mask/none", "rewritten/none", "rewritten/mask")]
+        dropped = sum(r["rewrite_chosen"] == "drop_mask" for r in group)
+        out.rows.append([d, l, *spans, f"{dropped}/{len(group)}"])
+    return out
+
+
+def goals(rows: list[dict]) -> list[Goal]:
+    ratios = [r["rewritten/none"] for r in rows if r["rewritten/none"] is not None]
+    off = [x for x in ratios if abs(x - 1) > EQUAL_TOL]
+    dropped = sum(r["rewrite_chosen"] == "drop_mask" for r in rows)
+    exact = sum(r["max_diff_vs_none"] == 0 for r in rows)
+    return [Goal(f"rewritten time equal to mask=None (|rewritten/none - 1| <= {EQUAL_TOL})", not off,
+                 f"{len(ratios) - len(off)}/{len(ratios)} rows, range {min(ratios):.2f}-{max(ratios):.2f}"),
+            Goal("mask dropped, output bitwise equal to mask=None", dropped == exact == len(rows),
+                 f"dropped in {dropped}/{len(rows)}, bitwise equal in {exact}/{len(rows)}")]
+
+
+def plot(result: Result, path) -> None:
+    """Time / mask=None time vs N, with and without the rewrite, one panel per (D, L)."""
+    panels = {}
+    for r in result.rows:
+        panel = panels.setdefault(f"D={r['D']}, L={r['L']}", {})
+        for key in ("mask/none", "rewritten/none"):
+            if r[key] is not None:
+                panel.setdefault(key, []).append((r["N"], r[key]))
+    line_panels(panels, path, title=f"SDPA with an all-True mask, time / mask=None time ({result.env.device_name})",
+                xlabel="N (keys)", ylabel="time ratio", hline=1.0, logx=True)
