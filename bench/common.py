@@ -22,7 +22,7 @@ from typing import Any, Callable
 import mlx.core as mx
 
 import mlxrewrite
-from mlxrewrite.policy import Backend
+from mlxrewrite.policy import Backend, device_backend
 from mlxrewrite.rule import Decision, Rule
 from mlxrewrite.rules import quantized_matmul_broadcast as qmm_rule
 
@@ -60,15 +60,7 @@ class Env:
 
 
 def _device_name(backend: str) -> str:
-    info: dict = {}
-    for query in (getattr(mx, "device_info", None), getattr(mx.metal, "device_info", None)):
-        try:
-            info = query() if query else {}
-        except (AttributeError, RuntimeError):
-            continue
-        if info:
-            break
-    return str(info.get("device_name") or info.get("architecture") or platform.processor() or backend)
+    return device_backend().device or platform.processor() or backend
 
 
 def _git_commit() -> str:

@@ -18,7 +18,7 @@ import networkx as nx
 
 from .graph import Graph, dtype_name
 from .policy import Backend
-from .rule import Rule, select_rules
+from .rule import Rule, first_decision, select_rules
 from .trace import trace
 
 SCHEMA_VERSION = 1
@@ -224,18 +224,17 @@ def _sites_depending_on(graph: Graph, inputs: set[str]) -> list:
 
 def _first_finding(site, graph: Graph, rules: list[Rule], backend: Backend, step: str) -> Finding | None:
     """The finding of the first rule that fires on `site` (the one mlxrewrite.compile would apply)."""
-    for rule in rules:
-        decision = rule.decide(site, graph, backend)
-        if decision is None:
-            continue
-        operands = {k: graph.values[v] for k, v in site.operands.items() if v}
-        return Finding(
-            rule=rule.name, severity=rule.severity, op=site.api, location=site.where(), node=site.node,
-            shapes={k: list(v.shape) for k, v in operands.items()},
-            dtypes={k: dtype_name(v.dtype) for k, v in operands.items()},
-            strides={k: list(v.strides) for k, v in operands.items()},
-            why=f"{rule.hazard}. Here: {decision.reason}",
-            fix=f"mlxrewrite.compile rewrites it with '{decision.rewrite}' (rule {rule.name})",
-            rewrite=decision.rewrite, evidence=rule_evidence(rule), step=step,
-        )
-    return None
+    decision = first_decision(rules, site, graph, backend)
+    if decision is None:
+        return None
+    rule = next(r for r in rules if r.name == decision.rule)
+    operands = {k: graph.values[v] for k, v in site.operands.items() if v}
+    return Finding(
+        rule=rule.name, severity=rule.severity, op=site.api, location=site.where(), node=site.node,
+        shapes={k: list(v.shape) for k, v in operands.items()},
+        dtypes={k: dtype_name(v.dtype) for k, v in operands.items()},
+        strides={k: list(v.strides) for k, v in operands.items()},
+        why=f"{rule.hazard}. Here: {decision.reason}",
+        fix=f"mlxrewrite.compile rewrites it with '{decision.rewrite}' (rule {rule.name})",
+        rewrite=decision.rewrite, evidence=rule_evidence(rule), step=step,
+    )

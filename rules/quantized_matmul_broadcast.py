@@ -55,7 +55,8 @@ def match(site: CallSite, graph: Graph, backend: Backend) -> Decision | None:
     batch = out.shape[:-2]
     kernel = {k: broadcast_strides(v.shape, v.strides, batch + v.shape[-2:]) for k, v in weights.items()}
     zero = {k: stride0_batch_dims(batch + weights[k].shape[-2:], s) for k, s in kernel.items()}
-    dims = tuple(sorted(set().union(*zero.values())))
+    params = rewrite_params(batch, zero, backend)
+    dims = params["dims"]
     if not dims:
         return None
     foldable = all(zero[k] == dims for k in weights)
@@ -64,7 +65,6 @@ def match(site: CallSite, graph: Graph, backend: Backend) -> Decision | None:
     if rewrite is None:
         return None
     facts = ", ".join(f"{k} strides {kernel[k]}" for k in weights)
-    params = rewrite_params(batch, zero, backend)
     how = {
         "fold": f"fold dims {dims} into M={x.shape[-2]}" + (" (weights made dense first)" if params["densify"] else ""),
         "copy": "copy" + ("" if foldable else ": not every weight operand is broadcast on those dims"),

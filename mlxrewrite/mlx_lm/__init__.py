@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import mlx.nn as nn
+from mlx_lm.models.cache import ArraysCache
 
 from ..eager import EagerRewriter
 from ..intercept import Call
@@ -142,8 +143,6 @@ def _check_coverage(wrap_state: WrapState, cache: Any, seen: AttentionCalls) -> 
 
 def _is_attention_cache(cache: Any) -> bool:
     """KV caches belong to attention layers; ArraysCache holds recurrent (SSM) state."""
-    from mlx_lm.models.cache import ArraysCache
-
     return not isinstance(cache, ArraysCache)
 
 
