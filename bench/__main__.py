@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import inspect
 import time
 from pathlib import Path
 
@@ -22,6 +23,9 @@ def main(argv: list[str] | None = None) -> None:
                         help=f"one or more of {', '.join(CASES)}, or all")
     parser.add_argument("--quick", action="store_true", help="reduced grids and iterations")
     parser.add_argument("--out", type=Path, help="output directory (default bench/results/<device>)")
+    parser.add_argument("--budget-s", type=float, metavar="S",
+                        help="cases with a row grid (gqa) start no new row after S seconds; the rows left out "
+                             "are listed in the result's notes")
     args = parser.parse_args(argv)
     env = Env.detect()
     out = args.out or Path(__file__).parent / "results" / env.slug
@@ -32,7 +36,8 @@ def main(argv: list[str] | None = None) -> None:
     for name in names:
         case = importlib.import_module(f"bench.case_{name}")
         start = time.perf_counter()
-        result = case.run(env, args.quick)
+        budgeted = "budget_s" in inspect.signature(case.run).parameters
+        result = case.run(env, args.quick, budget_s=args.budget_s) if budgeted else case.run(env, args.quick)
         if result is None:  # the case printed why it was skipped
             continue
         result.print()

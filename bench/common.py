@@ -9,7 +9,9 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import json
+import math
 import platform
+import random
 import re
 import statistics
 import subprocess
@@ -29,6 +31,7 @@ from mlxrewrite.rules import quantized_matmul_broadcast as qmm_rule
 # Peak HBM bandwidth (bytes/s) by device name, most specific first; unknown devices get no roofline.
 ROOFLINES = (("H200", 4.8e12), ("H100 PCIe", 2.0e12), ("H100 NVL", 3.9e12), ("H100", 3.35e12))
 FAILURES = (RuntimeError, ValueError)  # what MLX raises for unsupported kernel shapes
+MAX_ITERS = 20000  # cap on `measure`'s rounds when `min_time_s` asks for more
 
 
 @dataclass(frozen=True)
@@ -83,10 +86,15 @@ def try_call(fn: Callable[[], Any]) -> tuple[Any, str | None]:
         return None, str(error).splitlines()[0][:160]
 
 
-def measure(variants: dict[str, Callable[[], Any]], iters: int, warmup: int = 3) -> tuple[dict[str, dict], dict]:
+def measure(variants: dict[str, Callable[[], Any]], iters: int, warmup: int = 3,
+            min_time_s: float = 0.0) -> tuple[dict[str, dict], dict]:
     """Median microseconds per `mx.eval(fn())`, variants interleaved, and each variant's first output.
 
-    A variant that raises gets {"error": message} and output None, and is left out of the timing loop.
+    Each round calls every variant once, in a new random order (seeded): a call can pay for the one before
+    it (on an H100 the call after a masked SDPA took 10-30 us longer), so no variant may always follow the
+    same other one. `min_time_s` raises `iters` until each variant is timed for about that long: a kernel
+    of a few tens of microseconds needs thousands of calls for its median to settle to a percent. A
+    variant that raises gets {"error": message} and output None, and is left out of the timing loop.
     """
     results: dict[str, dict] = {}
     outputs: dict[str, Any] = {}
@@ -94,13 +102,18 @@ def measure(variants: dict[str, Callable[[], Any]], iters: int, warmup: int = 3)
         outputs[name], error = try_call(fn)
         if error:
             results[name] = {"error": error}
-    live = {name: fn for name, fn in variants.items() if name not in results}
+    live = [(name, fn) for name, fn in variants.items() if name not in results]
+    start = time.perf_counter()
     for _ in range(warmup):
-        for fn in live.values():
+        for _, fn in live:
             mx.eval(fn())
-    samples: dict[str, list[float]] = {name: [] for name in live}
+    if min_time_s and live:
+        per_call = (time.perf_counter() - start) / max(warmup * len(live), 1)
+        iters = max(iters, min(MAX_ITERS, math.ceil(min_time_s / per_call)))
+    samples: dict[str, list[float]] = {name: [] for name, _ in live}
+    order = random.Random(0)
     for _ in range(iters):
-        for name, fn in live.items():
+        for name, fn in order.sample(live, len(live)):
             start = time.perf_counter()
             mx.eval(fn())
             samples[name].append(time.perf_counter() - start)
@@ -210,9 +223,11 @@ class Result:
             print(f"goal {goal.verdict}: {goal.text}" + (f" ({goal.detail})" if goal.detail else ""))
 
 
-def progress(case: str, row: dict, keys: tuple[str, ...]) -> None:
-    """One line per measured row on stderr, so a long GPU run shows where it is (and where it stopped)."""
-    print(f"  {case}: " + " ".join(f"{k}={row[k]}" for k in keys), file=sys.stderr, flush=True)
+def progress(case: str, row: dict, keys: tuple[str, ...], where: str = "") -> None:
+    """One line per measured row on stderr, so a long GPU run shows where it is (and where it stopped);
+    `where` says how far along, e.g. "12/90, 41 s"."""
+    print(f"  {case}{f' [{where}]' if where else ''}: " + " ".join(f"{k}={row[k]}" for k in keys), file=sys.stderr,
+          flush=True)
 
 
 def fmt(value: float | None, spec: str = ".2f") -> str:
@@ -220,8 +235,26 @@ def fmt(value: float | None, spec: str = ".2f") -> str:
 
 
 def fmt_time(entry: dict) -> str:
-    """A `measure` entry as a cell: microseconds, or 'raises' for a call MLX rejected."""
-    return "raises" if "error" in entry else f"{entry['us']:.0f}"
+    """A `measure` entry as a cell: microseconds, 'raises' for a call MLX rejected, 'crashed' for one that took
+    its process down (bench/isolated.py)."""
+    return failure(entry) or f"{entry['us']:.0f}"
+
+
+def fmt_ratio(row: dict, num: str, den: str) -> str:
+    """A ratio cell: the number, or why there is none (the failure of the side that failed)."""
+    value = ratio(row, num, den)
+    return fmt(value) if value is not None else failure(row[num]) or failure(row[den]) or "-"
+
+
+def failures(entries) -> str:
+    """How many of some entries failed, by kind: "3 crashed, 1 raises" ("" when none did)."""
+    kinds = [kind for kind in map(failure, entries) if kind]
+    return ", ".join(f"{kinds.count(kind)} {kind}" for kind in ("crashed", "raises") if kind in kinds)
+
+
+def failure(entry: dict) -> str | None:
+    """'crashed', 'raises', or None for an entry that was timed."""
+    return "crashed" if entry.get("crashed") else "raises" if "error" in entry else None
 
 
 def fmt_span(values) -> str:

@@ -159,6 +159,9 @@ def _add_doctor_parser(sub) -> None:
                     "rewrite, print what is wrong, unsupported and fastest, and cache the profile for this device "
                     "and MLX version (MLXREWRITE_PROFILE=PATH|off overrides where). docs/doctor.md explains it.")
     doctor.add_argument("--quick", action="store_true", help="a few buckets only (a smoke test)")
+    doctor.add_argument("--budget", type=float, metavar="SECONDS",
+                        help="stop measuring after this long, JIT compiles included; what is left stays "
+                             "'not measured' and keeps the source-derived policy (default: doctor.BUDGET_S, 50)")
     doctor.add_argument("--json", action="store_true", help="print the profile as JSON instead of the table")
     doctor.add_argument("--out", metavar="FILE", help="also write the profile (JSON) to FILE")
     doctor.add_argument("--no-cache", action="store_true", help="measure, but leave the cached profile as it is")

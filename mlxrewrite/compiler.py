@@ -5,12 +5,19 @@ decides on every call site, and the plan is lowered into an `mx.compile`d functi
 calls run the chosen rewrites. Nothing else in the function changes, so where no rule fires the result
 is bitwise that of `mx.compile(fn)`. State declared as `inputs=`/`outputs=` is read at call time
 (never baked in). `explain()` reports each trace, why it happened, and every decision.
+
+Steady state costs what `mx.compile` costs plus a type check (a dictionary lookup once the function has
+more than one signature). With captured state (a module), the state tree is walked only when
+`StateTree.arrays()` finds it changed (a layer added, a sub-module replaced). Arguments or state of new
+shapes or dtypes make `mx.compile` retrace; the runner then raises `StaleState`, and the call is keyed
+by its full signature (a new trace and plan, or a cached one), never run with a plan made for others.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import operator
 import threading
 import warnings
 from dataclasses import dataclass, field
@@ -25,12 +32,22 @@ from .layout import array_strides
 from .lower import Applier, Plan, PlannedCall
 from .policy import Backend
 from .rule import Rule, first_decision, select_rules
-from .signature import Signature, SignatureError, flatten_call, make_signature, read_slots, rebuild_call, state_slots
+from .signature import Signature, SignatureError, StateTree, flatten_call, make_signature, read_slots, rebuild_call, \
+    state_facts, state_slots, write_slots
 from .trace import CallSite, Recorder, TraceError, trace_call
 
 
 class FallbackWarning(UserWarning):
     """The pass could not handle a call and ran the original function instead."""
+
+
+_ARG_FACTS = operator.attrgetter("__class__", "shape", "dtype")  # the fast path's key, per argument
+_ARRAY_TYPE = frozenset({mx.array})
+
+
+class StaleState(Exception):
+    """Raised inside `mx.compile`'s retrace when the arguments or the captured state no longer have the
+    shapes and dtypes the plan was made for."""
 
 
 @dataclass
@@ -45,7 +62,7 @@ class Entry:
     mismatches: list[str] = field(default_factory=list)
     layout_guards: tuple = ()  # (array index, strides) of inputs traced with a non-row-major layout
 
-    def layout_holds(self, arrays: list[mx.array]) -> bool:
+    def layout_holds(self, arrays: tuple[mx.array, ...] | list[mx.array]) -> bool:
         return all(array_strides(arrays[i]) == strides for i, strides in self.layout_guards)
 
 
@@ -88,7 +105,9 @@ class RewrittenFunction:
         self.inputs, self.outputs = inputs, outputs
         self.strict = strict
         self._entries: dict[Signature, Entry] = {}
-        self._fast: dict[tuple, Entry] = {}  # positional-arrays-only calls: (shape, dtype) per argument
+        self._fast: dict[tuple, Entry] = {}  # positional-arrays-only calls: (type, shape, dtype) per argument
+        self._only: Entry | None = None  # the one entry the fast path serves, while there is one
+        self._state = StateTree.walk(None)  # the inputs= tree as last walked, for the fast path
         self._history: list[str] = []
         self._fallbacks: list[str] = []
         self._lock = threading.Lock()
@@ -96,13 +115,37 @@ class RewrittenFunction:
 
     # ---- calling -----------------------------------------------------------------------------
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        fast_key = self._fast_key(args, kwargs)
-        entry = self._fast.get(fast_key) if fast_key is not None else None
-        if entry is not None and (not entry.layout_guards or entry.layout_holds(list(args))):
-            return entry.compiled(*args)
+        """Steady state: the cached entry for these arguments, called at once; anything else: `_call`.
+
+        This path runs on every call, so it does next to nothing: on a GPU a decode-sized kernel takes tens of
+        microseconds, and Python time here adds to each synchronised call. While the fast path has served one
+        signature only, not even a key is built: `mx.compile` checks the shapes and dtypes of the arguments
+        and the state, and when they differ it retraces, where the runner raises `StaleState`.
+        """
+        if not kwargs:
+            entry = (self._only if _ARRAY_TYPE.issuperset(map(type, args)) else None) or self._fast_entry(args)
+            if entry is not None and (not entry.layout_guards or entry.layout_holds(args)):
+                tree = self._state
+                state = tree.arrays() if self.inputs is not None else []
+                if state is not None:  # None: the state tree is no longer as walked
+                    try:
+                        return entry.compiled(*args)
+                    except StaleState:  # mx.compile retraced, and left its tracers in the state: put it back
+                        write_slots(tree.slots, state)
+        return self._call(args, kwargs)
+
+    def _fast_entry(self, args: tuple) -> Entry | None:
+        try:
+            return self._fast.get(tuple(map(_ARG_FACTS, args)))
+        except (AttributeError, TypeError):  # an argument that is no array: `_call` sorts it out
+            return None
+
+    def _call(self, args: tuple, kwargs: dict) -> Any:
+        """Walk the state, key the call by its full signature, trace it if new."""
         try:
             arrays, treespec, statics = flatten_call(args, kwargs)
-            state = read_slots(state_slots(self.inputs))
+            tree = StateTree.walk(self.inputs)
+            state = read_slots(tree.slots)
             signature = make_signature(arrays, treespec, statics, state, self.shapeless)
             entry = self._entries.get(signature) or self._build(signature, args, kwargs, self.shapeless)
             if self.shapeless and entry.plan.fired:  # rewrites bake shapes in: key them by exact shapes
@@ -116,17 +159,16 @@ class RewrittenFunction:
             return self._fallback(error, args, kwargs)
         if entry.compiled is None:  # this signature could not be traced before: no second attempt
             return self._fallback(entry.reason, args, kwargs)
-        if fast_key is not None and not (self.shapeless and entry.plan.fired):
-            self._fast[fast_key] = entry
+        if self._fast_path_serves(args, kwargs):
+            self._state = tree
+            self._fast[tuple(map(_ARG_FACTS, args))] = entry
+            # a second signature (or a layout to guard, which needs the key's arity): keyed lookups from now on
+            self._only = entry if len(self._fast) == 1 and not entry.layout_guards else None
         return entry.compiled(*arrays)
 
-    def _fast_key(self, args: tuple, kwargs: dict) -> tuple | None:
-        """A cheap key for the common call (positional arrays only, no state); None otherwise."""
-        if kwargs or self.inputs is not None or self.shapeless:
-            return None
-        if not all(type(a) is mx.array for a in args):
-            return None
-        return tuple((a.shape, a.dtype) for a in args)
+    def _fast_path_serves(self, args: tuple, kwargs: dict) -> bool:
+        """Calls with positional arrays only, keyed by (type, shape, dtype) each; shapeless keys are not exact."""
+        return not kwargs and not self.shapeless and all(type(a) is mx.array for a in args)
 
     def _build(self, signature: Signature, args: tuple, kwargs: dict, shapeless: bool = False) -> Entry:
         with self._lock:
@@ -140,15 +182,17 @@ class RewrittenFunction:
                 raise
             plan = plan_for(graph, self.rules, Backend.current())
             entry = Entry(signature, graph, plan, None, reason, layout_guards=_layout_guards(graph, signature))
-            entry.compiled = mx.compile(self._runner(signature, entry), inputs=self.inputs, outputs=self.outputs,
-                                        shapeless=shapeless)
+            entry.compiled = mx.compile(self._runner(signature, entry, shapeless), inputs=self.inputs,
+                                        outputs=self.outputs, shapeless=shapeless)
             self._entries[signature] = entry
             fired = ", ".join(f"{c.decision.rule}:{c.decision.rewrite}" for c in plan.fired) or "no rule fired"
             self._history.append(f"trace #{len(self._entries)}: {reason} -> {len(plan.calls)} call sites, {fired}")
             return entry
 
-    def _runner(self, signature: Signature, entry: Entry) -> Callable:
+    def _runner(self, signature: Signature, entry: Entry, shapeless: bool) -> Callable:
         def run(*arrays: mx.array) -> Any:
+            if not self._traced_as(signature, arrays, shapeless):
+                raise StaleState  # mx.compile retraced for shapes or dtypes that this plan was not made for
             call_args, call_kwargs = rebuild_call(signature.treespec, signature.statics, list(arrays))
             applier = Applier(entry.plan)
             with intercept.handling(applier):
@@ -159,6 +203,12 @@ class RewrittenFunction:
             return result
 
         return run
+
+    def _traced_as(self, signature: Signature, arrays: tuple, shapeless: bool) -> bool:
+        """Whether `mx.compile` is tracing the arguments and state that `signature` was planned for."""
+        if not (shapeless or all(isinstance(a, mx.array) for a in arrays) and state_facts(arrays) == signature.arrays):
+            return False
+        return self.inputs is None or state_facts(read_slots(state_slots(self.inputs))) == signature.state
 
     def _retrace_reason(self, signature: Signature) -> str:
         if not self._entries:

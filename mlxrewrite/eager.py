@@ -16,12 +16,11 @@ declares as `value_operands` (SDPA masks) are checked at run time, once per arra
 
 from __future__ import annotations
 
-import contextlib
 import threading
 import warnings
 from collections import Counter
-from dataclasses import dataclass, field
-from typing import Any, Callable, Hashable, Iterator
+from dataclasses import dataclass
+from typing import Any, Callable, Hashable
 
 import mlx.core as mx
 
@@ -103,6 +102,7 @@ class EagerRewriter:
         self._by_api: dict[str, list[Rule]] = {}
         for rule in self.rules:
             self._by_api.setdefault(rule.api, []).append(rule)
+        self.gate = intercept.Gate({api: [rule.needs for rule in rules] for api, rules in self._by_api.items()})
         self._analyses: dict[Hashable, Analysis] = {}
         self._counts: Counter[str] = Counter()
         self._lock = threading.Lock()
@@ -116,18 +116,25 @@ class EagerRewriter:
             self._backend = (device, Backend.current())
         return self._backend[1]
 
-    @contextlib.contextmanager
-    def forward(self, observer: Callable[[intercept.Call], None] | None = None) -> Iterator[ForwardPass]:
-        """Run the body with this rewriter handling the intercepted calls (in this thread / task)."""
+    def run(self, fn: Callable, args: tuple, kwargs: dict[str, Any],
+            observer: Callable[[intercept.Call], None] | None = None, patch_mlx: bool = True) -> Any:
+        """`fn(*args, **kwargs)` as one forward pass, this rewriter handling the intercepted calls (in
+        this thread / task).
+
+        Only calls some rule may fire on reach it (`Rule.needs`), unless an `observer` is given: that
+        sees every intercepted call. `patch_mlx=False`: only calls through `intercept.instrumented_mlx()`
+        are intercepted (see `intercept.activate`)."""
         forward_pass = ForwardPass(self, observer)
-        with intercept.handling(forward_pass):
-            yield forward_pass
+        token = intercept.activate(forward_pass, None if observer is not None else self.gate, patch_mlx)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            intercept.deactivate(token, patch_mlx)
 
     def __call__(self, fn: Callable) -> Callable:
-        """Decorate `fn` so that every call runs under `forward()`."""
+        """Decorate `fn` so that every call is one forward pass (`run`)."""
         def run(*args: Any, **kwargs: Any) -> Any:
-            with self.forward():
-                return fn(*args, **kwargs)
+            return self.run(fn, args, kwargs)
 
         run.__wrapped__ = fn
         run.rewriter = self
@@ -136,7 +143,7 @@ class EagerRewriter:
     # ---- one call -------------------------------------------------------------------------------
     def handle(self, call: intercept.Call, forward_pass: ForwardPass) -> mx.array:
         rules = self._by_api.get(call.api, ())
-        keys = tuple(rule.key(call, forward_pass.backend) for rule in rules)
+        keys = tuple([rule.key(call, forward_pass.backend) for rule in rules])
         if all(key is None for key in keys):
             return call.run_original()  # no rule can fire: the common, cheap case
         key = (call.api, forward_pass.backend, keys)

@@ -1,17 +1,27 @@
 """Interception of the MLX API calls that rules rewrite.
 
-`install()` replaces `mx.quantized_matmul` and `mx.fast.scaled_dot_product_attention` with thin
-dispatchers. With no handler active (the usual case) a dispatcher calls the original at once; inside
-`handling(h)` (a context variable, so threads do not see each other's handlers) it binds the arguments
-into a `Call` and lets `h` decide what to return. Tracing records calls; lowering applies rewrites.
+Each API (`mx.quantized_matmul`, `mx.fast.scaled_dot_product_attention`) has a thin dispatcher. Inside
+`handling(h)` (a context variable, so threads do not see each other's handlers) a dispatcher wraps the
+arguments in a `Call` and lets `h` decide what to return; with no handler of its own context it calls
+MLX at once. Tracing records calls; lowering applies rewrites.
+
+Where the dispatchers are visible: while any `handling()` context is open, MLX's own functions are
+replaced by them (`patch_mlx=True`, for tracing arbitrary user code); otherwise MLX is left untouched,
+so code outside mlxrewrite pays nothing. The mlx-lm wrapper runs on every token, so it takes a
+narrower route: `instrumented_mlx()` is a copy of the `mlx.core` namespace with the dispatchers in
+place, which the wrapper gives to the model's own code modules (not to `mlx.nn`'s linear layers), and
+a `Gate` passes the calls no rule can rewrite straight through, judged on the raw arguments.
 """
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import os
 import sys
+import threading
+import types
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
@@ -43,33 +53,118 @@ APIS: dict[str, ApiSpec] = {
     )
 }
 
-_ORIGINALS: dict[str, Callable] = {}
-_HANDLER: contextvars.ContextVar["Callable[[Call], Any] | None"] = contextvars.ContextVar("mlxrewrite_handler",
-                                                                                          default=None)
+_ORIGINALS: dict[str, Callable] = {name: getattr(spec.module, spec.attr) for name, spec in APIS.items()}
+_ACTIVE: contextvars.ContextVar["tuple[Callable[[Call], Any], Gate | None] | None"] = contextvars.ContextVar(
+    "mlxrewrite_handler", default=None)
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 
 
-@dataclass
 class Call:
-    """One intercepted API call: its array operands and static parameters, bound by name."""
+    """One intercepted API call: its array operands and static parameters by name, and where it was made.
 
-    api: str
-    operands: dict[str, mx.array | None]
-    params: dict[str, Any]
-    location: str | None
+    One is made for every call inside `handling()`, so it costs little until asked: the arguments are
+    bound by name on first use of `operands`/`params`, the location is formatted on first use of
+    `location`, and `run_original()` without overrides passes the arguments on exactly as given.
+    """
+
+    __slots__ = ("api", "_args", "_kwargs", "_bound", "_where")
+
+    def __init__(self, api: str, operands: dict[str, mx.array | None], params: dict[str, Any],
+                 location: str | None = None):
+        self.api = api
+        self._args: tuple | None = None
+        self._kwargs: dict[str, Any] = {}
+        self._bound: tuple[dict, dict] | None = (operands, params)
+        self._where: str | tuple[str, int] | None = location
+
+    @classmethod
+    def intercepted(cls, spec: ApiSpec, args: tuple, kwargs: dict[str, Any],
+                    where: tuple[str, int] | None) -> "Call":
+        """A call as the dispatcher saw it (binding and location left for later)."""
+        call = cls.__new__(cls)
+        call.api, call._args, call._kwargs, call._bound, call._where = spec.name, args, kwargs, None, where
+        return call
+
+    @property
+    def operands(self) -> dict[str, mx.array | None]:
+        return (self._bound or self._bind())[0]
+
+    @property
+    def params(self) -> dict[str, Any]:
+        return (self._bound or self._bind())[1]
+
+    @property
+    def location(self) -> str | None:
+        """file:line of the user's call site."""
+        if isinstance(self._where, tuple):
+            self._where = f"{self._where[0]}:{self._where[1]}"
+        return self._where
+
+    def argument(self, name: str) -> Any:
+        """One argument by name, as passed (a mask may be "causal"), without binding the others: for
+        checks made on every call."""
+        if self._bound is not None:
+            operands, params = self._bound
+            return operands[name] if name in operands else params.get(name)
+        return _argument(APIS[self.api], self._args, self._kwargs, name)
+
+    def _bind(self) -> tuple[dict, dict]:
+        self._bound = bind(APIS[self.api], self._args, self._kwargs)
+        return self._bound
 
     def run_original(self, **overrides: Any) -> mx.array:
         """Call the unpatched MLX function, with some operands or parameters replaced."""
+        if self._args is not None and not overrides:
+            return _ORIGINALS[self.api](*self._args, **self._kwargs)
         return _invoke(original(self.api), self.api, {**self.operands, **self.params, **overrides})
 
     def dispatch(self, **overrides: Any) -> mx.array:
         """Call the API through its dispatcher (so the active handler sees it), operands replaced."""
-        spec = APIS[self.api]
-        return _invoke(getattr(spec.module, spec.attr), self.api, {**self.operands, **self.params, **overrides})
+        return _invoke(_DISPATCHERS[self.api], self.api, {**self.operands, **self.params, **overrides})
 
     def shape_of(self, name: str) -> tuple[int, ...] | None:
         array = self.operands.get(name)
         return None if array is None else tuple(array.shape)
+
+
+def _argument(spec: ApiSpec, args: tuple, kwargs: dict[str, Any], name: str) -> Any:
+    if name in kwargs:
+        return kwargs[name]
+    position = _position(spec, name)
+    return args[position] if position < len(args) else spec.defaults.get(name)
+
+
+class Gate:
+    """Which calls a handler wants, judged on the raw arguments (no `Call`, no binding).
+
+    Per API, a list of requirements, each a mapping operand -> fewest dims: a call is admitted when, for
+    some requirement, every named operand is an array with at least that many dims. An empty
+    requirement admits every call of its API; calls of APIs not named are never admitted.
+    """
+
+    def __init__(self, requirements: dict[str, list[dict[str, int]]]):
+        unknown = set(requirements) - set(APIS)
+        if unknown:
+            raise ValueError(f"Gate names unknown APIs {sorted(unknown)}; known: {sorted(APIS)}")
+        self.requirements = {api: [dict(needs) for needs in needs_list] for api, needs_list in requirements.items()}
+        self._checks = {api: tuple(tuple((_position(APIS[api], name), name, dims) for name, dims in needs.items())
+                                   for needs in needs_list) for api, needs_list in requirements.items()}
+
+    def admits(self, spec: ApiSpec, args: tuple, kwargs: dict[str, Any]) -> bool:
+        """Runs on every call while a gated handler is active: index lookups, no binding."""
+        for checks in self._checks.get(spec.name, ()):
+            for position, name, dims in checks:
+                value = args[position] if position < len(args) else kwargs.get(name)
+                if not isinstance(value, mx.array) or value.ndim < dims:
+                    break
+            else:
+                return True
+        return False
+
+
+def _position(spec: ApiSpec, name: str) -> int:
+    """Where `name` is passed positionally; past the end for keyword-only parameters."""
+    return spec.positional.index(name) if name in spec.positional else len(spec.positional)
 
 
 def _invoke(fn: Callable, api: str, kwargs: dict[str, Any]) -> mx.array:
@@ -79,25 +174,18 @@ def _invoke(fn: Callable, api: str, kwargs: dict[str, Any]) -> mx.array:
 
 def original(api: str) -> Callable:
     """The real MLX function behind a dispatcher."""
-    install()
     return _ORIGINALS[api]
-
-
-def install() -> None:
-    """Put the dispatchers in place (idempotent)."""
-    for name, spec in APIS.items():
-        if name in _ORIGINALS:
-            continue
-        _ORIGINALS[name] = getattr(spec.module, spec.attr)
-        setattr(spec.module, spec.attr, _make_dispatcher(spec, _ORIGINALS[name]))
 
 
 def _make_dispatcher(spec: ApiSpec, real: Callable) -> Callable:
     def dispatcher(*args: Any, **kwargs: Any) -> Any:
-        handler = _HANDLER.get()
-        if handler is None or "stream" in kwargs:
+        active = _ACTIVE.get()
+        if active is None or "stream" in kwargs:
             return real(*args, **kwargs)
-        return handler(bind(spec, args, kwargs, caller_location()))
+        handler, gate = active
+        if gate is not None and not gate.admits(spec, args, kwargs):
+            return real(*args, **kwargs)
+        return handler(Call.intercepted(spec, args, kwargs, _caller()))
 
     dispatcher.__name__ = spec.attr
     dispatcher.__doc__ = real.__doc__
@@ -105,30 +193,132 @@ def _make_dispatcher(spec: ApiSpec, real: Callable) -> Callable:
     return dispatcher
 
 
-def bind(spec: ApiSpec, args: tuple, kwargs: dict, location: str | None = None) -> Call:
+_DISPATCHERS: dict[str, Callable] = {name: _make_dispatcher(spec, _ORIGINALS[name]) for name, spec in APIS.items()}
+
+
+class _MlxPatch:
+    """MLX's functions replaced by the dispatchers while at least one `handling(patch_mlx=True)` is open."""
+
+    def __init__(self) -> None:
+        self.depth = 0
+        self.lock = threading.Lock()
+        self.mlx_functions = dict(_ORIGINALS)
+
+    def enter(self) -> None:
+        with self.lock:
+            self.depth += 1
+            if self.depth == 1:
+                self._set(_DISPATCHERS, replacing=self.mlx_functions)
+
+    def exit(self) -> None:
+        with self.lock:
+            self.depth -= 1
+            if self.depth == 0:
+                self._set(self.mlx_functions, replacing=_DISPATCHERS)
+
+    @staticmethod
+    def _set(functions: dict[str, Callable], replacing: dict[str, Callable]) -> None:
+        for name, spec in APIS.items():
+            if getattr(spec.module, spec.attr) is replacing[name]:  # leave someone else's patch alone
+                setattr(spec.module, spec.attr, functions[name])
+
+
+_PATCH = _MlxPatch()
+
+
+@functools.cache
+def instrumented_mlx() -> types.ModuleType:
+    """`mlx.core` with the intercepted APIs replaced by their dispatchers, for a code module to use as its
+    `mx` (a copy of the namespace, and of each submodule an API lives in, such as `mx.fast`)."""
+    copies: dict[int, types.ModuleType] = {}
+    for module in [mx] + [spec.module for spec in APIS.values()]:
+        if id(module) not in copies:
+            copies[id(module)] = types.ModuleType(module.__name__, module.__doc__)
+            vars(copies[id(module)]).update(vars(module))
+    core = copies[id(mx)]
+    for copy in copies.values():
+        if copy is not core:
+            setattr(core, copy.__name__.rsplit(".", 1)[-1], copy)
+    for name, spec in APIS.items():
+        setattr(copies[id(spec.module)], spec.attr, _DISPATCHERS[name])
+    return core
+
+
+def bind(spec: ApiSpec, args: tuple, kwargs: dict) -> tuple[dict[str, mx.array | None], dict[str, Any]]:
+    """The arguments of one call of `spec`'s API by name: (array operands, static parameters)."""
     if len(args) > len(spec.positional):
         raise TypeError(f"{spec.name}() takes at most {len(spec.positional)} positional arguments")
     bound = {**spec.defaults, **dict(zip(spec.positional, args)), **kwargs}
     operands = {name: bound.pop(name, None) for name in spec.operands}
     if isinstance(operands.get("mask"), str):  # "causal" is a mode, not an operand
         bound["mask"] = operands.pop("mask")
-    return Call(spec.name, operands, bound, location)
+    return operands, bound
 
 
-def caller_location() -> str | None:
-    """file:line of the nearest frame outside mlxrewrite (the user's call site)."""
+def _caller() -> tuple[str, int] | None:
+    """(file, line) of the nearest frame outside mlxrewrite: the user's call site."""
     frame = sys._getframe(2)
     while frame is not None and frame.f_code.co_filename.startswith(_PACKAGE_DIR):
         frame = frame.f_back
-    return None if frame is None else f"{frame.f_code.co_filename}:{frame.f_lineno}"
+    return None if frame is None else (frame.f_code.co_filename, frame.f_lineno)
+
+
+_INSTRUMENTED: dict[str, tuple[int, dict[str, Any]]] = {}  # module -> (users, the globals it had)
+_INSTRUMENT_LOCK = threading.Lock()
+
+
+def instrument(module: types.ModuleType) -> None:
+    """Let `module`'s code reach the dispatchers: its globals naming `mlx.core` (or `mlx.core.fast`) are
+    pointed at `instrumented_mlx()`'s copies. Counted: `release` undoes it when its last user lets go."""
+    core = instrumented_mlx()
+    copies = {id(mx): core, **{id(spec.module): _submodule(core, spec.module) for spec in APIS.values()}}
+    with _INSTRUMENT_LOCK:
+        users, saved = _INSTRUMENTED.get(module.__name__, (0, {}))
+        if not users:
+            saved = {name: value for name, value in vars(module).items() if id(value) in copies}
+            for name, value in saved.items():
+                setattr(module, name, copies[id(value)])
+        _INSTRUMENTED[module.__name__] = (users + 1, saved)
+
+
+def release(module: types.ModuleType) -> None:
+    """One user of `instrument(module)` is done; the last one restores the module's globals."""
+    with _INSTRUMENT_LOCK:
+        users, saved = _INSTRUMENTED.pop(module.__name__, (0, {}))
+        if users > 1:
+            _INSTRUMENTED[module.__name__] = (users - 1, saved)
+        else:
+            vars(module).update(saved)
+
+
+def _submodule(core: types.ModuleType, module: types.ModuleType) -> types.ModuleType:
+    return core if module is mx else getattr(core, module.__name__.rsplit(".", 1)[-1])
+
+
+def activate(handler: Callable[[Call], Any], gate: Gate | None = None, patch_mlx: bool = True) -> contextvars.Token:
+    """Start routing intercepted calls in this context (thread / task) to `handler`: all of them, or those
+    `gate` admits (the others run as written). Pair with `deactivate`; `handling` does both.
+
+    With `patch_mlx`, MLX's functions are the dispatchers until then, so any code calling
+    `mx.quantized_matmul` reaches them (calls from other threads find no handler and run as written).
+    Without, only calls through `instrumented_mlx()` or `Call.dispatch` do.
+    """
+    if patch_mlx:
+        _PATCH.enter()
+    return _ACTIVE.set((handler, gate))
+
+
+def deactivate(token: contextvars.Token, patch_mlx: bool = True) -> None:
+    _ACTIVE.reset(token)
+    if patch_mlx:
+        _PATCH.exit()
 
 
 @contextlib.contextmanager
-def handling(handler: Callable[[Call], Any]) -> Iterator[None]:
-    """Route intercepted calls in this context (thread / task) to `handler`."""
-    install()
-    token = _HANDLER.set(handler)
+def handling(handler: Callable[[Call], Any], gate: Gate | None = None, patch_mlx: bool = True) -> Iterator[None]:
+    """`activate` for the body of a `with` statement."""
+    token = activate(handler, gate, patch_mlx)
     try:
         yield
     finally:
-        _HANDLER.reset(token)
+        deactivate(token, patch_mlx)

@@ -14,7 +14,10 @@ Two sources, the second overriding the first bucket by bucket:
 2. A profile that `mlxrewrite doctor` measured on this device with this MLX version (docs/doctor.md). Source
    facts go stale (a release fixes a kernel, a new chip gets new limits); a measurement of the running
    backend does not. For each bucket of broadcast quantized_matmul calls it says whether the call as
-   shipped and each rewrite is right, wrong or unsupported, and how fast each is.
+   shipped and each rewrite is right, wrong or unsupported, and how fast each is. A bucket the doctor did not
+   get to (its time budget ran out) is recorded as not measured and keeps the source-derived choice, less
+   the rewrites that failed in a measured bucket of the same kernel family (dtype, quantization, transpose,
+   head dim): a JIT compile error for one head dim thus steers every call with that head dim away.
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ MAX_QMV_LIMIT = 33
 
 ORIGINAL = "original"  # the call as written: a route that prefers it leaves the call alone
 QMM_REWRITES = ("fold", "copy", "dequantize")
+SOURCE_WAYS = ("fold", "copy")  # the source-derived choice for a hazardous call: fold, or copy when it cannot
 # Buckets. M: Metal runs its vector kernel for M below a limit (4..33), so a bucket's smallest M shows whether
 # any of it is wrong; CUDA switches from qmv to qmm kernels (with alignment needs) as M grows, so its largest
 # shows whether any of it is unsupported. Weight rows (the KV length): get_qmv_batch_limit's size classes,
@@ -54,7 +58,10 @@ ROW_CLASSES: tuple[int | None, ...] = (2048, 4096, None)  # upper bounds
 ALIGNMENTS = (128, 8, 1)
 M_LABELS = tuple(str(low) if low == high else f"{low}+" if high is None else f"{low}-{high}" for low, high in M_BUCKETS)
 ROW_LABELS = tuple(f"<={bound}" if bound else f">{ROW_CLASSES[-2]}" for bound in ROW_CLASSES)
-PROFILE_SCHEMA = 1
+PROFILE_SCHEMA = 2  # 2: "not measured" and "crashed" statuses; every bucket of the grid is listed
+# Statuses of a way in a bucket: "ok", "not measured", or the failures seen, joined ("wrong, unsupported")
+OK, NOT_MEASURED = "ok", "not measured"
+FAILURES = ("wrong", "unsupported", "crashed")  # crashed: it killed the GPU context or the process
 
 
 class ProfileWarning(UserWarning):
@@ -104,6 +111,12 @@ class QmmBucket:
         return cls(dtype, mode, bits, group_size, bool(params["transpose"]), M_LABELS[m_bucket],
                    k if params["transpose"] else n, ROW_LABELS[row_class], next(a for a in ALIGNMENTS if rows % a == 0))
 
+    @property
+    def family(self) -> tuple:
+        """The facts that pick a kernel family (and a JIT-compiled kernel's source), whatever M and the rows:
+        on CUDA, d and the group size decide between the sm90, sm80 and naive kernels."""
+        return self.dtype, self.mode, self.bits, self.group_size, self.transpose, self.d
+
     def label(self) -> str:
         return (f"{self.dtype} {self.mode} {self.bits}-bit g{self.group_size} transpose={self.transpose} "
                 f"M {self.m} d {self.d} rows {self.rows} (multiple of {self.align})")
@@ -113,14 +126,18 @@ class QmmBucket:
 class Measured:
     """One way of running a bucket's calls (as shipped, or one rewrite), over all the bucket's probes."""
 
-    status: str  # "ok" | "wrong" | "unsupported" | "wrong, unsupported"
+    status: str  # OK | NOT_MEASURED | FAILURES seen, joined: "wrong", "unsupported", "wrong, unsupported", ...
     max_error: float | None = None  # largest max|out - ref| / max|ref| among the probes that ran
     us: float | None = None  # mean of its timed probes' median times; None when none ran
-    error: str | None = None  # the first exception, when unsupported
+    error: str | None = None  # the first exception (or how the process died), when unsupported or crashed
 
     @property
     def ok(self) -> bool:
-        return self.status == "ok"
+        return self.status == OK
+
+    @property
+    def failed(self) -> bool:
+        return self.status not in (OK, NOT_MEASURED)
 
 
 @dataclass(frozen=True)
@@ -128,8 +145,13 @@ class QmmVerdict:
     """What the doctor measured for one bucket."""
 
     bucket: QmmBucket
-    probes: int
+    probes: int  # how many probes stand for the bucket (each on a dense and a sliced cache)
     ways: Mapping[str, Measured]  # ORIGINAL and each of QMM_REWRITES
+
+    @property
+    def complete(self) -> bool:
+        """Every rewrite has a verdict (ok needs every probe; a failure needs one), so routes may rank them."""
+        return all(self.ways[name].status != NOT_MEASURED for name in QMM_REWRITES)
 
     @property
     def ranked(self) -> tuple[str, ...]:
@@ -173,6 +195,35 @@ class Profile:
 
     def fits(self, backend: "Backend") -> bool:
         return (self.backend, self.device, self.mlx) == (backend.kind, backend.device, mx.__version__)
+
+    @functools.cached_property
+    def _family_failures(self) -> dict[tuple, frozenset[str]]:
+        """Per kernel family, computed once: routes ask per traced call."""
+        failed: dict[tuple, set[str]] = {}
+        for verdict in self.qmm.values():
+            found = failed.setdefault(verdict.bucket.family, set())
+            found.update(name for name in QMM_REWRITES if verdict.ways[name].failed)
+        return {family: frozenset(names) for family, names in failed.items()}
+
+    def family_failures(self, bucket: QmmBucket) -> frozenset[str]:
+        """The rewrites that failed in any bucket of `bucket`'s kernel family: an unmeasured bucket avoids them."""
+        return self._family_failures.get(bucket.family, frozenset())
+
+    def hazard_ways(self, bucket: QmmBucket) -> tuple[tuple[str, ...], str]:
+        """The rewrites, in order, for a hazardous call in `bucket`, and why. Measured (every rewrite has a
+        verdict): the correct ones, fastest first, then dequantize. Otherwise the source policy (fold, else
+        copy), less what failed in the bucket's kernel family, then dequantize when anything was dropped."""
+        verdict = self.qmm.get(bucket)
+        if verdict is not None and verdict.complete:
+            return verdict.preference, (f"measured by `mlxrewrite doctor` ({self.device}, MLX {self.mlx}) for "
+                                        f"{bucket.label()}: {verdict.describe()}")
+        failed = self.family_failures(bucket)
+        why = f"{bucket.label()} not measured by `mlxrewrite doctor` ({self.device}, MLX {self.mlx})"
+        if not failed:
+            return SOURCE_WAYS, why
+        ways = (*(w for w in SOURCE_WAYS if w not in failed), "dequantize")
+        return ways, (f"{why}; {', '.join(sorted(failed))} failed in measured buckets of its kernel family, so "
+                      "the source policy without them")
 
     def to_dict(self) -> dict[str, Any]:
         qmm = [{"bucket": asdict(v.bucket), "probes": v.probes, "ranked": list(v.ranked),  # ranked: for readers
@@ -348,14 +399,17 @@ def qmm_route(backend: Backend, dtype: str, x_shape: tuple, w_shape: tuple, para
     where the source facts call the kernel right and the profile measured it right too (leaving a call
     alone is the one choice whose correctness rests on a bucket's probes standing for all its shapes, and
     on CPU the rule rewrites on purpose, so that CPU audits show what GPUs need). Elsewhere it takes the
-    fastest rewrite measured correct, then dequantize. Without a measurement: fold, or copy."""
+    fastest rewrite measured correct, then dequantize. Where the bucket was not measured: fold, or copy, less
+    the rewrites that failed in the bucket's kernel family (then dequantize)."""
     hazardous, why = qmm_hazard_applies(backend, *qmm_mkn(x_shape, w_shape, params), bool(params["transpose"]))
+    if backend.profile is None:
+        return QmmRoute(SOURCE_WAYS if hazardous else (ORIGINAL,), why)
     bucket = QmmBucket.of(dtype, x_shape, w_shape, params)
-    verdict = backend.profile.qmm.get(bucket) if backend.profile is not None else None
-    if verdict is None:
-        return QmmRoute(("fold", "copy") if hazardous else (ORIGINAL,), why)
-    measured = (f"measured by `mlxrewrite doctor` ({backend.profile.device}, MLX {backend.profile.mlx}) for "
-                f"{bucket.label()}: {verdict.describe()}")
-    if not hazardous and verdict.ways[ORIGINAL].ok:
+    ways, measured = backend.profile.hazard_ways(bucket)
+    verdict = backend.profile.qmm.get(bucket)
+    shipped = verdict.ways[ORIGINAL] if verdict is not None else Measured(NOT_MEASURED)
+    # measured: it must have been right; not measured: the source facts stand unless a probe found it wrong
+    shipped_right = shipped.ok if verdict is not None and verdict.complete else not shipped.failed
+    if not hazardous and shipped_right:
         return QmmRoute((ORIGINAL,), f"{why}; {measured}")
-    return QmmRoute(verdict.preference, f"{why}; {measured}")
+    return QmmRoute(ways, f"{why}; {measured}")

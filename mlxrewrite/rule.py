@@ -53,6 +53,10 @@ class Rule:
     # Operands whose values (not just shapes) the decision depends on; eager mode may check them at run
     # time when the user allows it (`check_values=True`), once per value per forward pass.
     value_operands: tuple[str, ...] = ()
+    # Eager mode's fast path: operands that must be arrays of at least so many dims for the rule to fire
+    # at all (its site_key is None otherwise). Calls that fail it for every rule of their API run as
+    # written without being bound or keyed. Empty: every call of the API is considered.
+    needs: dict[str, int] = field(default_factory=dict)
 
     def decide(self, site: CallSite, graph: Graph, backend: Backend) -> Decision | None:
         if site.api != self.api:

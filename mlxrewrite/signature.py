@@ -9,6 +9,7 @@ traced are guarded per call (`Entry.layout_guards` in compiler.py).
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 from typing import Any
 
@@ -90,37 +91,91 @@ def rebuild_call(treespec: Any, statics: tuple, arrays: list[mx.array]) -> tuple
     return args, kwargs
 
 
+def state_facts(state: list[mx.array]) -> tuple[ArrayFacts, ...]:
+    return tuple((a.shape, a.dtype) for a in state)
+
+
 def make_signature(arrays: list[mx.array], treespec: Any, statics: tuple, state: list[mx.array],
                    shapeless: bool = False) -> Signature:
     if shapeless:
         facts = tuple(((-1,) * a.ndim, a.dtype) for a in arrays)
     else:
         facts = tuple((a.shape, a.dtype) for a in arrays)
-    return Signature(treespec, statics, facts, tuple((a.shape, a.dtype) for a in state))
+    return Signature(treespec, statics, facts, state_facts(state))
 
 
 # ---- captured state (inputs= / outputs=), replaced in place like mx.compile does -----------------
 
 Slot = tuple[Any, Any]  # (container, key)
+_CONTAINERS = (dict, list, tuple)  # nn.Module is a dict
+_ARRAY_TYPE = frozenset({mx.array})
+
+
+@dataclass(frozen=True, eq=False)
+class StateTree:
+    """One walk of a state tree: where its arrays live, and what else it held, to tell cheaply whether it changed.
+
+    Walking a model's state in Python costs hundreds of microseconds per call (16 layers: ~150 arrays in
+    ~230 containers), more than `mx.compile` spends on the whole call. `arrays()` replaces that walk with
+    a few C-level passes over what the walk saw. The arrays themselves are not compared: `mx.compile`
+    writes `outputs=` state back as new array objects on every call, and `model.update` swaps them too;
+    their shapes and dtypes are checked by `mx.compile`, which retraces when they change (the runner then
+    checks them against its signature, in compiler.py).
+    """
+
+    holders: tuple  # the container of each array, depth first
+    keys: tuple  # its key there
+    containers: tuple  # every dict / list / tuple visited
+    lengths: tuple[int, ...]  # their lengths when walked
+    parents: tuple  # the container of every non-array child (sub-containers, other leaves)
+    places: tuple  # its key there
+    children: tuple  # the child itself
+
+    @classmethod
+    def walk(cls, tree: Any) -> "StateTree":
+        arrays: list[Slot] = []
+        others: list[tuple[Any, Any, Any]] = []
+        containers: list = []
+
+        def visit(node: Any) -> None:
+            containers.append(node)
+            for key, child in node.items() if isinstance(node, dict) else enumerate(node):
+                if is_array(child):
+                    if isinstance(node, tuple):
+                        raise SignatureError("state arrays inside a tuple cannot be updated in place; use a list")
+                    arrays.append((node, key))
+                    continue
+                others.append((node, key, child))
+                if isinstance(child, _CONTAINERS):
+                    visit(child)
+
+        if isinstance(tree, _CONTAINERS):
+            visit(tree)
+        holders, keys = zip(*arrays) if arrays else ((), ())
+        parents, places, children = zip(*others) if others else ((), (), ())
+        return cls(holders, keys, tuple(containers), tuple(map(len, containers)), parents, places, children)
+
+    @property
+    def slots(self) -> list[Slot]:
+        return list(zip(self.holders, self.keys))
+
+    def arrays(self) -> list[mx.array] | None:
+        """The state arrays, or None when the tree is no longer as walked (a key or layer added or removed,
+        a sub-container or an array slot replaced by something else): then it must be walked again."""
+        try:
+            if tuple(map(len, self.containers)) != self.lengths:
+                return None
+            if not all(map(operator.is_, map(operator.getitem, self.parents, self.places), self.children)):
+                return None
+            arrays = list(map(operator.getitem, self.holders, self.keys))
+        except (KeyError, IndexError):
+            return None
+        return arrays if _ARRAY_TYPE.issuperset(map(type, arrays)) else None  # not an array now: walk again
 
 
 def state_slots(tree: Any) -> list[Slot]:
     """Mutable places holding arrays in dicts/lists (nn.Module is a dict), depth first."""
-    slots: list[Slot] = []
-
-    def visit(node: Any) -> None:
-        items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, (list, tuple)) else ()
-        for key, child in items:
-            if is_array(child):
-                if isinstance(node, tuple):
-                    raise SignatureError("state arrays inside a tuple cannot be updated in place; use a list")
-                slots.append((node, key))
-            else:
-                visit(child)
-
-    if tree is not None:
-        visit(tree)
-    return slots
+    return StateTree.walk(tree).slots
 
 
 def read_slots(slots: list[Slot]) -> list[mx.array]:

@@ -166,4 +166,5 @@ RULE = Rule(
     rewrites={"fold": fold, "copy": copy, "dequantize": dequantize},
     doc=__doc__,
     site_key=site_key,
+    needs={"x": 3, "w": 3},  # rank-2 x or w: MLX does not broadcast (linear layers pass straight through)
 )

@@ -54,8 +54,8 @@ def match(site: CallSite, graph: Graph, backend: Backend) -> Decision | None:
 
 def site_key(call: Call, backend: Backend):
     """Only the mask's dtype and whether it fits matter by shape; its values are checked separately."""
-    mask = call.operands.get("mask")
-    if mask is None:
+    mask = call.argument("mask")  # checked on every call: cheap unless there is an array mask
+    if not isinstance(mask, mx.array):
         return None
     return mask.dtype, _fits(mask.shape, call.shape_of("q"), call.shape_of("k"))
 
@@ -83,4 +83,5 @@ RULE = Rule(
     doc=__doc__,
     site_key=site_key,
     value_operands=("mask",),
+    needs={"mask": 0},
 )

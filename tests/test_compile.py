@@ -7,6 +7,7 @@ from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
+import mlx.utils
 import numpy as np
 import pytest
 
@@ -88,6 +89,39 @@ def test_shape_change_retraces_and_says_why():
     rewritten(X.astype(mx.float16))
     line = [ln for ln in rewritten.explain().splitlines() if "trace #3" in ln][0]
     assert "float16[2,3]" in line, line
+
+
+@pytest.mark.parametrize("other", [mx.ones((4, 3)), X.astype(mx.float16), X.reshape(3, 2)],
+                         ids=["shape", "dtype", "same_size"])
+def test_a_second_signature_after_a_steady_one_is_caught_and_both_stay_cached(other):
+    """The fast path builds no key while it has served one signature (mx.compile checks shapes and dtypes, the
+    runner raises StaleState on its retrace): the second signature must still get its own trace, and then both
+    alternate without a retrace."""
+    rewritten = mlxrewrite.compile(lambda x: x.sum(axis=0) * 2)
+    for _ in range(2):
+        assert mx.array_equal(rewritten(X), X.sum(axis=0) * 2).item()
+    for _ in range(2):
+        for x in (other, X):
+            assert mx.array_equal(rewritten(x), x.sum(axis=0) * 2).item()
+    assert rewritten.traces == 2, rewritten.explain()
+
+
+def test_a_new_cache_length_after_a_steady_one_gets_its_own_plan():
+    rewritten = mlxrewrite.compile(gqa.attention)
+    for n in (256, 256, 320, 256, 320):
+        args = gqa.example_inputs(n, 2)
+        assert mx.allclose(rewritten(*args), gqa.attention(*args), atol=1e-5).item()
+    assert rewritten.traces == 2
+    assert rewritten.explain().count("quantized-matmul-broadcast-weights:fold") == 4
+
+
+def test_non_arrays_after_a_steady_signature_still_fall_back_or_retrace():
+    rewritten = mlxrewrite.compile(lambda x, y: x * y)
+    rewritten(X, Y)
+    assert mx.array_equal(rewritten(X, 3.0), X * 3.0).item()  # a static leaf: its own signature
+    with pytest.warns(FallbackWarning):
+        assert mx.array_equal(rewritten(X, np.full((2, 3), 2.0, np.float32)), X * 2.0).item()
+    assert rewritten.traces == 2
 
 
 def test_structure_change_retraces():
@@ -185,6 +219,146 @@ def test_state_in_a_tuple_is_rejected_clearly():
     rewritten = mlxrewrite.compile(lambda x: x + state[0], inputs=state, strict=True)
     with pytest.raises(SignatureError, match="tuple"):
         rewritten(X)
+
+
+# ---- captured state that changes between calls --------------------------------------------------------
+# The steady state does not walk the module (StateTree.arrays checks the walked tree in a few C-level
+# passes); each test below changes the module in one way a user may, and checks the call still matches
+# the module run eagerly, retraces exactly when the state's shapes change, and leaves no tracer behind.
+
+class Stack(nn.Module):
+    def __init__(self, *dims: int):
+        super().__init__()
+        self.layers = [nn.Linear(a, b) for a, b in zip(dims, dims[1:])]
+
+    def __call__(self, x):
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+def assert_matches_eager(rewritten, model, traces):
+    out = rewritten(X)
+    assert mx.allclose(out, model(X), atol=1e-5).item()
+    mx.eval(model.parameters())  # a tracer left in the module would raise here
+    assert rewritten.traces == traces, rewritten.explain()
+
+
+@pytest.fixture
+def walks(monkeypatch):
+    """How often the state tree is walked (StateTree.walk), counted from now."""
+    count = [0]
+    walk = mlxrewrite.signature.StateTree.walk.__func__
+
+    def counting(cls, tree):
+        count[0] += 1
+        return walk(cls, tree)
+
+    monkeypatch.setattr(mlxrewrite.signature.StateTree, "walk", classmethod(counting))
+    return count
+
+
+def test_steady_state_does_not_walk_the_module(walks):
+    model = Stack(3, 4, 3)
+    rewritten = mlxrewrite.compile(model)
+    assert_matches_eager(rewritten, model, traces=1)
+    before = walks[0]
+    for _ in range(5):
+        rewritten(X)
+    assert walks[0] == before
+
+
+def test_update_in_place_same_shapes_is_read_without_a_retrace(walks):
+    model = Stack(3, 4, 3)
+    rewritten = mlxrewrite.compile(model)
+    rewritten(X)
+    before = walks[0]
+    model.update({"layers": [{"weight": mx.ones((4, 3))}, {"bias": mx.full((3,), 5.0)}]})
+    assert_matches_eager(rewritten, model, traces=1)
+    assert walks[0] == before  # new arrays in the same places: no walk needed
+
+
+def test_load_weights_is_read_without_a_retrace():
+    model, other = Stack(3, 4, 3), Stack(3, 4, 3)
+    rewritten = mlxrewrite.compile(model)
+    rewritten(X)
+    model.load_weights(list(mlx.utils.tree_flatten(other.parameters())))
+    assert_matches_eager(rewritten, model, traces=1)
+    assert mx.allclose(rewritten(X), other(X), atol=1e-5).item()
+
+
+def test_new_state_shapes_retrace_and_leave_no_tracers():
+    model = Stack(3, 4, 3)
+    rewritten = mlxrewrite.compile(model)
+    rewritten(X)
+    old = model.layers[1].parameters()
+    model.layers[1].update({"weight": mx.ones((5, 4)), "bias": mx.zeros((5,))})  # same places, new shapes
+    assert_matches_eager(rewritten, model, traces=2)
+    assert "state array #2: float32[3,4] -> float32[5,4]" in rewritten.explain()
+    model.layers[1].update(old)  # back: the first trace serves again
+    assert_matches_eager(rewritten, model, traces=2)
+
+
+def test_new_dtype_retraces():
+    model = Stack(3, 4, 3)
+    rewritten = mlxrewrite.compile(model)
+    rewritten(X)
+    model.set_dtype(mx.float16)
+    assert_matches_eager(rewritten, model, traces=2)
+    assert "state array #0: float32[4,3] -> float16[4,3]" in rewritten.explain()
+
+
+def test_added_layer_retraces_and_is_read_at_call_time():
+    model = Stack(3, 4, 3)
+    rewritten = mlxrewrite.compile(model)
+    rewritten(X)
+    model.layers.append(nn.Linear(3, 3))
+    assert_matches_eager(rewritten, model, traces=2)
+    assert "number of state arrays changed: 4 -> 6" in rewritten.explain()
+    model.layers[2].weight = mx.zeros((3, 3))  # the new layer's weights are inputs, not baked in
+    assert_matches_eager(rewritten, model, traces=2)
+
+
+def test_removed_parameter_retraces():
+    model = Stack(3, 4, 3)
+    rewritten = mlxrewrite.compile(model)
+    rewritten(X)
+    del model.layers[0]["bias"]
+    assert_matches_eager(rewritten, model, traces=2)
+
+
+def test_replaced_layer_is_read_and_a_later_shape_change_still_restores_it():
+    model = Stack(3, 4, 3)
+    rewritten = mlxrewrite.compile(model)
+    rewritten(X)
+    model.layers[1] = nn.Linear(4, 3)  # same shapes, a new module: same trace, its arrays
+    assert_matches_eager(rewritten, model, traces=1)
+    model.layers[1].update({"weight": mx.ones((2, 4)), "bias": mx.zeros((2,))})  # the new module changes shape
+    assert_matches_eager(rewritten, model, traces=2)
+
+
+def test_quantized_model_retraces():
+    model = Stack(64, 64, 32)
+    rewritten = mlxrewrite.compile(model)
+    x = mx.ones((2, 64))
+    rewritten(x)
+    nn.quantize(model, group_size=32, bits=4)
+    assert mx.allclose(rewritten(x), model(x), atol=1e-4).item()
+    assert rewritten.traces == 2
+
+
+def test_state_shapes_pick_the_plan():
+    """A rule's decision depends on state shapes (a quantized KV cache as state): a new cache length gets its own
+    trace and plan, not the old one replayed."""
+    args = gqa.example_inputs(256, 2)
+    state = {"kv": list(args[1:])}
+    rewritten = mlxrewrite.compile(lambda q: gqa.attention(q, *state["kv"]), inputs=state)
+    assert mx.allclose(rewritten(args[0]), gqa.attention(*args), atol=1e-5).item()
+    longer = gqa.example_inputs(320, 2)
+    state["kv"] = list(longer[1:])
+    assert mx.allclose(rewritten(longer[0]), gqa.attention(*longer), atol=1e-5).item()
+    assert rewritten.traces == 2
+    assert rewritten.explain().count("quantized-matmul-broadcast-weights:fold") == 4
 
 
 # ---- bad input and fallbacks --------------------------------------------------------------------------

@@ -1,8 +1,11 @@
-"""mlxrewrite doctor: verdicts against a fake backend with known faults, the rules routing around them,
+"""mlxrewrite doctor: verdicts against a fake backend with known faults (wrong, unsupported, JIT errors for
+one head dim, lost contexts, crashed and hung processes), the rules routing around them, the time budget,
 profile caching and invalidation, eager-mode site keys, the command line."""
 
 import dataclasses
 import json
+import os
+import time
 from typing import Callable
 
 import mlx.core as mx
@@ -11,14 +14,32 @@ import pytest
 import mlxrewrite
 import mlxrewrite.doctor
 from mlxrewrite import cli, doctor, policy
-from mlxrewrite.policy import ORIGINAL, Backend, Measured, Profile, QmmBucket, QmmVerdict, ProfileWarning
+from mlxrewrite.policy import (NOT_MEASURED, ORIGINAL, Backend, Measured, Profile, QmmBucket, QmmVerdict,
+                               ProfileWarning)
 from mlxrewrite.rules import quantized_matmul_broadcast as qmb
 
 # Small and fast on CPU: d=64, rows 256 (aligned) and 255 (not), M buckets 1, 2-3, 4-7
-GRID = doctor.Grid("test", ("float32",), (4,), m_buckets=3, rows=(256, 255), d=64, iters=1,
+GRID = doctor.Grid("test", ("float32",), (4,), m_buckets=3, rows=(256, 255), d=(64,), iters=1,
                    sdpa=((64, 1, 256),), gather_m=(1,))
 NO_IMPLEMENTATION = "[quantized_matmul] No implementation for problem shape"
-Fault = Callable[[bool, int, int], bool]  # (weights broadcast?, M, weight rows) -> fault?
+JIT_ERROR = ('Failed to compile kernel: /tmp/site/nvidia/cu13/include/mma.h(55): catastrophic error: cannot open '
+             'source file "crt/mma.h"')  # what the H100 raised for folded d=64 calls (its CUDA headers are missing)
+LOST_CONTEXT = "cuGraphAddKernelNode(&node, graph_, NULL, 0, &params) failed: an illegal memory access was encountered"
+
+
+@dataclasses.dataclass(frozen=True)
+class Problem:
+    """What a fault may depend on, of one quantized_matmul kernel call."""
+
+    broadcast: bool  # the weights' batch dims broadcast against x's (the call as shipped)
+    m: int
+    rows: int  # the weights' rows
+    d: int  # the head dim
+    folded: bool  # x's repeat dim folded into M (the fold rewrite)
+
+
+Fault = Callable[[Problem], bool]
+NEVER: Fault = lambda p: False
 
 
 def broadcast(x: mx.array, w: mx.array) -> bool:
@@ -27,19 +48,24 @@ def broadcast(x: mx.array, w: mx.array) -> bool:
     return any(wd == 1 and xd > 1 for xd, wd in pairs)
 
 
-class FakeKernels(doctor.Kernels):
-    """MLX on CPU, but wrong (CUDA's bug: weight matrix 0 for every batch) or unsupported where told."""
+def problem(x: mx.array, w: mx.array, params: dict) -> Problem:
+    d = x.shape[-1] if params["transpose"] else w.shape[-1] * 32 // params["bits"]
+    return Problem(broadcast(x, w), x.shape[-2], w.shape[-2], d, x.shape[-3] == 1)
 
-    def __init__(self, wrong: Fault = lambda *_: False, unsupported: Fault = lambda *_: False,
+
+class FakeKernels(doctor.Kernels):
+    """MLX on CPU, but wrong (CUDA's bug: weight matrix 0 for every batch) or raising `error` where told."""
+
+    def __init__(self, wrong: Fault = NEVER, unsupported: Fault = NEVER, error: str = NO_IMPLEMENTATION,
                  sdpa_mask_off: bool = False, gather_fails: bool = False):
-        self.wrong, self.unsupported = wrong, unsupported
+        self.wrong, self.unsupported, self.error = wrong, unsupported, error
         self.sdpa_mask_off, self.gather_fails = sdpa_mask_off, gather_fails
 
     def quantized_matmul(self, x, w, scales, biases=None, **params):
-        problem = (broadcast(x, w), x.shape[-2], w.shape[-2])
-        if self.unsupported(*problem):
-            raise RuntimeError(f"{NO_IMPLEMENTATION}: {x.shape[-2]}x{w.shape[-2]}")
-        if self.wrong(*problem):
+        call = problem(x, w, params)
+        if self.unsupported(call):
+            raise RuntimeError(f"{self.error}: {x.shape[-2]}x{w.shape[-2]}")
+        if self.wrong(call):
             first = tuple(slice(0, 1) for _ in w.shape[:-2])
             w, scales, biases = (None if a is None else a[first] for a in (w, scales, biases))
         return super().quantized_matmul(x, w, scales, biases, **params)
@@ -58,16 +84,16 @@ def expected_statuses(grid: doctor.Grid, wrong: Fault, unsupported: Fault) -> di
     """What each way must measure, from the faults and the kernel call each way makes: as shipped calls with
     broadcast weights, fold with dense weights and N_REP * M rows of x, copy with dense weights, dequantize
     with no quantized kernel at all."""
-    calls = {ORIGINAL: lambda m, rows: (True, m, rows), "fold": lambda m, rows: (False, doctor.N_REP * m, rows),
-             "copy": lambda m, rows: (False, m, rows)}
+    calls = {ORIGINAL: lambda p: Problem(True, p.m, p.rows, p.d, False),
+             "fold": lambda p: Problem(False, doctor.N_REP * p.m, p.rows, p.d, True),
+             "copy": lambda p: Problem(False, p.m, p.rows, p.d, False)}
     flags: dict[QmmBucket, dict[str, set]] = {}
     for probe in grid.qmm_probes():
         ways = flags.setdefault(probe.bucket, {name: set() for name in (ORIGINAL, *policy.QMM_REWRITES)})
         for name, call in calls.items():
-            problem = call(probe.m, probe.rows)
-            if unsupported(*problem):
+            if unsupported(call(probe)):
                 ways[name].add("unsupported")
-            elif wrong(*problem):
+            elif wrong(call(probe)):
                 ways[name].add("wrong")
     return {bucket: {name: ", ".join(s for s in ("wrong", "unsupported") if s in found) or "ok"
                      for name, found in ways.items()} for bucket, ways in flags.items()}
@@ -79,9 +105,9 @@ def measured_statuses(profile: Profile) -> dict[QmmBucket, dict[str, str]]:
 
 # A Metal-like fault (vector kernel for M < 4 wrong from M = 2) and a CUDA-like one (wrong for every M;
 # kernels without broadcast raise for rows not a multiple of 8)
-METAL_WRONG: Fault = lambda bcast, m, rows: bcast and 2 <= m < 4
-CUDA_WRONG: Fault = lambda bcast, m, rows: bcast
-UNALIGNED_UNSUPPORTED: Fault = lambda bcast, m, rows: not bcast and rows % 8 != 0
+METAL_WRONG: Fault = lambda p: p.broadcast and 2 <= p.m < 4
+CUDA_WRONG: Fault = lambda p: p.broadcast
+UNALIGNED_UNSUPPORTED: Fault = lambda p: not p.broadcast and p.rows % 8 != 0
 
 
 @pytest.fixture(autouse=True)
@@ -99,8 +125,9 @@ def profile_file(tmp_path, monkeypatch):
     return path
 
 
-def measure(wrong: Fault = lambda *_: False, unsupported: Fault = lambda *_: False, **options) -> Profile:
-    return doctor.run(grid=GRID, kernels=FakeKernels(wrong, unsupported), progress=False, **options)
+def measure(wrong: Fault = NEVER, unsupported: Fault = NEVER, error: str = NO_IMPLEMENTATION,
+            grid: doctor.Grid = GRID, **options) -> Profile:
+    return doctor.run(grid=grid, kernels=FakeKernels(wrong, unsupported, error), progress=False, **options)
 
 
 _PROFILES: dict = {}
@@ -116,8 +143,8 @@ def cached_measure(name: str, wrong: Fault, unsupported: Fault) -> Profile:
 # ---- the doctor finds exactly the injected faults --------------------------------------------------------
 
 @pytest.mark.parametrize("name,wrong,unsupported", [
-    ("healthy", lambda *_: False, lambda *_: False),
-    ("metal", METAL_WRONG, lambda *_: False),
+    ("healthy", NEVER, NEVER),
+    ("metal", METAL_WRONG, NEVER),
     ("cuda", CUDA_WRONG, UNALIGNED_UNSUPPORTED),
 ])
 def test_verdicts_are_exactly_the_injected_faults(name, wrong, unsupported):
@@ -137,7 +164,7 @@ def test_verdicts_are_exactly_the_injected_faults(name, wrong, unsupported):
 
 
 def test_sdpa_and_gather_qmm_are_reported():
-    healthy = cached_measure("healthy", lambda *_: False, lambda *_: False)
+    healthy = cached_measure("healthy", NEVER, NEVER)
     (sdpa,) = healthy.notes["sdpa"]
     assert sdpa["status"] == "equal" and sdpa["max_diff"] < 1e-5 and sdpa["mask_over_none"] > 0
     assert [g["status"] for g in healthy.notes["gather_qmm"]] == ["ok"]
@@ -149,24 +176,79 @@ def test_sdpa_and_gather_qmm_are_reported():
     assert "No implementation" in faulty.notes["gather_qmm"][0]["error"]
 
 
-def test_time_budget_leaves_buckets_unmeasured():
+def test_no_budget_records_every_bucket_as_not_measured():
     profile = doctor.run(grid=GRID, kernels=FakeKernels(), progress=False, save=False, budget_s=0)
-    assert profile.qmm == {}
-    assert profile.notes["skipped_buckets"] == len({p.bucket for p in GRID.qmm_probes()})
+    assert set(profile.qmm) == {p.bucket for p in GRID.qmm_probes()}
+    assert {m.status for v in profile.qmm.values() for m in v.ways.values()} == {NOT_MEASURED}
+    assert profile.notes["unmeasured_buckets"] == len(profile.qmm) and "time budget" in profile.notes["stopped"]
+    assert [r["status"] for r in profile.notes["sdpa"] + profile.notes["gather_qmm"]] == [NOT_MEASURED] * 2
+    fn, args, _ = gqa_call(m=2, rows=256)
+    assert decide(fn, args, with_profile(profile)).rewrite == "fold"  # the source policy
 
 
-def test_probes_cover_each_bucket_at_both_ends():
+class Clock:
+    """A fake clock for the time budget: it moves only when a fake kernel says so."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class SlowKernels(FakeKernels):
+    """Every quantized_matmul takes a second of a fake clock; optionally, the process dies at `dies_at`."""
+
+    def __init__(self, clock: Clock, dies_at: float = float("inf")):
+        super().__init__()
+        self.clock, self.dies_at = clock, dies_at
+
+    def quantized_matmul(self, x, w, scales, biases=None, **params):
+        self.clock.now += 1
+        if self.clock.now >= self.dies_at:
+            raise SystemExit("killed")  # not an Exception: nothing in the doctor catches it
+        return super().quantized_matmul(x, w, scales, biases, **params)
+
+
+def test_time_budget_measures_the_most_important_buckets_first_and_marks_the_rest():
+    clock = Clock()
+    profile = doctor.run(grid=GRID, kernels=SlowKernels(clock), progress=False, save=False, budget_s=40,
+                         clock=clock)
+    by_priority = list(dict.fromkeys(p.bucket for p in GRID.qmm_probes()))
+    complete = [profile.qmm[b].complete for b in by_priority]
+    assert complete == sorted(complete, reverse=True), complete  # a prefix, in priority order
+    assert all(profile.qmm[b].complete for b in by_priority if b.m == "1")  # decoding first
+    assert any(all(m.status == NOT_MEASURED for m in profile.qmm[b].ways.values()) for b in by_priority)
+    assert "time budget (40 s) spent" in profile.notes["stopped"] and profile.notes["unmeasured_buckets"] > 0
+    last = GRID.qmm_probes()[-1]
+    assert profile.qmm[last.bucket].ways["fold"].status == NOT_MEASURED
+    route = policy.qmm_route(with_profile(profile), last.dtype, last.x_shape, last.w_shape, last.params)
+    assert route.ways == ("fold", "copy") and "not measured by `mlxrewrite doctor`" in route.why
+    assert "Not measured (the time budget ran out first)" in doctor.render(profile)
+
+
+def test_probes_cover_each_bucket_at_both_ends_in_priority_order():
     probes = doctor.grid_for(Backend("cuda")).qmm_probes()
     by_bucket: dict = {}
     for probe in probes:
-        by_bucket.setdefault(probe.bucket, set()).add((probe.m, probe.sliced))
-    assert len(by_bucket) == 2 * 2 * 2 * len(policy.M_BUCKETS) * len(policy.ROW_CLASSES) * len(policy.ALIGNMENTS)
+        by_bucket.setdefault(probe.bucket, set()).add(probe.m)
+    heads = (128, 64, 256)
+    assert {b.d for b in by_bucket} == set(heads)
+    assert len(by_bucket) == (2 * 2 * len(heads) * 2 * len(policy.M_BUCKETS) * len(policy.ROW_CLASSES)
+                              * len(policy.ALIGNMENTS))
     for bucket, seen in by_bucket.items():
         low, high = policy.M_BUCKETS[policy.M_LABELS.index(bucket.m)]
-        ends = {low, high or doctor.LARGE_M}
-        assert seen == {(m, sliced) for m in ends for sliced in (False, True)}, bucket
+        assert seen == {low, high or doctor.LARGE_M}, bucket
     rows = doctor.probe_rows(len(policy.ROW_CLASSES))
     assert rows == (2048, 2040, 2047, 4096, 4088, 4095, 16384, 16376, 16383)
+    # what a decode loop crosses first: M = 1 at short KV lengths, both dtypes, both bits, d 128 and 64, both
+    # transposes, every alignment; head dim 256 last; prefill M after decode and speculative M
+    first = {(p.dtype, p.bits, p.d, p.transpose, p.rows) for p in probes[:48]}
+    assert {p.m for p in probes[:48]} == {1} and {p.bucket.rows for p in probes[:48]} == {"<=2048"}
+    assert len(first) == 48 and {d for *_, d, _t, _r in first} == {128, 64}
+    assert [p.d for p in probes].index(256) == sum(p.d != 256 for p in probes)
+    decode = [i for i, p in enumerate(probes) if p.d != 256 and p.m <= doctor.DECODE_M]
+    assert max(decode) < min(i for i, p in enumerate(probes) if p.d != 256 and p.m > doctor.DECODE_M)
 
 
 # ---- the rules consult the profile -----------------------------------------------------------------------
@@ -236,7 +318,7 @@ def test_measured_fault_overrides_source_facts_that_call_the_kernel_right():
     fn, args, _ = gqa_call(m=5, rows=256, transpose=False)
     metal = dict(kind="metal", arch="applegpu_g13s")
     assert decide(fn, args, dataclasses.replace(policy.device_backend(), **metal)) is None  # no profile
-    right = cached_measure("metal", METAL_WRONG, lambda *_: False)
+    right = cached_measure("metal", METAL_WRONG, NEVER)
     assert decide(fn, args, with_profile(right, **metal)) is None
     wrong = cached_measure("cuda", CUDA_WRONG, UNALIGNED_UNSUPPORTED)
     decision = decide(fn, args, with_profile(wrong, **metal))
@@ -247,7 +329,7 @@ def test_measured_fault_overrides_source_facts_that_call_the_kernel_right():
 def test_measured_right_never_relaxes_a_source_hazard():
     """On CPU (and CUDA) the source policy rewrites every broadcast call; a profile measuring the call right
     only changes which correct rewrite runs, never leaves the call alone."""
-    healthy = cached_measure("healthy", lambda *_: False, lambda *_: False)
+    healthy = cached_measure("healthy", NEVER, NEVER)
     for m in (1, 2, 5):
         fn, args, _ = gqa_call(m=m, rows=256)
         fastest = healthy.qmm[bucket_of(args, True)].ranked[0]
@@ -256,7 +338,7 @@ def test_measured_right_never_relaxes_a_source_hazard():
 
 
 def test_unmeasured_bucket_keeps_the_source_policy():
-    healthy = cached_measure("healthy", lambda *_: False, lambda *_: False)
+    healthy = cached_measure("healthy", NEVER, NEVER)
     fn, args, _ = gqa_call(m=2, rows=4100)  # rows class >4096: not in the test grid
     assert decide(fn, args, with_profile(healthy)).rewrite == "fold"
 
@@ -273,6 +355,92 @@ def test_ranking_is_by_time_among_correct_rewrites():
     assert route.ways == ("copy", "fold", "dequantize")
     assert route.choose(foldable=True) == "copy" and route.choose(foldable=False) == "copy"
     assert policy.QmmRoute(("fold", "dequantize"), "").choose(foldable=False) == "dequantize"
+
+
+def test_jit_error_at_one_head_dim_steers_that_head_dim_away_from_fold():
+    """The H100's failure: folded calls with d=64 hit a JIT compile error, d=128 compiles. The profile records
+    it per head dim; d=64 calls get copy, measured or not (its kernel family failed), d=128 calls still fold."""
+    grid = dataclasses.replace(GRID, d=(64, 128), m_buckets=2)
+    profile = measure(unsupported=lambda p: p.folded and p.d == 64, error=JIT_ERROR, grid=grid, save=False)
+    assert {b.d for b in profile.qmm} == {64, 128}
+    for bucket, verdict in profile.qmm.items():
+        fold = verdict.ways["fold"]
+        assert verdict.complete and (fold.ok if bucket.d == 128 else fold.status == "unsupported"), bucket
+        assert bucket.d == 128 or fold.error.startswith(JIT_ERROR)
+    assert f"] {JIT_ERROR}" in doctor.render(profile)
+    backend = with_profile(profile)
+    for m, rows, measured in ((1, 256, True), (2, 255, True), (5, 4100, False)):  # M 4-7, rows >4096: not probed
+        fn, args, ref = gqa_call(m, rows, d=64)
+        assert (bucket_of(args, True) in profile.qmm) is measured
+        decision = decide(fn, args, backend)
+        assert decision.rewrite == "copy" if not measured else decision.rewrite in ("copy", "dequantize")
+        assert mx.allclose(qmb.RULE.apply(as_call(args, True), decision), ref, atol=1e-4).item()
+        fn, args, _ = gqa_call(m, rows, d=128)
+        route = policy.qmm_route(backend, "float32", args[0].shape, args[1].shape, {"transpose": True, **PARAMS})
+        assert route.ways[0] == "fold" if not measured else "fold" in route.ways
+    fn, args, _ = gqa_call(5, 4100, d=64)
+    assert "fold failed in measured buckets of its kernel family" in decide(fn, args, backend).reason
+
+
+def test_lost_gpu_context_stops_the_run_and_keeps_what_was_measured():
+    """In process, CUDA's sticky "illegal memory access" in the call as shipped (M=2) ends the run: every later
+    call would fail too, and must not be recorded as unsupported. What ran before stays measured."""
+    profile = measure(unsupported=lambda p: p.broadcast and p.m == 2, error=LOST_CONTEXT, save=False)
+    crashed = [b for b, v in profile.qmm.items() if v.ways[ORIGINAL].status == "crashed"]
+    assert len(crashed) == 1 and "illegal memory access" in profile.qmm[crashed[0]].ways[ORIGINAL].error
+    assert "illegal memory access" in profile.notes["stopped"]
+    assert all(v.complete for v in profile.qmm.values())  # the rewrites ran first, as the routes need them
+    assert profile.notes["gather_qmm"][0]["status"] == NOT_MEASURED
+    assert "**CRASHED**" in doctor.render(profile)
+
+
+class CrashingKernels(doctor.Kernels):
+    """The call as shipped kills its process for M = 2, as the abort after CUDA's illegal memory access does."""
+
+    def quantized_matmul(self, x, w, scales, biases=None, **params):
+        if broadcast(x, w) and x.shape[-2] == 2:
+            os._exit(3)
+        return super().quantized_matmul(x, w, scales, biases, **params)
+
+
+class HangingKernels(doctor.Kernels):
+    """The call as shipped never returns for M = 3, as a runaway JIT compile or a hung kernel."""
+
+    def quantized_matmul(self, x, w, scales, biases=None, **params):
+        if broadcast(x, w) and x.shape[-2] == 3:
+            time.sleep(600)
+        return super().quantized_matmul(x, w, scales, biases, **params)
+
+
+def test_child_process_crash_costs_only_the_way_that_crashed():
+    profile = doctor.run(grid=GRID, kernels=CrashingKernels(), isolate=True, save=False, progress=False)
+    assert profile.notes["isolated"] and profile.notes["stopped"] is None
+    for bucket, verdict in profile.qmm.items():
+        shipped = verdict.ways[ORIGINAL]
+        assert verdict.complete and all(verdict.ways[name].ok for name in policy.QMM_REWRITES)
+        if bucket.m == "2-3":
+            assert shipped.status == "crashed" and "exit code 3" in shipped.error
+        else:
+            assert shipped.ok  # measured in the processes started after each crash
+    assert [r["status"] for r in profile.notes["gather_qmm"]] == ["ok"]
+
+
+def test_child_process_is_killed_at_the_deadline():
+    profile = doctor.run(grid=GRID, kernels=HangingKernels(), isolate=True, save=False, progress=False, budget_s=4)
+    hung = QmmBucket.of("float32", (1, 2, 4, 3, 64), (1, 2, 1, 256, 8), {"transpose": True, **PARAMS})
+    assert profile.qmm[hung].ways[ORIGINAL].status == NOT_MEASURED
+    assert profile.notes["gather_qmm"][0]["status"] == NOT_MEASURED and "time budget" in profile.notes["stopped"]
+
+
+def test_profile_is_written_while_measuring(profile_file):
+    """A process that dies mid-run leaves the profile of what it had measured, marked partial."""
+    clock = Clock()
+    with pytest.raises(SystemExit):
+        doctor.run(grid=GRID, kernels=SlowKernels(clock, dies_at=40), progress=False, clock=clock)
+    partial = Backend.current().profile
+    assert partial is not None and partial.notes["finished"] is False
+    assert 0 < partial.notes["complete_buckets"] < len(partial.qmm)
+    assert "This profile is partial" in doctor.render(partial)
 
 
 # ---- eager mode: equal site keys, equal decisions ----------------------------------------------------------
@@ -296,7 +464,7 @@ def test_site_keys_hold_every_fact_the_decision_depends_on():
 # ---- profile files -------------------------------------------------------------------------------------------
 
 def test_profile_round_trips_and_hashes_by_content():
-    profile = cached_measure("metal", METAL_WRONG, lambda *_: False)
+    profile = cached_measure("metal", METAL_WRONG, NEVER)
     again = Profile.from_dict(json.loads(json.dumps(profile.to_dict())))
     assert again == profile and hash(again) == hash(profile) and again is not profile
     assert measured_statuses(again) == measured_statuses(profile)
@@ -316,6 +484,14 @@ def test_cache_location_is_per_device_and_mlx_version(tmp_path, monkeypatch):
     assert Backend.current().profile is None
     monkeypatch.setenv("MLXREWRITE_PROFILE", str(written))  # forced onto it: refused, with a warning
     with pytest.warns(ProfileWarning, match="MLX 99.0.0"):
+        assert Backend.current().profile is None
+
+
+def test_profile_of_an_older_format_is_ignored(profile_file):
+    """Schema 1 (before "not measured" existed) read an unmeasured bucket's absence as the whole story."""
+    old = {**cached_measure("healthy", NEVER, NEVER).to_dict(), "schema": 1}
+    profile_file.write_text(json.dumps(old))
+    with pytest.warns(ProfileWarning, match="profile schema 1"):
         assert Backend.current().profile is None
 
 
@@ -339,8 +515,9 @@ def test_module_is_callable_and_shows_progress(profile_file, capsys):
     profile = mlxrewrite.doctor(grid=GRID, kernels=FakeKernels(), save=False)
     assert isinstance(profile, Profile) and not profile_file.exists()
     err = capsys.readouterr().err
-    total = len(GRID.qmm_probes()) + len(GRID.sdpa) + len(GRID.gather_m)
+    total = len(doctor.plan(GRID, policy.device_backend()))
     assert "doctor [" in err and f"{total}/{total}" in err
+    assert f"doctor: {total}/{total} tasks" in err
 
 
 def test_cli_measures_shows_and_writes_json(profile_file, tmp_path, capsys):
@@ -355,3 +532,6 @@ def test_cli_measures_shows_and_writes_json(profile_file, tmp_path, capsys):
     assert cli.main(["doctor", "--show"]) == 0
     table = capsys.readouterr().out
     assert "| float32 | 4/64 | True | 2-3 | 64 |" in table and "**WRONG**" in table and "**UNSUPPORTED**" in table
+    assert f"[1] {NO_IMPLEMENTATION}" in table  # each error once, under the tables
+    assert cli.main(["doctor", "--budget", "0", "--no-cache"]) == 0
+    assert "Not measured (the time budget ran out first)" in capsys.readouterr().out

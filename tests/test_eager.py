@@ -32,13 +32,14 @@ def test_rewritten_calls_have_no_broadcast_weights():
     seen = []
     fn = mlxrewrite.eager(gqa.attention)
     fn(*gqa.example_inputs(128, 2))  # the first call also traces each call site alone (as written)
-    original = mx.quantized_matmul.__wrapped__
+    from mlxrewrite import intercept  # the dispatcher runs the originals; spy on what reaches MLX
+
+    original = intercept.original("quantized_matmul")
 
     def spy(*args, **kwargs):
         seen.append(tuple(a.shape for a in args[:2]))
         return original(*args, **kwargs)
 
-    from mlxrewrite import intercept  # the dispatcher stays in place; spy on what reaches MLX
     intercept._ORIGINALS["quantized_matmul"] = spy
     try:
         fn(*gqa.example_inputs(128, 2))
@@ -97,3 +98,47 @@ def test_a_call_that_cannot_be_analysed_runs_as_written():
         warnings.simplefilter("error")
         fn(q)  # remembered: no second analysis, no second warning
     assert "not analysed, runs as written: boom" in fn.rewriter.explain()
+
+
+def test_calls_no_rule_needs_pass_straight_through():
+    """Rule.needs gates calls before they are bound: a linear layer's quantized_matmul (2-D weights) and an
+    unmasked SDPA never reach a rule; the GQA call (5-D weights) does."""
+    keyed = []
+
+    def site_key(call, backend):
+        keyed.append(call.operands["w"].ndim)
+        return None
+
+    spy = Rule("spy", "quantized_matmul", "warning", "test", lambda *a: None, {}, site_key=site_key,
+               needs={"x": 3, "w": 3})
+    gqa_args = gqa.example_inputs(128, 2)
+    linear = mx.quantize(mx.random.normal((64, 256)), group_size=64, bits=4)
+    q = mx.random.normal((1, 2, 1, 8))
+
+    def model(*args):
+        h = mx.quantized_matmul(gqa_args[0].reshape(-1, 256), *linear, transpose=True, group_size=64, bits=4)
+        return gqa.attention(*args), h, mx.fast.scaled_dot_product_attention(q, q, q, scale=1.0)
+
+    fn = mlxrewrite.eager(model, rules=[spy], disable=("quantized-matmul-broadcast-weights",))
+    fn(*gqa_args)
+    assert keyed == [5, 5]  # the two GQA calls (scores, values); not the linear layer's
+    assert fn.rewriter.traces == 0 and fn.rewriter.calls == {}
+
+
+@pytest.mark.parametrize("name", ["quantized-matmul-broadcast-weights", "sdpa-noop-mask"])
+def test_builtin_rule_keys_are_none_wherever_their_needs_fail(name):
+    """`needs` may only skip calls the rule's site_key would decline anyway."""
+    from mlxrewrite import intercept
+    from mlxrewrite.policy import Backend
+
+    rule = next(r for r in mlxrewrite.rule.default_rules() if r.name == name)
+    spec, gate = intercept.APIS[rule.api], intercept.Gate({rule.api: [rule.needs]})
+    x3, x2 = mx.zeros((2, 4, 64)), mx.zeros((4, 64))
+    w3, w2 = (mx.quantize(mx.zeros(s), group_size=64, bits=4) for s in ((2, 8, 64), (8, 64)))
+    q = mx.zeros((1, 2, 3, 8))
+    calls = {"quantized_matmul": [((x3, *w2), {}), ((x2, *w3), {}), ((x2, *w2), {})],
+             "scaled_dot_product_attention": [((q, q, q), {"scale": 1.0}),
+                                              ((q, q, q), {"scale": 1.0, "mask": "causal"})]}[rule.api]
+    for args, kwargs in calls:
+        assert not gate.admits(spec, args, kwargs)
+        assert rule.key(intercept.Call.intercepted(spec, args, kwargs, None), Backend.current()) is None

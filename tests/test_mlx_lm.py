@@ -262,3 +262,61 @@ def test_uncovered_attention_is_reported():
     with pytest.warns(mrl.CoverageWarning, match="1 of 1 attention layers made no call"):
         model(mx.ones((1, 3)), cache=[KVCache()])
     assert "not covered: 1 of 1 attention layers" in mrl.explain(model)
+
+
+def test_coverage_is_checked_once_per_route():
+    """Observing every call costs time on every token: coverage is checked on the first pass of each route
+    (cache types, one token or several), and again when the route changes (the cache is quantized)."""
+    model = mrl.wrap(tiny("llama"))
+    cache = make_prompt_cache(model)
+    prompt = mx.array([[1, 2, 3, 4, 5]])
+    model(prompt, cache=cache)
+    for token in range(6):
+        model(mx.array([[token + 1]]), cache=cache)
+    assert mrl.state(model).routes_checked == {(tuple(map(type, cache)), False), (tuple(map(type, cache)), True)}
+    cache = [c.to_quantized(group_size=64, bits=8) for c in cache]
+    model(mx.array([[7]]), cache=cache)
+    assert len(mrl.state(model).routes_checked) == 3
+    assert "8 forward pass(es); coverage checked on 3 route(s)" in mrl.explain(model)
+    assert mrl.state(model).coverage == []
+
+
+def test_only_the_models_own_code_is_intercepted():
+    """MLX is not patched while a wrapped model runs: a 4-bit model's linear layers (mlx.nn) call MLX
+    directly; mlx-lm's attention (models/base.py) goes through the dispatchers. Unwrap restores it."""
+    import mlx.core
+    import mlx_lm.models.base as base
+    import mlx_lm.models.llama as llama
+
+    from mlxrewrite import Rule, intercept
+
+    seen = []
+    spy = Rule("spy", "quantized_matmul", "warning", "test", lambda *a: None, {},
+               site_key=lambda call, backend: seen.append(call.operands["w"].ndim))
+    model = tiny("llama")
+    nn.quantize(model, group_size=64, bits=4)
+    other = tiny("llama", seed=2)
+    mrl.wrap(model, rules=[spy])
+    mrl.wrap(other)
+    assert base.mx is llama.mx is intercept.instrumented_mlx()
+    cache = quantized_cache(model)
+    model(tokens(5), cache=cache)
+    assert mlx.core.quantized_matmul is intercept.original("quantized_matmul")
+    assert set(seen) == {5} and len(seen) == 2 * len(cache)  # scores and values per layer; no linear layer
+    mrl.unwrap(model)
+    assert base.mx is intercept.instrumented_mlx()  # `other` still uses it
+    mrl.unwrap(other)
+    assert base.mx is llama.mx is mlx.core
+
+
+def test_a_wrapped_model_that_is_dropped_releases_its_modules():
+    import gc
+
+    import mlx.core
+    import mlx_lm.models.base as base
+
+    model = mrl.wrap(tiny("llama"))
+    assert base.mx is not mlx.core
+    del model
+    gc.collect()
+    assert base.mx is mlx.core

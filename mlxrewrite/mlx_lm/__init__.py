@@ -11,21 +11,31 @@ depends on, so a 256-token decode traces each distinct call once. mlx-lm's quant
 (`models/base.py`, expand_dims + broadcast quantized_matmul) is folded; masks of the batched cache are
 runtime values and are dropped only with `check_masks=True` (one value check per mask per forward pass).
 
-Coverage is checked, not assumed: on every forward pass with a cache, each attention layer must make at
-least one intercepted attention call. Layers whose attention bypasses both APIs are reported
-(`CoverageWarning`, and in `explain`), never skipped silently.
+Coverage is checked, not assumed: on the first forward pass of each route (the cache types, and one
+token or several), each attention layer must make at least one intercepted attention call. Layers whose
+attention bypasses both APIs are reported (`CoverageWarning`, and in `explain`), never skipped silently.
+
+Cost where no rule fires: MLX itself is not patched. The model's own code modules (those of its layer
+classes, and `mlx_lm.models.base`, where mlx-lm's attention functions live) see `mx` as
+`intercept.instrumented_mlx()` while a model using them is wrapped; `mlx.nn`'s layers (the quantized
+linear layers' `quantized_matmul` calls) do not. Of the calls that do reach a dispatcher, those no rule
+can rewrite (SDPA without a mask) are passed straight through by the rules' gate.
 """
 
 from __future__ import annotations
 
+import sys
 import threading
+import types
 import warnings
+import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
 import mlx.nn as nn
 from mlx_lm.models.cache import ArraysCache
 
+from .. import intercept
 from ..eager import EagerRewriter
 from ..intercept import Call
 from ..rule import Rule
@@ -43,8 +53,11 @@ class CoverageWarning(UserWarning):
 class WrapState:
     rewriter: EagerRewriter
     original_class: type
+    code_modules: list[types.ModuleType]
+    release: weakref.finalize  # lets the modules go when the model is unwrapped or garbage collected
     forward_passes: int = 0
     coverage: list[str] = field(default_factory=list)
+    routes_checked: set[tuple] = field(default_factory=set)
 
 
 def wrap(model: nn.Module, *, rules: list[Rule] | None = None, disable: tuple[str, ...] = (),
@@ -62,7 +75,11 @@ def wrap(model: nn.Module, *, rules: list[Rule] | None = None, disable: tuple[st
         if is_wrapped(model):
             return model
         rewriter = EagerRewriter(rules, tuple(disable), check_values=check_masks)
-        object.__setattr__(model, _ATTR, WrapState(rewriter, type(model)))
+        modules = _code_modules(model)
+        for module in modules:
+            intercept.instrument(module)
+        release = weakref.finalize(model, _release, modules)
+        object.__setattr__(model, _ATTR, WrapState(rewriter, type(model), modules, release))
         model.__class__ = _wrapped_class(type(model))
     return model
 
@@ -73,6 +90,7 @@ def unwrap(model: nn.Module) -> nn.Module:
         state = model.__dict__.pop(_ATTR, None)
         if state is not None:
             model.__class__ = state.original_class
+            state.release()
     return model
 
 
@@ -90,9 +108,22 @@ def explain(model: nn.Module) -> str:
     """The rewriter's account (each call trace and why, each decision, call counts) plus coverage."""
     wrap_state = state(model)
     lines = [f"mlxrewrite.mlx_lm: {wrap_state.original_class.__module__}.{wrap_state.original_class.__name__}, "
-             f"{wrap_state.forward_passes} forward pass(es)", wrap_state.rewriter.explain()]
+             f"{wrap_state.forward_passes} forward pass(es); coverage checked on {len(wrap_state.routes_checked)} "
+             "route(s) (cache types x one token or several)", wrap_state.rewriter.explain()]
     lines += [f"  not covered: {note}" for note in wrap_state.coverage]
     return "\n".join(lines)
+
+
+def _code_modules(model: nn.Module) -> list[types.ModuleType]:
+    """The modules whose code computes the model's attention: those defining its layer classes (mlx-lm's
+    model files, or the user's own), except MLX's own (`mlx.nn`), and mlx-lm's `models.base`."""
+    names = {type(layer).__module__ for layer in model.modules()} | {"mlx_lm.models.base"}
+    return [sys.modules[name] for name in sorted(names) if name in sys.modules and name.split(".")[0] != "mlx"]
+
+
+def _release(modules: list[types.ModuleType]) -> None:
+    for module in modules:
+        intercept.release(module)
 
 
 def _wrapped_class(cls: type) -> type:
@@ -106,12 +137,22 @@ def _wrapped_class(cls: type) -> type:
 def _call(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
     wrap_state: WrapState = self.__dict__[_ATTR]
     cache = kwargs.get("cache", args[1] if len(args) > 1 else None)
-    seen = AttentionCalls()
-    with wrap_state.rewriter.forward(observer=seen):
-        out = wrap_state.original_class.__call__(self, *args, **kwargs)
+    route = _route(args[0] if args else kwargs.get("inputs"), cache)
+    seen = AttentionCalls() if route is not None and route not in wrap_state.routes_checked else None
+    out = wrap_state.rewriter.run(wrap_state.original_class.__call__, (self, *args), kwargs, seen, patch_mlx=False)
     wrap_state.forward_passes += 1
-    _check_coverage(wrap_state, cache, seen)
+    if seen is not None:
+        wrap_state.routes_checked.add(route)
+        _check_coverage(wrap_state, cache, seen)
     return out
+
+
+def _route(inputs: Any, cache: Any) -> tuple | None:
+    """What decides how attention is computed: the cache types, and whether one token or several (a
+    prompt or a speculative verification) runs. None without a cache list (nothing to check against)."""
+    if not isinstance(cache, (list, tuple)):
+        return None
+    return tuple(map(type, cache)), getattr(inputs, "shape", (0, 0))[-1] == 1
 
 
 class AttentionCalls:
@@ -127,9 +168,7 @@ class AttentionCalls:
             self.count += 1
 
 
-def _check_coverage(wrap_state: WrapState, cache: Any, seen: AttentionCalls) -> None:
-    if not isinstance(cache, (list, tuple)):
-        return
+def _check_coverage(wrap_state: WrapState, cache: list | tuple, seen: AttentionCalls) -> None:
     layers = sum(1 for c in cache if _is_attention_cache(c))
     if seen.count >= layers:
         return
