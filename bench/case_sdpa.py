@@ -102,19 +102,41 @@ def noise_floor(rows: list[dict]) -> float | None:
 
 
 def goals(rows: list[dict]) -> list[Goal]:
+    return [time_goal(rows), output_goal(rows)]
+
+
+def time_goal(rows: list[dict]) -> Goal:
     ratios = [r["rewritten/none"] for r in rows if r["rewritten/none"] is not None]
     off = [x for x in ratios if abs(x - 1) > EQUAL_TOL]
-    floor = noise_floor(rows)
+    return Goal(f"rewritten time equal to mask=None (|rewritten/none - 1| <= {EQUAL_TOL}; noise floor of this run "
+                f"{fmt(noise_floor(rows), '.1%')}: A/A control, a second compile of mask=None)", not off,
+                f"{len(ratios) - len(off)}/{len(ratios)} rows, range {min(ratios):.3f}-{max(ratios):.3f}")
+
+
+def control_spread(rows: list[dict]) -> dict[int, float]:
+    """Per L: the largest difference between two compiles of mask=None (A/A, first or steady-state calls).
+
+    Nonzero means the backend's kernel is not bitwise reproducible there: on an H100 the L=1 decode kernel
+    differed from itself by up to 1.2e-4 (fp16) from one compiled object to the next.
+    """
+    spread: dict[int, float] = {}
+    for r in rows:
+        spread[r["L"]] = max(spread.get(r["L"], 0.0), r["max_diff_none_again"], r["max_diff_first_call_none_again"])
+    return spread
+
+
+def output_goal(rows: list[dict]) -> Goal:
+    """Bitwise equal to mask=None, or, where the A/A control shows the kernel itself is not reproducible (that
+    L), within the control's own spread."""
+    spread = control_spread(rows)
     dropped = sum(r["rewrite_chosen"] == "drop_mask" for r in rows)
     exact = sum(r["max_diff_vs_none"] == 0 for r in rows)
-    first = sum(r["max_diff_first_call_vs_none"] == 0 for r in rows)
-    first_control = sum(r["max_diff_first_call_none_again"] == 0 for r in rows)
-    return [Goal(f"rewritten time equal to mask=None (|rewritten/none - 1| <= {EQUAL_TOL}; noise floor of this run "
-                 f"{fmt(floor, '.1%')}: A/A control, a second compile of mask=None)", not off,
-                 f"{len(ratios) - len(off)}/{len(ratios)} rows, range {min(ratios):.3f}-{max(ratios):.3f}"),
-            Goal("mask dropped, output bitwise equal to mask=None (steady-state calls)", dropped == exact == len(rows),
-                 f"dropped in {dropped}/{len(rows)}, bitwise equal in {exact}/{len(rows)}; first calls: "
-                 f"{first}/{len(rows)}, the A/A control's {first_control}/{len(rows)}")]
+    within = sum(0 < r["max_diff_vs_none"] <= spread[r["L"]] for r in rows)
+    noisy = ", ".join(f"L={l}: {v:.1e}" for l, v in sorted(spread.items()) if v)
+    return Goal("mask dropped, output equal to mask=None (bitwise; or within the A/A control's own differences "
+                "where the kernel is not reproducible)", dropped == exact + within == len(rows),
+                f"dropped in {dropped}/{len(rows)}, bitwise equal in {exact}/{len(rows)}"
+                + (f", within the A/A spread in {within} (spread {noisy})" if noisy else ""))
 
 
 def notes(rows: list[dict]) -> list[str]:

@@ -16,7 +16,7 @@ from typing import Any
 import mlx.core as mx
 import optree
 
-from .graph import Shape, dtype_name
+from .graph import dtype_name
 
 
 class SignatureError(TypeError):
