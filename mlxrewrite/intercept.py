@@ -146,7 +146,6 @@ class Gate:
         unknown = set(requirements) - set(APIS)
         if unknown:
             raise ValueError(f"Gate names unknown APIs {sorted(unknown)}; known: {sorted(APIS)}")
-        self.requirements = {api: [dict(needs) for needs in needs_list] for api, needs_list in requirements.items()}
         self._checks = {api: tuple(tuple((_position(APIS[api], name), name, dims) for name, dims in needs.items())
                                    for needs in needs_list) for api, needs_list in requirements.items()}
 
@@ -226,10 +225,15 @@ class _MlxPatch:
 _PATCH = _MlxPatch()
 
 
-@functools.cache
 def instrumented_mlx() -> types.ModuleType:
     """`mlx.core` with the intercepted APIs replaced by their dispatchers, for a code module to use as its
     `mx` (a copy of the namespace, and of each submodule an API lives in, such as `mx.fast`)."""
+    return _instrumented_copies()[id(mx)]
+
+
+@functools.cache
+def _instrumented_copies() -> dict[int, types.ModuleType]:
+    """id of `mlx.core` and of each submodule holding an API -> its instrumented copy."""
     copies: dict[int, types.ModuleType] = {}
     for module in [mx] + [spec.module for spec in APIS.values()]:
         if id(module) not in copies:
@@ -241,7 +245,7 @@ def instrumented_mlx() -> types.ModuleType:
             setattr(core, copy.__name__.rsplit(".", 1)[-1], copy)
     for name, spec in APIS.items():
         setattr(copies[id(spec.module)], spec.attr, _DISPATCHERS[name])
-    return core
+    return copies
 
 
 def bind(spec: ApiSpec, args: tuple, kwargs: dict) -> tuple[dict[str, mx.array | None], dict[str, Any]]:
@@ -270,8 +274,7 @@ _INSTRUMENT_LOCK = threading.Lock()
 def instrument(module: types.ModuleType) -> None:
     """Let `module`'s code reach the dispatchers: its globals naming `mlx.core` (or `mlx.core.fast`) are
     pointed at `instrumented_mlx()`'s copies. Counted: `release` undoes it when its last user lets go."""
-    core = instrumented_mlx()
-    copies = {id(mx): core, **{id(spec.module): _submodule(core, spec.module) for spec in APIS.values()}}
+    copies = _instrumented_copies()
     with _INSTRUMENT_LOCK:
         users, saved = _INSTRUMENTED.get(module.__name__, (0, {}))
         if not users:
@@ -289,10 +292,6 @@ def release(module: types.ModuleType) -> None:
             _INSTRUMENTED[module.__name__] = (users - 1, saved)
         else:
             vars(module).update(saved)
-
-
-def _submodule(core: types.ModuleType, module: types.ModuleType) -> types.ModuleType:
-    return core if module is mx else getattr(core, module.__name__.rsplit(".", 1)[-1])
 
 
 def activate(handler: Callable[[Call], Any], gate: Gate | None = None, patch_mlx: bool = True) -> contextvars.Token:
