@@ -15,6 +15,7 @@ starting rows after that many seconds (the rows left out are listed in the notes
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Callable
 
@@ -204,20 +205,34 @@ def speed_goal(rows: list[dict]) -> Goal:
 
 
 def copy_goal(rows: list[dict]) -> Goal:
-    ratios = [r["rewritten/copy"] for r in rows if r["rewritten/copy"] is not None]
+    """Rows where copy is wrong (on an H100, qmm_sm90 at head dim 64) count as met: the rewrite must not be as
+    fast as a wrong answer."""
+    wrong = [r for r in rows if is_wrong(r, "copy")]
+    ratios = [r["rewritten/copy"] for r in rows if r["rewritten/copy"] is not None and r not in wrong]
     over = [x for x in ratios if x > 1 + NOISE]
+    detail = f"{len(ratios) - len(over)}/{len(ratios)} rows, max {max(ratios):.2f}" if ratios else ""
+    if wrong:
+        detail += f"; met by default in {len(wrong)} where copy is wrong"
     return Goal(f"rewritten never slower than copy (rewritten/copy <= {1 + NOISE:.2f}, {NOISE:.0%} timing noise)",
-                (not over) if ratios else None,
-                f"{len(ratios) - len(over)}/{len(ratios)} rows, max {max(ratios):.2f}" if ratios else "")
+                (not over) if ratios or wrong else None, detail)
+
+
+def is_wrong(row: dict, variant: str) -> bool:
+    """Is `variant`'s error NaN, or over 100x the rewritten call's (and 1e-2)?"""
+    error, rewritten = row[variant].get("max_err"), row["rewritten"].get("max_err")
+    if error is None or rewritten is None:
+        return False
+    return math.isnan(error) or error > max(100 * rewritten, 1e-2)
 
 
 def notes(rows: list[dict]) -> list[str]:
-    wrong = [r for r in rows if "max_err" in r["as_shipped"] and "max_err" in r["rewritten"]
-             and r["as_shipped"]["max_err"] > max(100 * r["rewritten"]["max_err"], 1e-2)]
-    if not wrong:
-        return []
-    return [f"as shipped is wrong in {len(wrong)}/{len(rows)} rows (error >100x the rewritten one's): "
-            "its times are not a like-for-like baseline there"]
+    found = []
+    for variant in ("as_shipped", "fold", "copy"):
+        wrong = [r for r in rows if is_wrong(r, variant)]
+        if wrong:
+            found.append(f"{variant} is wrong in {len(wrong)}/{len(rows)} rows (error NaN or >100x the rewritten "
+                         "one's): its times are not a like-for-like baseline there")
+    return found
 
 
 def plot(result: Result, path) -> None:

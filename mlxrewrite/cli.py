@@ -166,6 +166,8 @@ def _add_doctor_parser(sub) -> None:
     doctor.add_argument("--out", metavar="FILE", help="also write the profile (JSON) to FILE")
     doctor.add_argument("--no-cache", action="store_true", help="measure, but leave the cached profile as it is")
     doctor.add_argument("--show", action="store_true", help="show the cached profile; measure nothing")
+    doctor.add_argument("--fresh", action="store_true", help="measure every bucket again (by default a run keeps "
+                        "what the cached profile measured and probes only the rest, if anything is left)")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -20,9 +20,16 @@ Rewrites (all exact: the same dot products, only the batching or the kernel diff
 - dequantize: dequantize the weights (broadcast dims cut to size 1), then a float matmul in x's dtype.
   No quantized kernel runs, so it serves shapes the backend's quantized kernels reject.
 
-Which one (`policy.qmm_route`, docs/doctor.md): where `mlxrewrite doctor` measured the call's bucket on
-this device and MLX version, the fastest rewrite that was correct there, then dequantize; elsewhere fold
-(copy when fold cannot apply).
+Fold and copy also guard a second CUDA defect (`policy.cuda_qmm_overreads`): for K under 3 K-tiles (the
+scores call at head dim 64 or 128) MLX's `qmm_sm80` kernel reads up to two tiles past the end of x and w,
+which killed an H100 process ("unspecified launch failure"; compute-sanitizer names the reads). There the
+x and weights they pass get 1 KiB of zeros after their last element (one copy of the weights where fold would
+not copy them). The numbers are unchanged: the kernel never uses what it reads there.
+
+Which one (`policy.qmm_route`, docs/doctor.md): where MLX's CUDA kernel for the call's K and group size is
+wrong for every layout (`qmm_sm90` at group_size >= K, H100), dequantize; where `mlxrewrite doctor` measured
+the call's bucket on this device and MLX version, the fastest rewrite that was correct there, then
+dequantize; elsewhere fold (copy when fold cannot apply).
 
 Must not fire: weights without a stride-0 batch dim (equal batch dims, 2-D weights), x or w of rank
 2 (MLX does not broadcast then), and on Metal when M selects the matrix kernel, which is correct, unless
@@ -38,12 +45,13 @@ import mlx.core as mx
 from mlxrewrite.graph import Graph, dtype_name
 from mlxrewrite.intercept import Call
 from mlxrewrite.layout import broadcast_strides, stride0_batch_dims
-from mlxrewrite.policy import Backend, needs_dense_weights, qmm_route
+from mlxrewrite.policy import Backend, cuda_qmm_overreads, needs_dense_weights, qmm_route
 from mlxrewrite.rule import Decision, Rule
 from mlxrewrite.trace import CallSite
 
 NAME = "quantized-matmul-broadcast-weights"
 WEIGHTS = ("w", "scales", "biases")
+SLACK_BYTES = 1024  # >= 2 K-tiles of 128 columns of float16 x (512 B) or of 8-bit w (256 B)
 
 
 def match(site: CallSite, graph: Graph, backend: Backend) -> Decision | None:
@@ -55,7 +63,7 @@ def match(site: CallSite, graph: Graph, backend: Backend) -> Decision | None:
     batch = out.shape[:-2]
     kernel = {k: broadcast_strides(v.shape, v.strides, batch + v.shape[-2:]) for k, v in weights.items()}
     zero = {k: stride0_batch_dims(batch + weights[k].shape[-2:], s) for k, s in kernel.items()}
-    params = rewrite_params(batch, zero, backend)
+    params = rewrite_params(backend, batch, zero, x.shape, dtype_name(out.dtype), site.params)
     dims = params["dims"]
     if not dims:
         return None
@@ -70,15 +78,22 @@ def match(site: CallSite, graph: Graph, backend: Backend) -> Decision | None:
         "copy": "copy" + ("" if foldable else ": not every weight operand is broadcast on those dims"),
         "dequantize": "dequantize the weights, then a float matmul",
     }[rewrite]
+    if params["slack"] and rewrite != "dequantize":
+        how += f"; x and weights get {SLACK_BYTES} B of slack ({params['slack']})"
     return Decision(NAME, rewrite, f"batch dims {dims} of the weights have stride 0 ({facts}); {route.why}; {how}",
                     params)
 
 
-def rewrite_params(batch: tuple, operand_dims: dict[str, tuple], backend: Backend) -> dict:
-    """What every rewrite needs: the output batch shape, each weight operand's stride-0 dims, and whether
-    fold must make the weights dense (also the doctor's way to force a rewrite on a probe)."""
+def rewrite_params(backend: Backend, batch: tuple, operand_dims: dict[str, tuple], x_shape: tuple, dtype: str,
+                   call_params: dict) -> dict:
+    """What every rewrite needs: the output batch shape, each weight operand's stride-0 dims, whether fold
+    must make the weights dense, and why the quantized call needs slack after its buffers, if it does (also
+    the doctor's way to force a rewrite on a probe)."""
     dims = tuple(sorted(set().union(*operand_dims.values())))
-    return {"dims": dims, "batch": batch, "operand_dims": operand_dims, "densify": needs_dense_weights(backend)}
+    rows = math.prod(batch) * x_shape[-2]
+    slack = cuda_qmm_overreads(backend, dtype, rows, x_shape[-1], call_params)
+    return {"dims": dims, "batch": batch, "operand_dims": operand_dims, "densify": needs_dense_weights(backend),
+            "slack": slack}
 
 
 def site_key(call: Call, backend: Backend):
@@ -97,6 +112,12 @@ def _aligned(a: mx.array, ndim: int) -> mx.array:
     return a.reshape((1,) * (ndim - a.ndim) + tuple(a.shape)) if a.ndim < ndim else a
 
 
+def _with_slack(a: mx.array) -> mx.array:
+    """`a`, row-major, as a view of a buffer with SLACK_BYTES of zeros after its last element (one copy)."""
+    pad = mx.zeros((-(-SLACK_BYTES // a.itemsize),), a.dtype)
+    return mx.concatenate([a.reshape(-1), pad])[: a.size].reshape(a.shape)
+
+
 def _first_only(a: mx.array, dims: tuple) -> mx.array:
     """`a` with its broadcast batch dims cut to size 1 (nothing to do in mlx-lm's expand_dims pattern)."""
     if all(a.shape[d] == 1 for d in dims):
@@ -112,6 +133,8 @@ def fold(call: Call, decision: Decision) -> mx.array:
                if call.operands.get(k) is not None}
     if decision.params.get("densify"):
         weights = {k: w.reshape(-1).reshape(w.shape) for k, w in weights.items()}  # a view unless it must copy
+    if decision.params.get("slack"):  # x, w: what qmm_sm80 reads past; scales and biases it does not
+        weights["w"] = _with_slack(weights["w"])
     keep = [d for d in range(nb) if d not in dims]
     order = keep + list(dims) + [nb, nb + 1]
     moved = order != list(range(nb + 2))  # mlx-lm's pattern folds the dim next to M: no transpose needed
@@ -119,6 +142,8 @@ def fold(call: Call, decision: Decision) -> mx.array:
     folded_sizes = [x.shape[d] for d in dims]
     ones = [1 if d in dims else x.shape[d] for d in range(nb)]  # size 1 where the weights have it
     x_folded = (mx.transpose(x, order) if moved else x).reshape(ones + [math.prod(folded_sizes) * m, k_dim])
+    if decision.params.get("slack"):
+        x_folded = _with_slack(x_folded)
     out = call.run_original(x=x_folded, **weights)
     out = out.reshape([out.shape[d] for d in keep] + folded_sizes + [m, out.shape[-1]])
     if moved:
@@ -142,6 +167,8 @@ def copy(call: Call, decision: Decision) -> mx.array:
             one = array[tuple(slice(0, 1) if k == d else slice(None) for k in range(array.ndim))]
             array = mx.concatenate([one] * batch[d], axis=d)
         weights[name] = array
+    if decision.params.get("slack"):
+        return call.run_original(x=_with_slack(call.operands["x"]), **{**weights, "w": _with_slack(weights["w"])})
     return call.run_original(**weights)
 
 

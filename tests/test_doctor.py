@@ -333,8 +333,8 @@ def test_measured_right_never_relaxes_a_source_hazard():
     for m in (1, 2, 5):
         fn, args, _ = gqa_call(m=m, rows=256)
         fastest = healthy.qmm[bucket_of(args, True)].ranked[0]
-        for kind in ("cpu", "cuda"):
-            assert decide(fn, args, with_profile(healthy, kind=kind)).rewrite == fastest
+        for kind, arch in (("cpu", ""), ("cuda", "sm_80")):  # (sm_90 and unknown: see test_qmm_rule's sm90 test)
+            assert decide(fn, args, with_profile(healthy, kind=kind, arch=arch)).rewrite == fastest
 
 
 def test_unmeasured_bucket_keeps_the_source_policy():
@@ -368,7 +368,7 @@ def test_jit_error_at_one_head_dim_steers_that_head_dim_away_from_fold():
         assert verdict.complete and (fold.ok if bucket.d == 128 else fold.status == "unsupported"), bucket
         assert bucket.d == 128 or fold.error.startswith(JIT_ERROR)
     assert f"] {JIT_ERROR}" in doctor.render(profile)
-    backend = with_profile(profile)
+    backend = with_profile(profile, arch="sm_80")  # sm_90 dequantizes d=64 anyway (cuda_qmm_wrong)
     for m, rows, measured in ((1, 256, True), (2, 255, True), (5, 4100, False)):  # M 4-7, rows >4096: not probed
         fn, args, ref = gqa_call(m, rows, d=64)
         assert (bucket_of(args, True) in profile.qmm) is measured
@@ -443,6 +443,107 @@ def test_profile_is_written_while_measuring(profile_file):
     assert "This profile is partial" in doctor.render(partial)
 
 
+# ---- resuming --------------------------------------------------------------------------------------------
+
+class CountingKernels(SlowKernels):
+    """SlowKernels that record each quantized_matmul call as (the probe's bucket, the way that made it)."""
+
+    def __init__(self, clock: Clock, dies_at: float = float("inf")):
+        super().__init__(clock, dies_at)
+        self.calls: list[tuple[QmmBucket, str]] = []
+
+    def quantized_matmul(self, x, w, scales, biases=None, **params):
+        call = problem(x, w, params)
+        way = ORIGINAL if call.broadcast else "fold" if call.folded else "copy"
+        m = call.m // doctor.N_REP if call.folded else call.m
+        x_shape = (1, doctor.N_KV, doctor.N_REP, m, x.shape[-1])
+        self.calls.append((QmmBucket.of("float32", x_shape, w.shape[-2:], params), way))
+        return super().quantized_matmul(x, w, scales, biases, **params)
+
+
+def counted_run(dies_at: float = float("inf"), grid: doctor.Grid = GRID,
+                **options) -> tuple[Profile, list[tuple[QmmBucket, str]]]:
+    kernels = CountingKernels(Clock(), dies_at)
+    return doctor.run(grid=grid, kernels=kernels, clock=kernels.clock, **options), kernels.calls
+
+
+@pytest.mark.parametrize("stop", ["budget", "killed"])
+def test_a_stopped_run_is_resumed_probing_only_the_rest(profile_file, capsys, stop):
+    """A run stopped by its budget (or killed: its checkpoint is partial) is resumed by the next one, which
+    keeps every way measured before and probes only the rest, in the same order; --fresh probes everything."""
+    if stop == "budget":
+        first, _ = counted_run(budget_s=40, progress=False)
+    else:
+        with pytest.raises(SystemExit):
+            counted_run(dies_at=40, progress=False)
+        first = Backend.current().profile
+    measured = {b for b, v in first.qmm.items() if v.complete}
+    assert 0 < len(measured) < len(first.qmm)
+    capsys.readouterr()
+
+    second, calls = counted_run(budget_s=10_000)
+    assert (f"resuming: {len(measured)} of {len(first.qmm)} buckets measured in an earlier run"
+            in capsys.readouterr().err)
+    assert not {bucket for bucket, way in calls if way != ORIGINAL} & measured  # no rewrite probed again
+    assert all(second.qmm[b].ways[w] == first.qmm[b].ways[w] for b in measured for w in policy.QMM_REWRITES)
+    assert measured_statuses(second) == expected_statuses(GRID, NEVER, NEVER)
+    assert second.notes["finished"] and second.notes["stopped"] is None and second.notes["resumed_buckets"]
+    assert [r["status"] for r in second.notes["sdpa"] + second.notes["gather_qmm"]] == ["equal", "ok"]
+    assert Backend.current().profile == second
+    first_calls = [b for b, _ in calls]  # in priority order: the first call is to the first bucket left
+    assert first_calls[0] == next(b for b in dict.fromkeys(p.bucket for p in GRID.qmm_probes()) if b not in measured)
+
+    _, again = counted_run(budget_s=10_000)  # nothing left: the profile stands, nothing is probed
+    assert again == [] and "nothing left to measure" in capsys.readouterr().err
+    assert Backend.current().profile == second
+
+    fresh, everything = counted_run(budget_s=10_000, fresh=True, progress=False)
+    assert len(everything) > len(calls) and fresh.notes["resumed_buckets"] == 0
+    assert {b for b, way in everything if way != ORIGINAL} == set(first.qmm)
+
+
+def test_a_profile_of_other_kernels_or_another_grid_is_not_resumed(profile_file):
+    counted_run(budget_s=40, progress=False)  # stopped by its budget
+    other_kernels = doctor.run(grid=GRID, kernels=FakeKernels(), progress=False)
+    assert other_kernels.notes["resumed_buckets"] == 0
+    assert other_kernels.notes["tasks_run"] == other_kernels.notes["tasks"]
+    other_grid, calls = counted_run(grid=dataclasses.replace(GRID, name="other"), budget_s=10_000, progress=False)
+    assert other_grid.notes["resumed_buckets"] == 0 and calls[0][0] == GRID.qmm_probes()[0].bucket
+
+
+def test_cli_resumes_unless_fresh(profile_file, capsys):
+    assert cli.main(["doctor", "--quick", "--budget", "0"]) == 0  # nothing measured: all left for the next run
+    assert "resuming" not in capsys.readouterr().err
+    assert cli.main(["doctor", "--quick", "--budget", "0"]) == 0
+    assert "resuming: 0 of 16 buckets measured in an earlier run" in capsys.readouterr().err
+    assert cli.main(["doctor", "--quick", "--budget", "0", "--fresh"]) == 0
+    assert "resuming" not in capsys.readouterr().err
+
+
+# ---- CUDA's JIT cache --------------------------------------------------------------------------------------
+
+def test_cuda_jit_cache_is_reported_cold_or_warm(tmp_path, monkeypatch, capsys):
+    """MLX keeps NVRTC's output in MLX_PTX_CACHE_DIR (else <temp dir>/mlx/<version>/ptx): the doctor says
+    whether it held compiled modules when the run began, on stderr, in the notes and in the table."""
+    monkeypatch.delenv("MLX_PTX_CACHE_DIR", raising=False)
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    assert doctor.jit_cache.ptx_cache_dir() == tmp_path / "mlx" / mx.__version__ / "ptx"
+    cache = tmp_path / "ptx"
+    monkeypatch.setenv("MLX_PTX_CACHE_DIR", str(cache))
+    assert doctor.jit_cache.state(Backend("cpu")) is None
+    cuda = dataclasses.replace(policy.device_backend(), kind="cuda")
+    monkeypatch.setattr(doctor.session, "device_backend", lambda: cuda)
+    cold = doctor.run(grid=dataclasses.replace(GRID, m_buckets=0), kernels=FakeKernels(), isolate=False, save=False)
+    assert cold.notes["jit_cache"] == {"dir": str(cache), "modules": 0, "warm": False}
+    assert f"CUDA JIT cache {cache} is cold" in capsys.readouterr().err
+    assert "is cold (empty)" in doctor.render(cold) and "MLX_PTX_CACHE_DIR" in doctor.render(cold)
+    cache.mkdir()
+    for name in ("qmm_sm80_f16.ptx", "qmm_sm80_f16.txt", "qmm_sm80_f16.cu"):
+        (cache / name).write_text("")
+    warm = doctor.jit_cache.state(cuda)
+    assert warm == {"dir": str(cache), "modules": 1, "warm": True}
+    assert "is warm (1 compiled modules)" in doctor.jit_cache.describe(warm)
+
 # ---- eager mode: equal site keys, equal decisions ----------------------------------------------------------
 
 def test_site_keys_hold_every_fact_the_decision_depends_on():
@@ -499,7 +600,7 @@ def test_profile_off_and_rewritten_files(profile_file, monkeypatch):
     first = measure(METAL_WRONG)
     assert Backend.current().profile == first
     assert Backend.current().profile is Backend.current().profile  # read once, not per call
-    second = measure(CUDA_WRONG, UNALIGNED_UNSUPPORTED)  # a new run replaces the file: picked up
+    second = measure(CUDA_WRONG, UNALIGNED_UNSUPPORTED, fresh=True)  # a new run replaces the file: picked up
     assert second != first and Backend.current().profile == second
     monkeypatch.setenv("MLXREWRITE_PROFILE", "off")
     assert Backend.current().profile is None

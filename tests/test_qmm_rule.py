@@ -10,6 +10,7 @@ import mlxrewrite
 from mlxrewrite import Decision, Rule
 from mlxrewrite.audit import audit_graph
 from mlxrewrite.layout import is_dense, stride0_batch_dims
+from mlxrewrite import policy
 from mlxrewrite.policy import Backend
 from mlxrewrite.rules import quantized_matmul_broadcast as qmb
 
@@ -322,6 +323,88 @@ def test_sliced_cache_on_cuda_folds_onto_dense_weights(monkeypatch):
     assert not all(is_dense(graph.values[n].shape, st) for n, st in before.notes["kernel_strides"].items())
 
 
+def case_scores_fp16(d, group, m=2, n=256):
+    """The GQA scores call on a float16 cache at head dim d: K = d, which qmm_sm80 tiles by max(64, group)."""
+    mx.random.seed(0)
+    q = mx.quantize(mx.random.normal((1, 2, n, d)).astype(mx.float16), group_size=group, bits=4)
+    deq = mx.dequantize(*q, group_size=group, bits=4).astype(mx.float32)
+    x = mx.random.normal((1, 2, 4, m, d)).astype(mx.float16)
+
+    def fn(x, w, s, b):
+        return mx.quantized_matmul(x, *(mx.expand_dims(a, -3) for a in (w, s, b)), transpose=True,
+                                   group_size=group, bits=4)
+
+    ref = float_qmm(x.astype(mx.float32), mx.expand_dims(deq, -3), True)
+    return fn, (x, *q), ref
+
+
+def feeds_from_padded_buffer(graph, value):
+    """Is `value` a view of a longer buffer, as `_with_slack` makes it (Concatenate -> Slice -> Reshape)?"""
+    ops = []
+    while value in graph.nx and next(graph.nx.predecessors(value), None) is not None:
+        node = graph.nx.nodes[next(graph.nx.predecessors(value))]["node"]
+        ops.append(node.op)
+        if node.op not in ("Reshape", "Slice"):
+            break
+        value = node.inputs[0]
+    return ops[-1] == "Concatenate" and "Slice" in ops
+
+
+@pytest.mark.parametrize("rewrite", ["fold", "copy"])
+def test_short_k_on_cuda_sm80_gets_slack_after_x_and_w(rewrite, monkeypatch):
+    """qmm_sm80 reads up to 2 K-tiles past the ends of x and w when K spans fewer than 3 tiles (H100: an
+    "unspecified launch failure"). Fold and copy pass views of buffers with zeros after them; numbers unchanged."""
+    fn, args, ref = case_scores_fp16(d=128, group=64)
+    sm80 = Backend("cuda", "sm_80")
+    (decision,) = decisions(mlxrewrite.trace(fn, *args), sm80)
+    assert "qmm_sm80 reads up to 1 K-tile(s) of 64 columns" in decision.params["slack"]
+    assert f"{qmb.SLACK_BYTES} B of slack" in decision.reason
+
+    monkeypatch.setattr(Backend, "current", classmethod(lambda cls: sm80))
+    rewritten = mlxrewrite.compile(fn, rules=[forced(rewrite)])
+    out = rewritten(*args)
+    assert mx.array_equal(out, fn(*args)).item()  # the same dot products as the call (correct on CPU)
+    assert_close_to(out.astype(mx.float32), ref, rel=1e-2)  # float16 rounding
+    after = rewritten.trace_rewritten(*args)
+    (node,) = after.find("QuantizedMatmul")
+    assert feeds_from_padded_buffer(after, node.inputs[0]), "x"
+    assert feeds_from_padded_buffer(after, node.inputs[1]), "w"
+    assert not feeds_from_padded_buffer(after, node.inputs[2]), "scales are read within bounds"
+    for name, strides in node.notes["kernel_strides"].items():  # dense: MLX passes the views, not copies
+        assert is_dense(after.values[name].shape, strides), name
+
+
+@pytest.mark.parametrize("arch,d,group", [("sm_80", 256, 64), ("sm_90", 256, 64), ("sm_90", 128, 64)])
+def test_no_slack_where_the_quantized_kernel_stays_in_bounds(arch, d, group):
+    """K of 3 tiles or more keeps qmm_sm80's pipeline in bounds; sm_90 at group < K runs qmm_sm80 too."""
+    fn, args, ref = case_scores_fp16(d=d, group=group)
+    (decision,) = decisions(mlxrewrite.trace(fn, *args), Backend("cuda", arch))
+    assert decision.rewrite == "fold"
+    assert bool(decision.params["slack"]) is (d == 128), decision.params["slack"]
+
+
+@pytest.mark.parametrize("d,group", [(64, 64), (128, 128)])
+def test_sm90_short_k_is_dequantized_whatever_a_profile_says(d, group, monkeypatch):
+    """qmm_sm90 (H100) computes transposed calls with group_size >= K wrong for any weight layout (measured),
+    so fold and copy are wrong too: dequantize, also where a profile measured fold right in the bucket."""
+    fn, args, ref = case_scores_fp16(d=d, group=group)
+    sm90 = Backend("cuda", "sm_90")
+    (decision,) = decisions(mlxrewrite.trace(fn, *args), sm90)
+    assert decision.rewrite == "dequantize" and "CUDA qmm_sm90 computes K=" in decision.reason
+
+    x, w = args[0], args[1]
+    bucket = policy.QmmBucket.of("float16", x.shape, w.shape, {"transpose": True, "group_size": group, "bits": 4})
+    ways = {way: policy.Measured(policy.OK, 0.0, 1.0) for way in (policy.ORIGINAL, *policy.QMM_REWRITES)}
+    verdict = policy.QmmVerdict(bucket, 2, {**ways, "fold": policy.Measured(policy.OK, 0.0, 0.5)})
+    profiled = Backend("cuda", "sm_90", profile=policy.Profile("x", "cuda", mx.__version__, "now", {bucket: verdict}))
+    assert decisions(mlxrewrite.trace(fn, *args), profiled)[0].rewrite == "dequantize"
+
+    monkeypatch.setattr(Backend, "current", classmethod(lambda cls: sm90))
+    rewritten = mlxrewrite.compile(fn)
+    assert_close_to(rewritten(*args).astype(mx.float32), ref, rel=1e-2)
+    assert not rewritten.trace_rewritten(*args).find("QuantizedMatmul")
+
+
 @pytest.mark.parametrize("m,transpose,fires", [
     (2, True, True), (13, True, True), (14, True, False), (32, True, False),
     (3, False, True), (4, False, False),
@@ -431,3 +514,31 @@ def test_floating_point_modes_fold_without_biases(mode, group_size, bits):
     assert_close_to(rewritten(x, *q), reference)
     assert f"{NAME} -> fold" in rewritten.explain()
     assert_close_to(mlxrewrite.compile(fn, rules=[forced("dequantize")])(x, *q), reference)
+
+
+@pytest.mark.parametrize("kind,arch,dtype,rows,k,group,transpose,mode,kernel", [
+    ("cuda", "sm_80", "float16", 32, 128, 64, True, "affine", "qmm_sm80"),
+    ("cuda", "sm_80", "bfloat16", 8, 64, 64, True, "affine", "qmm_sm80"),
+    ("cuda", "sm_80", "float16", 32, 128, 128, True, "affine", "qmm_sm80"),  # sm90's kernel needs sm_90
+    ("cuda", "sm_90", "float16", 32, 128, 64, True, "affine", "qmm_sm80"),  # group < K: not the sm90 kernel
+    ("cuda", "sm_90", "float16", 32, 128, 128, True, "affine", "qmm_sm90"),
+    ("cuda", "sm_90", "float32", 2, 64, 64, True, "affine", "qmm_sm90"),
+    ("cuda", "sm_90", "float16", 1, 64, 64, True, "affine", None),  # M = B = 1: qmv
+    ("cuda", "sm_90", "float16", 32, 64, 32, True, "mxfp4", "qmm_sm80"),  # sm90's kernel: affine only
+    ("cuda", "", "float16", 32, 64, 64, True, "affine", "qmm_sm90"),  # unknown architecture: the wrong kernel
+    ("cuda", "", "float16", 32, 128, 64, True, "affine", "qmm_sm80"),
+    ("cuda", "sm_80", "float16", 32, 96, 64, True, "affine", None),  # K % tile: qmm_naive
+    ("cuda", "sm_80", "float16", 4, 128, 64, True, "affine", None),  # rows < 8: qmv
+    ("cuda", "sm_80", "float32", 32, 128, 64, True, "affine", None),
+    ("cuda", "sm_80", "float16", 32, 128, 64, False, "affine", None),
+    ("cuda", "sm_75", "float16", 32, 128, 64, True, "affine", None),
+    ("metal", "applegpu_g15s", "float16", 32, 128, 64, True, "affine", None),
+    ("cpu", "", "float16", 32, 128, 64, True, "affine", None),
+])
+def test_cuda_qmm_kernel_mirrors_mlx_dispatch(kind, arch, dtype, rows, k, group, transpose, mode, kernel):
+    params = {"transpose": transpose, "group_size": group, "bits": 4, "mode": mode}
+    backend = Backend(kind, arch)
+    assert policy.cuda_qmm_kernel(backend, dtype, rows, k, params) == kernel
+    assert bool(policy.cuda_qmm_wrong(backend, dtype, rows, k, params)) is (kernel == "qmm_sm90")
+    overreads = kernel == "qmm_sm80" and k < 3 * max(64, group)
+    assert bool(policy.cuda_qmm_overreads(backend, dtype, rows, k, params)) is overreads
