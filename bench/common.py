@@ -25,7 +25,7 @@ import mlx.core as mx
 
 import mlxrewrite
 from mlxrewrite.policy import Backend, device_backend
-from mlxrewrite.rule import Decision, Rule
+from mlxrewrite.rule import Rule
 from mlxrewrite.rules import quantized_matmul_broadcast as qmm_rule
 
 # Peak HBM bandwidth (bytes/s) by device name, most specific first; unknown devices get no roofline.
@@ -140,10 +140,7 @@ def max_abs_err(out: Any, reference: mx.array) -> float:
 # ---- rewrites ---------------------------------------------------------------------------------------
 def forced(rewrite: str) -> Rule:
     """The built-in quantized-matmul rule with its choice of rewrite forced (to time fold and copy alike)."""
-    def match(site, graph, backend) -> Decision | None:
-        decision = qmm_rule.match(site, graph, backend)
-        return None if decision is None else dataclasses.replace(decision, rewrite=rewrite)
-    return dataclasses.replace(qmm_rule.RULE, match=match, hazard=f"{qmm_rule.RULE.hazard} (forced: {rewrite})")
+    return qmm_rule.RULE.forcing(rewrite)
 
 
 def rewrites_chosen(explain: str) -> str:

@@ -15,7 +15,7 @@ import time
 import mlx.core as mx
 
 import mlxrewrite
-from mlxrewrite.rule import Decision, Rule
+from mlxrewrite.rule import Rule
 from mlxrewrite.rules import quantized_matmul_broadcast as qmm_rule
 
 B, N_KV, N_REP, D, GROUP = 1, 4, 4, 256, 64
@@ -44,10 +44,7 @@ def gqa(queries, k_w, k_s, k_b, v_w, v_s, v_b):
 
 def forced(rewrite: str) -> Rule:
     """The built-in rule with its choice of rewrite forced (to measure both)."""
-    def match(site, graph, backend):
-        decision = qmm_rule.match(site, graph, backend)
-        return None if decision is None else Decision(decision.rule, rewrite, decision.reason, decision.params)
-    return Rule(qmm_rule.NAME, "quantized_matmul", "error", "forced", match, qmm_rule.RULE.rewrites)
+    return qmm_rule.RULE.forcing(rewrite)
 
 
 def run_or_error(fn, *args):

@@ -18,14 +18,16 @@ from .audit import Finding, Report, audit, audit_graph
 from .compiler import FallbackWarning, RewrittenFunction, compile
 from .eager import EagerRewriter, eager
 from .graph import Graph, Node, Value
-from .rule import Decision, Rule, default_rules, register_rule
+from .facts import Facts, Read
+from .pattern import CallPattern, GraphPattern
+from .rule import Bound, Decision, Decline, Rule, default_rules, register_rule
 from .signature import SignatureError
 from .trace import CallSite, TraceError, trace
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "CallSite", "Decision", "EagerRewriter", "FallbackWarning", "Finding", "Graph", "Node", "Report", "RewrittenFunction", "Rule",
+    "Bound", "CallPattern", "CallSite", "Decision", "Decline", "EagerRewriter", "Facts", "GraphPattern", "Read", "FallbackWarning", "Finding", "Graph", "Node", "Report", "RewrittenFunction", "Rule",
     "SignatureError", "TraceError", "Value", "audit", "audit_graph", "compile", "doctor", "eager", "default_rules", "intercept",
     "register_rule", "trace",
 ]

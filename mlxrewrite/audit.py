@@ -18,7 +18,8 @@ import networkx as nx
 
 from .graph import Graph, dtype_name
 from .policy import Backend
-from .rule import Rule, first_decision, select_rules
+from .decide import decide_site
+from .rule import Rule, select_rules
 from .trace import trace
 
 SCHEMA_VERSION = 1
@@ -224,7 +225,7 @@ def _sites_depending_on(graph: Graph, inputs: set[str]) -> list:
 
 def _first_finding(site, graph: Graph, rules: list[Rule], backend: Backend, step: str) -> Finding | None:
     """The finding of the first rule that fires on `site` (the one mlxrewrite.compile would apply)."""
-    decision = first_decision(rules, site, graph, backend)
+    decision = decide_site(rules, site, graph, backend)
     if decision is None:
         return None
     rule = next(r for r in rules if r.name == decision.rule)

@@ -31,7 +31,8 @@ from .graph import Graph, row_major_strides
 from .layout import array_strides
 from .lower import Applier, Plan, PlannedCall
 from .policy import Backend
-from .rule import Rule, first_decision, select_rules
+from .decide import decide_graph
+from .rule import Rule, select_rules
 from .signature import Signature, SignatureError, StateTree, flatten_call, make_signature, read_slots, rebuild_call, \
     state_facts, state_slots, write_slots
 from .trace import CallSite, Recorder, TraceError, trace_call
@@ -77,11 +78,11 @@ def _layout_guards(graph: Graph, signature: Signature) -> tuple:
 
 
 def plan_for(graph: Graph, rules: list[Rule], backend: Backend) -> Plan:
-    """Every rule's decision on every recorded call site (the first rule that fires wins)."""
-    calls = []
-    for site in (s for s in graph.calls if s.source == "python"):
-        decision = first_decision(rules, site, graph, backend)
-        calls.append(PlannedCall.of(site, _site_shapes(graph, site), decision))
+    """Every rule's verdict on every recorded call site (subgraph rules first; then the first call rule that
+    fires wins)."""
+    sites = [s for s in graph.calls if s.source == "python"]
+    calls = [PlannedCall.of(e.site, _site_shapes(graph, e.site), e.decision, tuple(e.verdicts), e.sources,
+                            e.covered_by) for e in decide_graph(rules, graph, backend, sites)]
     return Plan(calls, {rule.name: rule for rule in rules})
 
 
@@ -194,7 +195,7 @@ class RewrittenFunction:
             if not self._traced_as(signature, arrays, shapeless):
                 raise StaleState  # mx.compile retraced for shapes or dtypes that this plan was not made for
             call_args, call_kwargs = rebuild_call(signature.treespec, signature.statics, list(arrays))
-            applier = Applier(entry.plan)
+            applier = Applier(entry.plan, [*arrays, *read_slots(state_slots(self.inputs))])
             with intercept.handling(applier):
                 result = self.fn(*call_args, **call_kwargs)
             entry.mismatches += applier.mismatches
@@ -255,7 +256,10 @@ class RewrittenFunction:
             lines.append(f"signature #{number}:")
             for index, call in enumerate(entry.plan.calls):
                 where = call.location or "?"
-                if call.decision is None:
+                if call.covered_by is not None:
+                    lines.append(f"  call {index} {call.api} at {where}: inside the subgraph rewritten at call "
+                                 f"{call.covered_by} (dead code)")
+                elif call.decision is None:
                     lines.append(f"  call {index} {call.api} at {where}: left as is (no rule matched)")
                 else:
                     d = call.decision
@@ -273,7 +277,7 @@ def compile(fn: Callable | None = None, *, rules: list[Rule] | None = None, disa
     method captures the module by default). `rules` adds rules, `disable` removes rules by name,
     `strict=True` raises instead of falling back to the original function.
     """
-    options = dict(rules=rules, disable=tuple(disable), shapeless=shapeless, inputs=inputs, outputs=outputs,
+    options = dict(rules=rules, disable=disable, shapeless=shapeless, inputs=inputs, outputs=outputs,
                    strict=strict)
     if fn is None:
         return lambda f: RewrittenFunction(f, **options)

@@ -1,17 +1,18 @@
 """Eager rewriting: apply the rules at each intercepted call as the function runs, without `mx.compile`.
 
 For code that cannot be traced whole once per shape, such as an mlx-lm model decoding with a growing
-KV cache (a whole-function trace per shape would be a trace per token). Each call is keyed by the facts
-its rules' decisions depend on (`Rule.site_key`). The first call with a new key is traced alone on
-placeholder operands of the same shapes and dtypes, and the rules decide on that graph exactly as they do
-in `mlxrewrite.compile`. Later calls with the same key reuse the decision, so a decode loop traces a
-handful of times, not once per token.
+KV cache (a whole-function trace per shape would be a trace per token). The first call of a kind is
+traced alone on placeholder operands of the same shapes and dtypes, and the rules decide on that graph
+exactly as they do in `mlxrewrite.compile`. Their guards read facts through `Facts`, which records each
+question and answer; a later call reuses the decision when the same questions, asked of its own arrays,
+get the same answers (facts.py). The KV length is not among them unless a guard reads it, so a decode
+loop traces a handful of times, not once per token.
 
 What eager mode cannot see: the operands' layouts. It analyses placeholders, which are row-major, so a
 stride-0 dim hidden behind a full batch shape (an explicit `mx.broadcast_to` upstream) is not detected
 here; broadcasting by shape (mlx-lm's `expand_dims` pattern) is. `mlxrewrite.audit` traces the whole
-function and sees layouts. Values are not seen either, unless `check_values=True`: then operands a rule
-declares as `value_operands` (SDPA masks) are checked at run time, once per array per forward pass.
+function and sees layouts. Values are not seen either, unless `check_values=True`: then a guard that
+reads an operand's value (an SDPA mask) gets it checked at run time, once per array per forward pass.
 """
 
 from __future__ import annotations
@@ -19,17 +20,19 @@ from __future__ import annotations
 import threading
 import warnings
 from collections import Counter
-from dataclasses import dataclass
-from typing import Any, Callable, Hashable
+from dataclasses import dataclass, field
+from typing import Any, Callable
 
 import mlx.core as mx
 
 from . import intercept
 from .constants import ConstSummary, summarize_array
+from .decide import call_facts
+from .facts import ArrayEnv, Facts
 from .graph import Graph, dtype_name
 from .policy import Backend
-from .rule import Decision, Rule, first_decision, select_rules
-from .trace import CallSite, TraceError, trace_call
+from .rule import Decision, Rule, Verdict, first_decision, select_rules
+from .trace import CallSite, trace_call
 
 
 class EagerFallbackWarning(UserWarning):
@@ -38,7 +41,7 @@ class EagerFallbackWarning(UserWarning):
 
 @dataclass
 class Analysis:
-    """One traced call: its graph and call site, the decision, and the call it was made for."""
+    """One traced call: its graph and call site, every rule's verdict with the facts it read, and where."""
 
     number: int
     api: str
@@ -46,8 +49,16 @@ class Analysis:
     operands: str  # the operand shapes it was first seen with
     graph: Graph | None
     site: CallSite | None
-    decision: Decision | None
+    verdicts: list[tuple[Verdict, Facts]] = field(default_factory=list)
     error: str | None = None
+
+    @property
+    def decision(self) -> Decision | None:
+        return first_decision([verdict for verdict, _ in self.verdicts])
+
+    def holds_for(self, env: ArrayEnv) -> bool:
+        """Whether every guard that ran would answer `env`'s call as it answered this one."""
+        return all(facts.still_holds(env) for _, facts in self.verdicts)
 
 
 def _operand_text(call: intercept.Call) -> str:
@@ -55,7 +66,7 @@ def _operand_text(call: intercept.Call) -> str:
                      for k, a in call.operands.items() if a is not None)
 
 
-def analyse(call: intercept.Call, number: int) -> Analysis:
+def trace_one_call(call: intercept.Call) -> tuple[Graph, CallSite]:
     """Trace `call` alone on placeholder operands (same shapes and dtypes, row-major)."""
     names = [k for k, a in call.operands.items() if a is not None]
     placeholders = tuple(mx.zeros(call.operands[k].shape, call.operands[k].dtype) for k in names)
@@ -66,7 +77,7 @@ def analyse(call: intercept.Call, number: int) -> Analysis:
     graph = trace_call(one_call, placeholders, {})
     site = next(s for s in graph.calls if s.source == "python")
     site.location = call.location
-    return Analysis(number, call.api, call.location or "?", _operand_text(call), graph, site, None)
+    return graph, site
 
 
 class ForwardPass:
@@ -77,7 +88,7 @@ class ForwardPass:
         self.backend = rewriter.backend()
         self.observer = observer
         self.checked: dict[int, tuple[mx.array, ConstSummary]] = {}  # id -> (array kept alive, summary)
-        self.decided: dict[Hashable, Decision | None] = {}  # value-dependent decisions of this pass
+        self.value_check = self.check if rewriter.check_values else None
 
     def __call__(self, call: intercept.Call) -> mx.array:
         if self.observer is not None:
@@ -94,16 +105,20 @@ class ForwardPass:
 
 
 class EagerRewriter:
-    """Rules applied call by call; decisions cached per site key. Thread-safe: one handler per pass."""
+    """Rules applied call by call; decisions reused while their guards' facts hold. Thread-safe: one handler
+    per pass."""
 
-    def __init__(self, rules: list[Rule] | None = None, disable: tuple[str, ...] = (), check_values: bool = False):
+    def __init__(self, rules: list[Rule] | None = None, disable: tuple[str, ...] | str = (),
+                 check_values: bool = False):
         self.rules = select_rules(rules, disable)
         self.check_values = check_values
         self._by_api: dict[str, list[Rule]] = {}
         for rule in self.rules:
-            self._by_api.setdefault(rule.api, []).append(rule)
+            if not rule.is_subgraph:
+                self._by_api.setdefault(rule.api, []).append(rule)
         self.gate = intercept.Gate({api: [rule.needs for rule in rules] for api, rules in self._by_api.items()})
-        self._analyses: dict[Hashable, Analysis] = {}
+        self._analyses: list[Analysis] = []
+        self._kinds: dict[tuple, list[Analysis]] = {}  # cheap prefix of a call -> analyses to try
         self._counts: Counter[str] = Counter()
         self._lock = threading.Lock()
         self._backend: tuple[mx.Device, Backend] | None = None
@@ -142,65 +157,47 @@ class EagerRewriter:
 
     # ---- one call -------------------------------------------------------------------------------
     def handle(self, call: intercept.Call, forward_pass: ForwardPass) -> mx.array:
-        rules = self._by_api.get(call.api, ())
-        keys = tuple([rule.key(call, forward_pass.backend) for rule in rules])
-        if all(key is None for key in keys):
-            return call.run_original()  # no rule can fire: the common, cheap case
-        key = (call.api, forward_pass.backend, keys)
-        analysis = self._analyses.get(key) or self._analyse(key, call)
-        if analysis.graph is None:
-            return call.run_original()
-        values = self._values(call, rules, keys, forward_pass)
-        if values:
-            decision = self._decide_with_values(analysis, values, forward_pass)
-        else:
-            decision = analysis.decision
+        rules = self._by_api.get(call.api)
+        operands = call.operands
+        if not rules or not any(_meets(rule.needs, operands) for rule in rules):
+            return call.run_original()  # no rule can fire (the gate let it through for an observer)
+        env = ArrayEnv(operands, call.params, {}, forward_pass.backend, forward_pass.value_check)
+        kind = (call.api, tuple(None if a is None else (a.ndim, a.dtype) for a in operands.values()))
+        analysis = next((a for a in self._kinds.get(kind, ()) if a.holds_for(env)), None)
+        if analysis is None:
+            analysis = self._analyse(kind, call, env, forward_pass)
+        decision = analysis.decision
         if decision is None:
             self.count(f"{call.api}: left as is")
             return call.run_original()
         self.count(f"{call.api}: {decision.rule} -> {decision.rewrite}")
         return next(r for r in rules if r.name == decision.rule).apply(call, decision)
 
-    def _analyse(self, key: Hashable, call: intercept.Call) -> Analysis:
+    def _analyse(self, kind: tuple, call: intercept.Call, env: ArrayEnv, forward_pass: ForwardPass) -> Analysis:
         with self._lock:
-            if key in self._analyses:
-                return self._analyses[key]
+            analysis = next((a for a in self._kinds.get(kind, ()) if a.holds_for(env)), None)
+            if analysis is not None:
+                return analysis
             number = len(self._analyses) + 1
+            analysis = Analysis(number, call.api, call.location or "?", _operand_text(call), None, None)
             try:
-                analysis = analyse(call, number)
-                analysis.decision = first_decision(self.rules, analysis.site, analysis.graph, key[1])
-            except (TraceError, RuntimeError, ValueError, TypeError) as error:
-                analysis = Analysis(number, call.api, call.location or "?", _operand_text(call), None, None, None,
-                                    error=str(error))
+                analysis.graph, analysis.site = trace_one_call(call)
+                for rule in self._by_api[call.api]:
+                    facts = call_facts(analysis.site, analysis.graph, env.backend, eager=True,
+                                       value_check=forward_pass.value_check, arrays=call.operands)
+                    verdict = rule.decide(facts, analysis.where)
+                    analysis.verdicts.append((verdict, facts))
+                    if isinstance(verdict, Decision):
+                        break
+            except Exception as error:  # noqa: BLE001 - any failure means "run as written, reported once"
+                analysis.graph = analysis.site = None
+                analysis.verdicts = [(None, _ExactShapes(call))]
+                analysis.error = f"{type(error).__name__}: {error}"
                 warnings.warn(f"mlxrewrite: cannot analyse {call.api} at {call.location}; it runs as written: "
-                              f"{error}", EagerFallbackWarning, stacklevel=5)
-            self._analyses[key] = analysis
+                              f"{analysis.error}", EagerFallbackWarning, stacklevel=5)
+            self._analyses.append(analysis)
+            self._kinds.setdefault(kind, []).append(analysis)
             return analysis
-
-    def _values(self, call: intercept.Call, rules: list[Rule], keys: tuple,
-                forward_pass: ForwardPass) -> dict[str, ConstSummary]:
-        if not self.check_values:
-            return {}
-        names = {name for rule, key in zip(rules, keys) if key is not None for name in rule.value_operands}
-        return {name: forward_pass.check(call.operands[name]) for name in names
-                if isinstance(call.operands.get(name), mx.array)}
-
-    def _decide_with_values(self, analysis: Analysis, values: dict[str, ConstSummary],
-                            forward_pass: ForwardPass) -> Decision | None:
-        """Decide again with the checked values in place of "unknown" (cheap: no trace)."""
-        memo = (analysis.number, tuple(sorted((k, id(v)) for k, v in values.items())))
-        if memo not in forward_pass.decided:
-            with self._lock:
-                graph_values = [analysis.graph.values[analysis.site.operands[k]] for k in values]
-                for value, summary in zip(graph_values, values.values()):
-                    value.constant = summary
-                try:
-                    forward_pass.decided[memo] = first_decision(self.rules, analysis.site, analysis.graph,
-                                                                forward_pass.backend)
-                finally:
-                    for value in graph_values:
-                        value.constant = None
-        return forward_pass.decided[memo]
 
     def count(self, what: str) -> None:
         self._counts[what] += 1
@@ -208,7 +205,7 @@ class EagerRewriter:
     # ---- looking inside -------------------------------------------------------------------------
     @property
     def traces(self) -> int:
-        """How many calls were traced (one per new site key), however many calls ran."""
+        """How many calls were traced (one per new combination of the facts the guards read)."""
         return len(self._analyses)
 
     @property
@@ -217,31 +214,55 @@ class EagerRewriter:
         return dict(self._counts)
 
     def analyses(self) -> list[Analysis]:
-        return list(self._analyses.values())
+        return list(self._analyses)
 
-    def explain(self) -> str:
-        """Each analysis (why it happened: a new site key) and its decision; how often each outcome ran."""
-        lines = [f"mlxrewrite eager: {self.traces} call trace(s), one per new site key; rules: "
+    def explain(self, declines: bool = False) -> str:
+        """Each analysis (a call whose facts no earlier analysis covered) and its decision; how often each
+        outcome ran. `declines=True` adds why each rule that did not fire declined."""
+        lines = [f"mlxrewrite eager: {self.traces} call trace(s), one per new set of facts the rules read; rules: "
                  f"{', '.join(r.name for r in self.rules)}"
                  + ("; runtime value checks on" if self.check_values else "")]
-        for a in self._analyses.values():
+        for a in self._analyses:
             head = f"  trace #{a.number}: {a.api} at {a.where} ({a.operands})"
+            decision = a.decision
             if a.error is not None:
                 lines.append(f"{head}: not analysed, runs as written: {a.error}")
-            elif a.decision is None:
+            elif decision is None:
                 lines.append(f"{head}: no rule fires")
             else:
-                lines.append(f"{head}: {a.decision.rule} -> {a.decision.rewrite}: {a.decision.reason}")
+                lines.append(f"{head}: {decision.rule} -> {decision.rewrite}: {decision.reason}")
+            if declines:
+                lines += [f"    {v.rule} declined: {v.reason}" for v, _ in a.verdicts if v is not None
+                          and not isinstance(v, Decision)]
         if self._counts:
             lines.append("  calls: " + "; ".join(f"{what} x{n}" for what, n in sorted(self._counts.items())))
         return "\n".join(lines)
 
 
-def eager(fn: Callable | None = None, *, rules: list[Rule] | None = None, disable: tuple[str, ...] = (),
+def _meets(needs: dict[str, int], operands: dict[str, Any]) -> bool:
+    return all(isinstance(operands.get(name), mx.array) and operands[name].ndim >= dims for name, dims in needs.items())
+
+
+class _ExactShapes(Facts):
+    """The facts of a call whose analysis failed: its exact operand shapes and parameters, so that the
+    failure is remembered for identical calls only (one bad call must not poison others of its kind)."""
+
+    def __init__(self, call: intercept.Call):
+        super().__init__(None)
+        self.shapes = {k: None if a is None else tuple(a.shape) for k, a in call.operands.items()}
+        self.params = dict(call.params)
+
+    def still_holds(self, env: ArrayEnv) -> bool:
+        return env.params == self.params and all(
+            (a is None and self.shapes.get(k) is None) or (a is not None and tuple(a.shape) == self.shapes.get(k))
+            for k, a in env.arrays.items())
+
+
+def eager(fn: Callable | None = None, *, rules: list[Rule] | None = None, disable: tuple[str, ...] | str = (),
           check_values: bool = False) -> Any:
     """Rewrite `fn`'s hazardous MLX calls as it runs, without compiling it (usable as a decorator).
 
     The returned function has `.rewriter` (with `explain()` and `traces`).
     """
-    rewriter = EagerRewriter(rules, tuple(disable), check_values)
+    rewriter = EagerRewriter(rules, disable, check_values)
     return rewriter if fn is None else rewriter(fn)

@@ -7,12 +7,13 @@ rewrite runs; a call that does not match is left exactly as written and reported
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import mlx.core as mx
 
+from .bindings import Source, materialise
 from .intercept import Call
-from .rule import Decision, Rule
+from .rule import Bound, Decision, Rule, Verdict
 from .trace import CallSite
 
 
@@ -24,10 +25,14 @@ class PlannedCall:
     location: str | None
     shapes: tuple
     decision: Decision | None
+    verdicts: tuple[Verdict, ...] = ()  # every rule's verdict here, for explain()
+    sources: dict[str, Source] | None = None  # a subgraph rewrite's placeholders, recovered at run time
+    covered_by: int | None = None  # the anchor call whose subgraph rewrite makes this call dead code
 
     @classmethod
-    def of(cls, site: CallSite, shapes: tuple, decision: Decision | None) -> "PlannedCall":
-        return cls(site.api, site.location, shapes, decision)
+    def of(cls, site: CallSite, shapes: tuple, decision: Decision | None, verdicts: tuple = (),
+           sources: dict[str, Source] | None = None, covered_by: int | None = None) -> "PlannedCall":
+        return cls(site.api, site.location, shapes, decision, verdicts, sources, covered_by)
 
 
 def call_shapes(call: Call) -> tuple:
@@ -47,14 +52,17 @@ class Plan:
 class Applier:
     """Intercept handler that runs the plan's rewrites; counts calls that did not match the plan."""
 
-    def __init__(self, plan: Plan):
+    def __init__(self, plan: Plan, inputs: list[mx.array] = ()):
         self.plan = plan
+        self.inputs = list(inputs)  # the traced function's inputs (arguments, then state), for bindings
         self.position = 0
+        self.seen: list[Call] = []  # this run's calls, by plan position: subgraph rewrites read their operands
         self.mismatches: list[str] = []
 
     def __call__(self, call: Call) -> mx.array:
         index = self.position
         self.position += 1
+        self.seen.append(call)
         planned = self.plan.calls[index] if index < len(self.plan.calls) else None
         seen = (call.api, call.location, call_shapes(call))
         if planned is None or seen != (planned.api, planned.location, planned.shapes):
@@ -63,4 +71,8 @@ class Applier:
             return call.run_original()
         if planned.decision is None:
             return call.run_original()
-        return self.plan.rules[planned.decision.rule].apply(call, planned.decision)
+        rule = self.plan.rules[planned.decision.rule]
+        if planned.sources is None:
+            return rule.apply(call, planned.decision)
+        operands = {name: materialise(source, self.seen, self.inputs) for name, source in planned.sources.items()}
+        return rule.apply(Bound(operands, dict(call.params)), planned.decision)

@@ -1,94 +1,144 @@
-"""What a rule is: a declarative record of one hazard and its rewrites.
+"""What a rule is: a pattern, guards over named facts, and rewrites. Both paths decide through `decide`.
 
-A rule looks at one API call site with the graph's facts (`match`), and either declines or returns a
-`Decision` naming one of its rewrites. The rewrite runs later, at the call, on real (traced) arrays.
-The rule's docstring (its module's) says the hazard, the evidence, the rewrite and when it must not fire.
+    RULE = Rule(name, severity, hazard, pattern=CallPattern("quantized_matmul"), guard=guard,
+                rewrites={"fold": fold, ...}, doc=__doc__)
 
-For eager rewriting (`eager.py`, the mlx-lm wrapper), where a whole-function trace per shape would mean a
-trace per token, a rule also declares which facts of a call its decision depends on (`site_key`): calls
-with equal keys get the same decision, so one small trace serves a whole decode loop.
+- `pattern` (pattern.py): one intercepted call, or a subgraph written as MLX code.
+- `guard(facts) -> Decision | Decline`: reads the match through `Facts` (facts.py), which records every
+  read. The eager cache key is derived from exactly those reads, so there is no hand-written key to drift.
+  A guard that asks for a fact the path cannot supply (values in eager mode without check_values, say)
+  declines with that reason instead of silently doing nothing.
+- `rewrites[name](matched, decision) -> mx.array`: receives what it matched (tinygrad's way): the
+  intercepted `Call` for a call pattern (operands, params, `run_original`), a `Bound` for a subgraph
+  (the placeholders' arrays).
+The rule's module docstring says the hazard, the evidence, the rewrite and when it must not fire.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Callable, Hashable
+from typing import Any, Callable
 
 import mlx.core as mx
 
-from .graph import Graph
-from .intercept import Call
-from .policy import Backend
-from .trace import CallSite
-
-Matcher = Callable[[CallSite, Graph, Backend], "Decision | None"]
-Rewrite = Callable[[Call, "Decision"], mx.array]
-SiteKey = Callable[[Call, Backend], "Hashable | None"]
+from . import intercept
+from .facts import Facts, FactUnavailable
+from .pattern import CallPattern, GraphPattern, Pattern
 
 
 @dataclass(frozen=True)
 class Decision:
-    """A rule's verdict on one call site: which rewrite, why, and what the rewrite needs to know."""
+    """A rule fires: which rewrite, why, and what the rewrite needs to know."""
 
     rule: str
     rewrite: str
     reason: str
     params: dict[str, Any] = field(default_factory=dict)
+    where: str = ""  # the call site (file:line), filled in by the path that decided
+
+
+@dataclass(frozen=True)
+class Decline:
+    """A rule does not fire, and why (shown by explain(), the audit on request, and the logs)."""
+
+    rule: str
+    reason: str
+    where: str = ""
+
+
+Verdict = Decision | Decline
+Guard = Callable[[Facts], Verdict]
+
+
+@dataclass(frozen=True)
+class Bound:
+    """What a subgraph rewrite receives: each placeholder's array (None where absent) and the anchor call's
+    parameters."""
+
+    operands: dict[str, mx.array | None]
+    params: dict[str, Any]
 
 
 @dataclass(frozen=True)
 class Rule:
-    """One hazard: the API it concerns, how to recognise it, and how to rewrite it."""
+    """One hazard: the pattern that shows it, the guards that decide, and the rewrites that fix it."""
 
     name: str
-    api: str  # the intercepted API whose calls it matches ("quantized_matmul", ...)
     severity: str  # "error" (wrong numbers or crashes) | "warning" (slow or numerically divergent)
     hazard: str = field(repr=False)  # one line: what goes wrong
-    match: Matcher = field(repr=False)
-    rewrites: dict[str, Rewrite] = field(repr=False)
-    doc: str = field(default="", repr=False)  # the full docstring: hazard, evidence, rewrite, when it must not fire
-    # Eager mode: the facts of a call the decision depends on (None: the rule cannot fire on this call).
-    # Without one, eager mode keys decisions by exact operand shapes (a new analysis per new shape).
-    site_key: SiteKey | None = field(default=None, repr=False)
-    # Operands whose values (not just shapes) the decision depends on; eager mode may check them at run
-    # time when the user allows it (`check_values=True`), once per value per forward pass.
-    value_operands: tuple[str, ...] = ()
-    # Eager mode's fast path: operands that must be arrays of at least so many dims for the rule to fire
-    # at all (its site_key is None otherwise). Calls that fail it for every rule of their API run as
-    # written without being bound or keyed. Empty: every call of the API is considered.
+    pattern: Pattern = field(repr=False)
+    guard: Guard = field(repr=False)
+    rewrites: dict[str, Callable[..., mx.array]] = field(repr=False)
+    doc: str = field(default="", repr=False)
+    version: int = 1  # joins the eager cache key: bump it when the guard changes meaning
+    # Eager mode's fast path: operands that must be arrays of at least so many dims for the rule to fire at
+    # all; calls that fail it for every rule of their API run as written, unbound. The guard must decline
+    # wherever `needs` fails (tests/test_eager.py holds the built-in rules to it).
     needs: dict[str, int] = field(default_factory=dict)
+    # Subgraph rules in eager mode: the Python function ("module:function") whose calls are the regions the
+    # pattern is matched in (mlx-lm's quantized attention). Without one a subgraph rule is compile-only, and
+    # eager mode says so.
+    region: str | None = None
 
-    def decide(self, site: CallSite, graph: Graph, backend: Backend) -> Decision | None:
-        if site.api != self.api:
-            return None
-        decision = self.match(site, graph, backend)
-        if decision is not None and decision.rewrite not in self.rewrites:
-            raise ValueError(f"rule {self.name} chose unknown rewrite {decision.rewrite!r}")
-        return decision
+    def __post_init__(self) -> None:
+        if self.pattern.anchor_api not in intercept.APIS:
+            raise ValueError(f"rule {self.name}: API {self.pattern.anchor_api!r} is not intercepted; "
+                             f"known: {sorted(intercept.APIS)}")
+        if self.severity not in ("error", "warning"):
+            raise ValueError(f"rule {self.name}: severity must be 'error' or 'warning', got {self.severity!r}")
+        if not self.rewrites or not callable(self.guard):
+            raise ValueError(f"rule {self.name}: needs a guard and at least one rewrite")
 
-    def key(self, call: Call, backend: Backend) -> Hashable | None:
-        """Eager-mode cache key of `call` for this rule (None: it cannot fire here)."""
-        if call.api != self.api:
-            return None
-        if self.site_key is None:
-            return tuple((k, None if a is None else (a.shape, a.dtype)) for k, a in call.operands.items()) + (
-                tuple(sorted(call.params.items(), key=lambda kv: kv[0])),)
-        return self.site_key(call, backend)
+    @property
+    def api(self) -> str:
+        """The intercepted API at which the rule's rewrite runs (the pattern's output)."""
+        return self.pattern.anchor_api
 
-    def apply(self, call: Call, decision: Decision) -> mx.array:
-        return self.rewrites[decision.rewrite](call, decision)
+    @property
+    def is_subgraph(self) -> bool:
+        return isinstance(self.pattern, GraphPattern)
+
+    def decide(self, facts: Facts, where: str = "") -> Verdict:
+        """The guard's verdict on one match (a guard that raises is the rule's bug: it propagates)."""
+        try:
+            verdict = self.guard(facts)
+        except FactUnavailable as missing:
+            return Decline(self.name, f"needs a fact this path cannot supply: {missing}", where)
+        if isinstance(verdict, Decision) and verdict.rewrite not in self.rewrites:
+            raise ValueError(f"rule {self.name} chose unknown rewrite {verdict.rewrite!r}")
+        if not isinstance(verdict, (Decision, Decline)):
+            raise TypeError(f"rule {self.name}: its guard must return a Decision or a Decline, got "
+                            f"{type(verdict).__name__}")
+        return dataclasses.replace(verdict, rule=self.name, where=where)
+
+    def apply(self, matched: Any, decision: Decision) -> mx.array:
+        return self.rewrites[decision.rewrite](matched, decision)
+
+    def forcing(self, rewrite: str) -> "Rule":
+        """This rule choosing `rewrite` wherever it fires (benchmarks and tests time each rewrite alike)."""
+        if rewrite not in self.rewrites:
+            raise ValueError(f"rule {self.name} has no rewrite {rewrite!r}; it has {sorted(self.rewrites)}")
+
+        def guard(facts: Facts) -> Verdict:
+            verdict = self.guard(facts)
+            if not isinstance(verdict, Decision):
+                return verdict
+            return dataclasses.replace(verdict, rewrite=rewrite, reason=f"{verdict.reason}; forced {rewrite}")
+
+        return dataclasses.replace(self, guard=guard, hazard=f"{self.hazard} (forced: {rewrite})")
 
 
-def first_decision(rules: list[Rule], site: CallSite, graph: Graph, backend: Backend) -> Decision | None:
-    """The decision of the first rule that fires on `site` (rules are tried in order)."""
-    return next((d for rule in rules if (d := rule.decide(site, graph, backend)) is not None), None)
+def first_decision(verdicts: list[Verdict]) -> Decision | None:
+    return next((v for v in verdicts if isinstance(v, Decision)), None)
 
 
 _REGISTRY: dict[str, Rule] = {}
 
 
 def register_rule(rule: Rule) -> Rule:
-    """Add a rule that every `mlxrewrite.compile`/`audit` uses by default (replaces one of the same name)."""
+    """Add a rule that every `mlxrewrite.compile`/`eager`/`audit` uses by default (replaces one of the same
+    name)."""
     if not isinstance(rule, Rule):
         raise TypeError(f"register_rule expects a mlxrewrite.Rule, got {type(rule).__name__}")
     _REGISTRY[rule.name] = rule
@@ -103,8 +153,10 @@ def default_rules() -> list[Rule]:
     return list(by_name.values())
 
 
-def select_rules(rules: list[Rule] | None = None, disable: tuple[str, ...] | list[str] = ()) -> list[Rule]:
-    """The default rules plus `rules`, less those named in `disable` (unknown names are an error)."""
+def select_rules(rules: list[Rule] | None = None, disable: tuple[str, ...] | list[str] | str = ()) -> list[Rule]:
+    """The default rules plus `rules`, less those named in `disable` (one name, or several; unknown names
+    are an error). Subgraph rules come first: where one matches, it replaces the calls inside it."""
+    disable = (disable,) if isinstance(disable, str) else tuple(disable)
     chosen = {rule.name: rule for rule in default_rules()}
     for rule in rules or ():
         if not isinstance(rule, Rule):
@@ -113,4 +165,9 @@ def select_rules(rules: list[Rule] | None = None, disable: tuple[str, ...] | lis
     unknown = set(disable) - set(chosen)
     if unknown:
         raise ValueError(f"disable= names unknown rules {sorted(unknown)}; known: {sorted(chosen)}")
-    return [rule for name, rule in chosen.items() if name not in set(disable)]
+    kept = [rule for name, rule in chosen.items() if name not in set(disable)]
+    return sorted(kept, key=lambda rule: not rule.is_subgraph)
+
+
+__all__ = ["Bound", "CallPattern", "Decision", "Decline", "GraphPattern", "Rule", "Verdict", "default_rules",
+           "first_decision", "register_rule", "select_rules"]

@@ -39,73 +39,97 @@ a profile measured that bucket wrong. A profile never stops the rule where the s
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import mlx.core as mx
+import numpy as np
 
-from mlxrewrite.graph import Graph, dtype_name
+from mlxrewrite.facts import Facts, Read
+from mlxrewrite.graph import dtype_name
 from mlxrewrite.intercept import Call
 from mlxrewrite.layout import broadcast_strides, stride0_batch_dims
+from mlxrewrite.pattern import CallPattern
 from mlxrewrite.policy import Backend, cuda_qmm_overreads, needs_dense_weights, qmm_route
-from mlxrewrite.rule import Decision, Rule
-from mlxrewrite.trace import CallSite
+from mlxrewrite.rule import Decision, Decline, Rule
 
 NAME = "quantized-matmul-broadcast-weights"
 WEIGHTS = ("w", "scales", "biases")
 SLACK_BYTES = 1024  # >= 2 K-tiles of 128 columns of float16 x (512 B) or of 8-bit w (256 B)
 
 
-def match(site: CallSite, graph: Graph, backend: Backend) -> Decision | None:
-    x = graph.values[site.operands["x"]]
-    out = graph.values[site.output]
-    weights = {k: graph.values[site.operands[k]] for k in WEIGHTS if site.operands.get(k)}
-    if len(x.shape) <= 2 or len(weights["w"].shape) <= 2:
-        return None
-    batch = out.shape[:-2]
-    kernel = {k: broadcast_strides(v.shape, v.strides, batch + v.shape[-2:]) for k, v in weights.items()}
-    zero = {k: stride0_batch_dims(batch + weights[k].shape[-2:], s) for k, s in kernel.items()}
-    params = rewrite_params(backend, batch, zero, x.shape, dtype_name(out.dtype), site.params)
-    dims = params["dims"]
+def guard(facts: Facts) -> Decision | Decline:
+    if facts.ndim("x") <= 2 or facts.ndim("w") <= 2:
+        return Decline(NAME, "x or w is 2-D: MLX does not broadcast the weights")
+    weights = tuple(k for k in WEIGHTS if facts.present(k))
+    batch, zero = facts.derive("broadcast weight dims", _broadcast_dims, *_layout_questions(weights))
+    params = {k: facts.param(k) for k in ("group_size", "bits", "mode", "transpose")}
+    dtype = dtype_name(facts.dtype("x"))
+    backend = facts.backend
+    (m,) = facts.dims("x", -2)
+    slack = facts.derive("slack", _slack, Read("backend"), Read("dtype", "x"), Read("shape", "x"), Read("shape", "w"),
+                         *(Read("param", k) for k in params))
+    decision_params = rewrite_params(backend, batch, zero, slack)
+    dims = decision_params["dims"]
     if not dims:
-        return None
+        return Decline(NAME, "no weight batch dim has stride 0")
     foldable = all(zero[k] == dims for k in weights)
-    route = qmm_route(backend, dtype_name(x.dtype), x.shape, weights["w"].shape, site.params)
+    route = facts.derive("route", _route, Read("backend"), Read("dtype", "x"), Read("shape", "x"), Read("shape", "w"),
+                         *(Read("param", k) for k in params))
     rewrite = route.choose(foldable)
     if rewrite is None:
-        return None
-    facts = ", ".join(f"{k} strides {kernel[k]}" for k in weights)
+        return Decline(NAME, f"batch dims {dims} of the weights have stride 0, but {route.why}; left as written")
     how = {
-        "fold": f"fold dims {dims} into M={x.shape[-2]}" + (" (weights made dense first)" if params["densify"] else ""),
+        "fold": f"fold dims {dims} into M={m}" + (" (weights made dense first)" if decision_params["densify"] else ""),
         "copy": "copy" + ("" if foldable else ": not every weight operand is broadcast on those dims"),
         "dequantize": "dequantize the weights, then a float matmul",
     }[rewrite]
-    if params["slack"] and rewrite != "dequantize":
-        how += f"; x and weights get {SLACK_BYTES} B of slack ({params['slack']})"
-    return Decision(NAME, rewrite, f"batch dims {dims} of the weights have stride 0 ({facts}); {route.why}; {how}",
-                    params)
+    if decision_params["slack"] and rewrite != "dequantize":
+        how += f"; x and weights get {SLACK_BYTES} B of slack ({decision_params['slack']})"
+    seen = ", ".join(f"{k} strides {_kernel_strides(facts, k, batch)}" for k in weights)
+    return Decision(NAME, rewrite, f"batch dims {dims} of the weights have stride 0 ({seen}); {route.why}; {how}",
+                    decision_params)
 
 
-def rewrite_params(backend: Backend, batch: tuple, operand_dims: dict[str, tuple], x_shape: tuple, dtype: str,
-                   call_params: dict) -> dict:
+def _kernel_strides(facts: Facts, name: str, batch: tuple) -> tuple:
+    """The strides the kernel sees for weight operand `name` (for the message: not a fact of the decision)."""
+    shape = facts.peek("shape", name)
+    return broadcast_strides(shape, facts.peek("strides", name), batch + shape[-2:])
+
+
+def _layout_questions(weights: tuple[str, ...]) -> tuple[Read, ...]:
+    return (Read("shape", "x"), *(Read(kind, k) for k in weights for kind in ("shape", "strides")))
+
+
+def _broadcast_dims(x_shape: tuple, *layouts: tuple) -> tuple[tuple, dict[str, tuple]]:
+    """(the output's batch shape, each weight operand's stride-0 batch dims as the kernel sees them): the
+    facts the decision needs, free of the KV length, so eager mode reuses one decision along a decode."""
+    shapes, strides = layouts[0::2], layouts[1::2]
+    batch = tuple(np.broadcast_shapes(x_shape[:-2], *(s[:-2] for s in shapes)))
+    zero = {name: stride0_batch_dims(batch + shape[-2:], broadcast_strides(shape, stride, batch + shape[-2:]))
+            for name, shape, stride in zip(WEIGHTS, shapes, strides)}
+    return batch, zero
+
+
+def _route(backend: Backend, dtype: mx.Dtype, x_shape: tuple, w_shape: tuple, *params: Any):
+    return qmm_route(backend, dtype_name(dtype), x_shape, w_shape,
+                     dict(zip(("group_size", "bits", "mode", "transpose"), params)))
+
+
+def _slack(backend: Backend, dtype: mx.Dtype, x_shape: tuple, w_shape: tuple, *params: Any) -> str | None:
+    """Why the quantized call needs slack after x and w (None: it does not); K is the KV length in the values
+    call, so this is derived, and the eager key holds the answer, not K."""
+    batch = tuple(np.broadcast_shapes(x_shape[:-2], w_shape[:-2]))
+    return cuda_qmm_overreads(backend, dtype_name(dtype), math.prod(batch) * x_shape[-2], x_shape[-1],
+                              dict(zip(("group_size", "bits", "mode", "transpose"), params)))
+
+
+def rewrite_params(backend: Backend, batch: tuple, operand_dims: dict[str, tuple], slack: str | None) -> dict:
     """What every rewrite needs: the output batch shape, each weight operand's stride-0 dims, whether fold
     must make the weights dense, and why the quantized call needs slack after its buffers, if it does (also
     the doctor's way to force a rewrite on a probe)."""
     dims = tuple(sorted(set().union(*operand_dims.values())))
-    rows = math.prod(batch) * x_shape[-2]
-    slack = cuda_qmm_overreads(backend, dtype, rows, x_shape[-1], call_params)
     return {"dims": dims, "batch": batch, "operand_dims": operand_dims, "densify": needs_dense_weights(backend),
             "slack": slack}
-
-
-def site_key(call: Call, backend: Backend):
-    """The decision depends on the batch shapes (which dims broadcast), M, the parameters and the route
-    (which holds the profile's verdict for the call's bucket, or the source-derived hazard); not on the
-    KV length itself, only its bucket, so a decode loop reuses one decision per bucket."""
-    x, w = call.operands["x"], call.operands["w"]
-    if x.ndim <= 2 or w.ndim <= 2:
-        return None
-    batches = tuple(None if a is None else a.shape[:-2] for a in call.operands.values())
-    route = qmm_route(backend, dtype_name(x.dtype), x.shape, w.shape, call.params)
-    return batches, x.shape[-2], x.dtype, tuple(sorted(call.params.items())), route
 
 
 def _aligned(a: mx.array, ndim: int) -> mx.array:
@@ -185,13 +209,12 @@ def dequantize(call: Call, decision: Decision) -> mx.array:
 
 RULE = Rule(
     name=NAME,
-    api="quantized_matmul",
     severity="error",
     hazard="quantized_matmul with stride-0 (broadcast) weight batch dims: wrong results on Metal (M >= 2, "
            "vector kernel) and CUDA (every M), or 'No implementation for problem shape' on CUDA",
-    match=match,
+    pattern=CallPattern("quantized_matmul"),
+    guard=guard,
     rewrites={"fold": fold, "copy": copy, "dequantize": dequantize},
     doc=__doc__,
-    site_key=site_key,
     needs={"x": 3, "w": 3},  # rank-2 x or w: MLX does not broadcast (linear layers pass straight through)
 )

@@ -22,42 +22,30 @@ from __future__ import annotations
 
 import mlx.core as mx
 
-from mlxrewrite.constants import summarize
-from mlxrewrite.graph import Graph
+from mlxrewrite.facts import Facts, Read
 from mlxrewrite.intercept import Call
-from mlxrewrite.policy import Backend
-from mlxrewrite.rule import Decision, Rule
-from mlxrewrite.trace import CallSite
+from mlxrewrite.pattern import CallPattern
+from mlxrewrite.rule import Decision, Decline, Rule
 
 NAME = "sdpa-noop-mask"
 
 
-def match(site: CallSite, graph: Graph, backend: Backend) -> Decision | None:
-    mask_name = site.operands.get("mask")
-    if not mask_name:
-        return None
-    mask = graph.values[mask_name]
-    if "q" in site.operands:
-        q, k = graph.values[site.operands["q"]], graph.values[site.operands["k"]]
-        if not _fits(mask.shape, q.shape, k.shape):
-            return None
-    summary = summarize(graph, mask_name)
+def guard(facts: Facts) -> Decision | Decline:
+    if not facts.present("mask"):
+        return Decline(NAME, "no array mask")
+    if facts.present("q") and not facts.derive("mask fits the scores", _fits, Read("shape", "mask"), Read("shape", "q"), Read("shape", "k")):
+        return Decline(NAME, "the mask would broadcast the output to a larger shape")
+    summary = facts.const("mask")
     if summary is None:
-        return None
+        return Decline(NAME, "the mask's values are not known (not built from constants; eager mode checks them "
+                             "only with check_values=True)")
     how = "is constant and" if summary.source == "constant" else f"was checked at run time ({summary.source}):"
-    if mask.dtype == mx.bool_ and summary.all_true:
-        return Decision(NAME, "drop_mask", f"bool mask {mask.type_str} {how} all True")
-    if mask.dtype != mx.bool_ and summary.all_zero:
-        return Decision(NAME, "drop_mask", f"additive mask {mask.type_str} {how} all zero")
-    return None
-
-
-def site_key(call: Call, backend: Backend):
-    """Only the mask's dtype and whether it fits matter by shape; its values are checked separately."""
-    mask = call.argument("mask")  # checked on every call: cheap unless there is an array mask
-    if not isinstance(mask, mx.array):
-        return None
-    return mask.dtype, _fits(mask.shape, call.shape_of("q"), call.shape_of("k"))
+    kind = "bool" if facts.dtype("mask") == mx.bool_ else "additive"
+    if kind == "bool" and summary.all_true:
+        return Decision(NAME, "drop_mask", f"bool mask {how} all True")
+    if kind == "additive" and summary.all_zero:
+        return Decision(NAME, "drop_mask", f"additive mask {how} all zero")
+    return Decline(NAME, f"the {kind} mask changes the result ({summary})")
 
 
 def _fits(mask_shape: tuple, q_shape: tuple, k_shape: tuple) -> bool:
@@ -74,14 +62,12 @@ def drop_mask(call: Call, decision: Decision) -> mx.array:
 
 RULE = Rule(
     name=NAME,
-    api="scaled_dot_product_attention",
     severity="warning",
     hazard="scaled_dot_product_attention with an all-True / all-zero mask takes the slower masked path "
            "(1.5-3.2x on H100 decode) and diverges numerically on Metal",
-    match=match,
+    pattern=CallPattern("scaled_dot_product_attention"),
+    guard=guard,
     rewrites={"drop_mask": drop_mask},
     doc=__doc__,
-    site_key=site_key,
-    value_operands=("mask",),
     needs={"mask": 0},
 )

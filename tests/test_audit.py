@@ -14,7 +14,7 @@ import mlx.core as mx
 import pytest
 
 import mlxrewrite
-from mlxrewrite import Rule
+from mlxrewrite import CallPattern, Decline, Rule
 from mlxrewrite.audit import Report, picture_dot, rule_evidence
 from mlxrewrite.audit_mlx_lm import Options, config_cases, shrink_config
 from mlxrewrite.cli import main
@@ -192,10 +192,12 @@ def test_repeated_call_site_is_printed_once_with_its_count():
 
 
 def test_rule_evidence_parses_the_docstring():
-    rule = Rule("r", "quantized_matmul", "warning", "h", lambda *a: None, {},
+    never = {"none": lambda call, decision: call.run_original()}
+    rule = Rule("r", "warning", "h", CallPattern("quantized_matmul"), lambda facts: Decline("r", "test"), never,
                 doc="Hazard: x.\n\nEvidence: measured\n  on two lines.\n\nRewrite: y.")
     assert rule_evidence(rule) == "measured on two lines."
-    assert rule_evidence(Rule("r", "quantized_matmul", "warning", "h", lambda *a: None, {})) == ""
+    assert rule_evidence(Rule("r", "warning", "h", CallPattern("quantized_matmul"), lambda facts: Decline("r", "test"),
+                              never)) == ""
 
 
 # ---- JSON schema -----------------------------------------------------------------------------------------

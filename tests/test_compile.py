@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 import mlxrewrite
-from mlxrewrite import Decision, FallbackWarning, RewrittenFunction, Rule, SignatureError, TraceError
+from mlxrewrite import CallPattern, Decision, Decline, FallbackWarning, RewrittenFunction, Rule, SignatureError, \
+    TraceError
 from mlxrewrite import rule as rule_module
 
 _spec = importlib.util.spec_from_file_location(
@@ -486,12 +487,13 @@ def linear_qmm(x, w, s, b):
 
 
 def doubling_rule(name="double-2d-qmm", rewrite="double"):
-    def match(site, graph, backend):
-        w = graph.values[site.operands["w"]]
-        return Decision(name, rewrite, f"2-D weights {w.type_str}") if len(w.shape) == 2 else None
+    def guard(facts):
+        if facts.ndim("w") != 2:
+            return Decline(name, "weights are not 2-D")
+        return Decision(name, rewrite, f"2-D weights {facts.shape('w')}")
 
-    return Rule(name=name, api="quantized_matmul", severity="warning", hazard="test rule",
-                match=match, rewrites={"double": lambda call, decision: call.run_original() * 2})
+    return Rule(name=name, severity="warning", hazard="test rule", pattern=CallPattern("quantized_matmul"),
+                guard=guard, rewrites={"double": lambda call, decision: call.run_original() * 2})
 
 
 @pytest.fixture
@@ -511,7 +513,7 @@ def test_registered_rule_fires(clean_registry):
     assert "double-2d-qmm" in [r.name for r in mlxrewrite.default_rules()]
     rewritten = mlxrewrite.compile(linear_qmm)
     assert mx.allclose(rewritten(x, *QUANT_W), expected * 2).item()
-    assert "double-2d-qmm -> double: 2-D weights uint32[64,32]" in rewritten.explain()
+    assert "double-2d-qmm -> double: 2-D weights (64, 32)" in rewritten.explain()
     report = mlxrewrite.audit(linear_qmm, x, *QUANT_W)
     assert [f.rule for f in report.findings] == ["double-2d-qmm"]
 

@@ -16,6 +16,9 @@ import mlxrewrite.doctor
 from mlxrewrite import cli, doctor, policy
 from mlxrewrite.policy import (NOT_MEASURED, ORIGINAL, Backend, Measured, Profile, QmmBucket, QmmVerdict,
                                ProfileWarning)
+from mlxrewrite.decide import call_facts, decide_site
+from mlxrewrite.eager import trace_one_call
+from mlxrewrite.facts import ArrayEnv
 from mlxrewrite.rules import quantized_matmul_broadcast as qmb
 
 # Small and fast on CPU: d=64, rows 256 (aligned) and 255 (not), M buckets 1, 2-3, 4-7
@@ -284,7 +287,7 @@ def bucket_of(args, transpose: bool) -> QmmBucket:
 def decide(fn, args, backend):
     graph = mlxrewrite.trace(fn, *args)
     (site,) = [s for s in graph.calls if s.api == "quantized_matmul"]
-    return qmb.RULE.decide(site, graph, backend)
+    return decide_site([qmb.RULE], site, graph, backend)
 
 
 def with_profile(profile: Profile, **changes) -> Backend:
@@ -544,22 +547,32 @@ def test_cuda_jit_cache_is_reported_cold_or_warm(tmp_path, monkeypatch, capsys):
     assert warm == {"dir": str(cache), "modules": 1, "warm": True}
     assert "is warm (1 compiled modules)" in doctor.jit_cache.describe(warm)
 
-# ---- eager mode: equal site keys, equal decisions ----------------------------------------------------------
+# ---- eager mode: where the recorded facts hold, the decision is the same -------------------------------
 
-def test_site_keys_hold_every_fact_the_decision_depends_on():
+def test_recorded_facts_hold_every_fact_the_decision_depends_on():
+    """For every pair of calls: where the facts eager mode recorded for one hold for the other, the decision the
+    compile path makes on the other's whole graph is the same (so reusing it along a decode loop is exact)."""
     profile = cached_measure("cuda", CUDA_WRONG, UNALIGNED_UNSUPPORTED)
     backends = [Backend("cpu"), with_profile(profile), with_profile(profile, kind="metal", arch="applegpu_g13s")]
     shapes = [(m, rows, t) for m in (1, 2, 3, 5) for rows in (250, 251, 253, 255, 256, 384, 2100)
               for t in (True, False)]
     for backend in backends:
-        groups: dict = {}
+        analysed, reused = [], 0
         for m, rows, transpose in shapes:
             fn, args, _ = gqa_call(m, rows, transpose)
             decision = decide(fn, args, backend)
-            groups.setdefault(qmb.RULE.key(as_call(args, transpose), backend), set()).add(
-                None if decision is None else (decision.rewrite, repr(decision.params)))
-        assert all(len(found) == 1 for found in groups.values()), groups
-        assert len(groups) < len(shapes)  # a decode loop's growing rows share keys within a bucket
+            outcome = None if decision is None else (decision.rewrite, repr(decision.params))
+            call = as_call(args, transpose)
+            env = ArrayEnv(call.operands, call.params, {}, backend)
+            for facts, earlier in analysed:
+                if facts.still_holds(env):
+                    assert earlier == outcome, (m, rows, transpose)
+                    reused += 1
+            graph, site = trace_one_call(call)
+            facts = call_facts(site, graph, backend, eager=True)
+            qmb.RULE.decide(facts)
+            analysed.append((facts, outcome))
+        assert reused  # a decode loop's growing rows share decisions within a bucket
 
 
 # ---- profile files -------------------------------------------------------------------------------------------

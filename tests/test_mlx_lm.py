@@ -151,7 +151,7 @@ def test_no_retrace_per_token_over_256_steps():
     assert rewriter.traces == 4
     assert counts(model)[QMM] == 2 * 257
     text = mrl.explain(model)
-    assert "4 call trace(s), one per new site key" in text and "257 forward pass(es)" in text
+    assert "4 call trace(s), one per new set of facts the rules read" in text and "257 forward pass(es)" in text
     assert f"{QMM} x514" in text
 
 
@@ -288,21 +288,25 @@ def test_only_the_models_own_code_is_intercepted():
     import mlx_lm.models.base as base
     import mlx_lm.models.llama as llama
 
-    from mlxrewrite import Rule, intercept
+    from mlxrewrite import CallPattern, Decline, Rule, intercept
 
     seen = []
-    spy = Rule("spy", "quantized_matmul", "warning", "test", lambda *a: None, {},
-               site_key=lambda call, backend: seen.append(call.operands["w"].ndim))
+
+    def guard(facts):
+        seen.append(facts.ndim("w"))
+        return Decline("spy", "test")
+
+    spy = Rule("spy", "warning", "test", CallPattern("quantized_matmul"), guard, {"none": lambda c, d: c.run_original()})
     model = tiny("llama")
     nn.quantize(model, group_size=64, bits=4)
     other = tiny("llama", seed=2)
-    mrl.wrap(model, rules=[spy])
+    mrl.wrap(model, rules=[spy], disable="quantized-matmul-broadcast-weights")
     mrl.wrap(other)
     assert base.mx is llama.mx is intercept.instrumented_mlx()
     cache = quantized_cache(model)
     model(tokens(5), cache=cache)
     assert mlx.core.quantized_matmul is intercept.original("quantized_matmul")
-    assert set(seen) == {5} and len(seen) == 2 * len(cache)  # scores and values per layer; no linear layer
+    assert seen == [5]  # one analysis serves scores and values of every layer (ndim is all it reads); no linear layer
     mrl.unwrap(model)
     assert base.mx is intercept.instrumented_mlx()  # `other` still uses it
     mrl.unwrap(other)

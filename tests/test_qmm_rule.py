@@ -7,7 +7,7 @@ import mlx.core as mx
 import pytest
 
 import mlxrewrite
-from mlxrewrite import Decision, Rule
+from mlxrewrite.decide import decide_site
 from mlxrewrite.audit import audit_graph
 from mlxrewrite.layout import is_dense, stride0_batch_dims
 from mlxrewrite import policy
@@ -50,19 +50,12 @@ def qmm_sites(graph):
 
 
 def decisions(graph, backend=CPU):
-    return [qmb.RULE.decide(site, graph, backend) for site in qmm_sites(graph)]
+    return [decide_site([qmb.RULE], site, graph, backend) for site in qmm_sites(graph)]
 
 
 def forced(rewrite):
     """The built-in rule, but always choosing `rewrite` where it fires (same name: replaces the builtin)."""
-    def match(site, graph, backend):
-        decision = qmb.match(site, graph, backend)
-        if decision is None:
-            return None
-        return Decision(decision.rule, rewrite, decision.reason + f"; forced {rewrite}", decision.params)
-
-    return Rule(name=NAME, api="quantized_matmul", severity="error", hazard=qmb.RULE.hazard, match=match,
-                rewrites=qmb.RULE.rewrites)
+    return qmb.RULE.forcing(rewrite)
 
 
 def kernel_stride0_dims(graph):

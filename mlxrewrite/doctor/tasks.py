@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from dataclasses import dataclass
 from typing import Any, Callable, Union
 
@@ -70,8 +71,9 @@ class QmmTask:
         reference = x.astype(mx.float32) @ (mx.swapaxes(deq, -1, -2) if p.transpose else deq)
         mx.eval(x, reference, dense)
         scale = scale_of(reference)
-        params = qmm_rule.rewrite_params(backend, reference.shape[:-2], {k: (2,) for k in qmm_rule.WEIGHTS},
-                                         p.x_shape, p.dtype, p.params)
+        slack = qmm_rule.cuda_qmm_overreads(backend, p.dtype, math.prod(reference.shape[:-1]), p.x_shape[-1],
+                                            p.params)
+        params = qmm_rule.rewrite_params(backend, reference.shape[:-2], {k: (2,) for k in qmm_rule.WEIGHTS}, slack)
         outcomes: dict[Key, Outcome] = {}
         for layout, weights, timed in zip(LAYOUTS, (dense, sliced), (iters, 0)):
             operands = dict(zip(("x", "w", "scales", "biases"), (x, *(mx.expand_dims(a, -3) for a in weights))))

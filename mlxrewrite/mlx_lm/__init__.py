@@ -74,7 +74,7 @@ def wrap(model: nn.Module, *, rules: list[Rule] | None = None, disable: tuple[st
     with _LOCK:
         if is_wrapped(model):
             return model
-        rewriter = EagerRewriter(rules, tuple(disable), check_values=check_masks)
+        rewriter = EagerRewriter(rules, disable, check_values=check_masks)
         modules = _code_modules(model)
         for module in modules:
             intercept.instrument(module)
