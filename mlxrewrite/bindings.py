@@ -51,8 +51,13 @@ class Unreachable(Exception):
     """The value is computed by code the lowering cannot reach."""
 
 
-def resolve(graph: Graph, name: str, from_calls: CallOperands = lambda name: None, depth: int = 0) -> Source:
-    """Where the array of graph value `name` comes from at run time (raises `Unreachable`)."""
+def resolve(graph: Graph, name: str, from_calls: CallOperands = lambda name: None, depth: int = 0,
+            constant_limit: int | None = None) -> Source:
+    """Where the array of graph value `name` comes from at run time (raises `Unreachable`).
+
+    `constant_limit`: the largest constant that may be baked in. Eager mode reuses one region's analysis for
+    later calls of other shapes, so it bakes in scalars only (a fill value); a larger constant (a causal
+    mask built from the first call's length) would be stale."""
     found = from_calls(name)
     if found is not None:
         return found
@@ -63,12 +68,15 @@ def resolve(graph: Graph, name: str, from_calls: CallOperands = lambda name: Non
         array = evaluate(graph, name)
         if array is None:
             raise Unreachable(f"{value.type_str} {name} is a constant this pass cannot evaluate")
+        if constant_limit is not None and array.size > constant_limit:
+            raise Unreachable(f"{value.type_str} {name} is a constant built from this call's shapes; eager mode "
+                              "cannot reuse it for other calls")
         return FromConstant(array)
     node = graph.producer(name)
     if node is None or node.op not in EVALUATORS or len(node.outputs) != 1 or depth >= REPLAY_LIMIT:
         raise Unreachable(f"{value.type_str} {name} is computed by {node.op if node else 'nothing'} inside the "
                           "function, not by an intercepted call, an input or a view of one")
-    return Replayed(node, tuple(resolve(graph, i, from_calls, depth + 1) for i in node.inputs))
+    return Replayed(node, tuple(resolve(graph, i, from_calls, depth + 1, constant_limit) for i in node.inputs))
 
 
 def materialise(source: Source, calls: list, inputs: list[mx.array]) -> mx.array:

@@ -58,14 +58,15 @@ def decide_graph(rules: list[Rule], graph: Graph, backend: Backend, sites: list[
         for rule in (r for r in rules if r.is_subgraph and r.api == entry.site.api):
             if entry.covered_by is not None or entry.site.node is None:
                 break
-            match = rule.pattern.match(graph, graph.nodes[entry.site.node])
+            match = _first_match(rule, graph, graph.nodes[entry.site.node])
             if isinstance(match, FailedMatch):
                 entry.verdicts.append(Decline(rule.name, f"pattern does not match: {match.reason}", entry.site.where()))
                 continue
             verdict = rule.decide(match_facts(match, entry.site, graph, backend), entry.site.where())
             if isinstance(verdict, Decision):
                 try:
-                    entry.sources = recover(graph, match, sites[:index + 1] if from_calls else [])
+                    entry.sources = recover(graph, match, sites[:index + 1]) if from_calls else \
+                        recover(graph, match, [], constant_limit=1)
                 except Unreachable as unreachable:
                     verdict = Decline(rule.name, f"its placeholders cannot be handed to the rewrite: {unreachable}",
                                       verdict.where)
@@ -88,13 +89,26 @@ def decide_graph(rules: list[Rule], graph: Graph, backend: Backend, sites: list[
     return results
 
 
-def recover(graph: Graph, match: Match, calls: list[CallSite]) -> dict[str, Source]:
+def _first_match(rule: Rule, graph: Graph, anchor) -> Match | FailedMatch:
+    """The first of the rule's pattern variants that matches at `anchor`, or why each did not."""
+    failures = []
+    for pattern in rule.patterns:
+        match = pattern.match(graph, anchor)
+        if not isinstance(match, FailedMatch):
+            return match
+        failures.append(f"{pattern.name or pattern.fn.__name__}: {match.reason}")
+    return FailedMatch("; ".join(failures))
+
+
+def recover(graph: Graph, match: Match, calls: list[CallSite], constant_limit: int | None = None
+            ) -> dict[str, Source]:
     """Each bound placeholder's run-time source; `calls` (in plan order) may hand over their operands."""
     def from_calls(name: str) -> FromCall | None:
         return next((FromCall(i, operand) for i, site in enumerate(calls)
                      for operand, value in site.operands.items() if value == name), None)
 
-    return {name: resolve(graph, value, from_calls) for name, value in match.bindings.items() if value is not None}
+    return {name: resolve(graph, value, from_calls, constant_limit=constant_limit)
+            for name, value in match.bindings.items() if value is not None}
 
 
 def decide_site(rules: list[Rule], site: CallSite, graph: Graph, backend: Backend) -> Decision | None:

@@ -25,13 +25,19 @@ from typing import Any, Callable
 
 import mlx.core as mx
 
-from . import intercept
+import inspect
+
+import optree
+
+from . import intercept, regions
+from .bindings import Source, materialise
 from .constants import ConstSummary, summarize_array
-from .decide import call_facts
+from .decide import call_facts, decide_graph
 from .facts import ArrayEnv, Facts
 from .graph import Graph, dtype_name
 from .policy import Backend
-from .rule import Decision, Rule, Verdict, first_decision, select_rules
+from .rule import Bound, Decision, Rule, Verdict, first_decision, select_rules
+from .signature import SignatureError, flatten_call
 from .trace import CallSite, trace_call
 
 
@@ -51,6 +57,8 @@ class Analysis:
     site: CallSite | None
     verdicts: list[tuple[Verdict, Facts]] = field(default_factory=list)
     error: str | None = None
+    sources: dict[str, Source] | None = None  # a region rewrite's placeholders, from the region's inputs
+    note: str = ""  # why a region is keyed by exact shapes
 
     @property
     def decision(self) -> Decision | None:
@@ -95,6 +103,12 @@ class ForwardPass:
             self.observer(call)
         return self.rewriter.handle(call, self)
 
+    def region(self, call: regions.RegionCall) -> Any:
+        """A region function was called in this pass (regions.py)."""
+        if self.observer is not None:
+            self.observer(call)
+        return self.rewriter.handle_region(call, self)
+
     def check(self, array: mx.array) -> ConstSummary:
         """A runtime value summary, once per array per pass (one synchronisation)."""
         known = self.checked.get(id(array))
@@ -117,6 +131,16 @@ class EagerRewriter:
             if not rule.is_subgraph:
                 self._by_api.setdefault(rule.api, []).append(rule)
         self.gate = intercept.Gate({api: [rule.needs for rule in rules] for api, rules in self._by_api.items()})
+        self._regions: dict[str, list[Rule]] = {}
+        self.notes: list[str] = []  # subgraph rules eager mode cannot apply, and why
+        for rule in (r for r in self.rules if r.is_subgraph):
+            why = "it names no region function" if rule.region is None else regions.install(rule.region.path)
+            if why:
+                self.notes.append(f"{rule.name} is not applied in eager mode: {why}")
+            else:
+                self._regions.setdefault(rule.region.path, []).append(rule)
+        self._region_analyses: dict[tuple, Analysis] = {}
+        self._free_dims: dict[tuple, tuple] = {}  # (path, treespec) -> free dim of each array argument leaf
         self._analyses: list[Analysis] = []
         self._kinds: dict[tuple, list[Analysis]] = {}  # cheap prefix of a call -> analyses to try
         self._counts: Counter[str] = Counter()
@@ -199,6 +223,91 @@ class EagerRewriter:
             self._kinds.setdefault(kind, []).append(analysis)
             return analysis
 
+    # ---- one region ------------------------------------------------------------------------------
+    def handle_region(self, call: regions.RegionCall, forward_pass: ForwardPass) -> Any:
+        rules = self._regions.get(call.path)
+        if not rules:
+            return call.run_original()
+        try:
+            arguments = self._arguments(call)
+            arrays, treespec, statics = flatten_call((), arguments)
+        except (TypeError, SignatureError):
+            return call.run_original()
+        free = self._free_dims.get((call.path, treespec)) or self._find_free_dims(call, rules, arguments, treespec)
+        key = (call.path, treespec, statics, forward_pass.backend, tuple(
+            (a.dtype, a.shape if d is None else tuple(-1 if i == d % a.ndim else n for i, n in enumerate(a.shape)))
+            for a, d in zip(arrays, free)))
+        analysis = self._region_analyses.get(key) or self._region_analyses.get(key + (_exact(arrays),))
+        if analysis is None:
+            analysis = self._analyse_region(key, call, rules, arguments, arrays, forward_pass)
+        decision = analysis.decision
+        if decision is None:
+            self.count(f"{analysis.api}: left as is")
+            return call.run_original()
+        self.count(f"{analysis.api}: {decision.rule} -> {decision.rewrite}")
+        operands = {name: materialise(source, [], arrays) for name, source in analysis.sources.items()}
+        rule = next(r for r in rules if r.name == decision.rule)
+        return rule.apply(Bound(operands, dict(analysis.site.params)), decision)
+
+    def _arguments(self, call: regions.RegionCall) -> dict[str, Any]:
+        bound = _signature(call.real).bind(*call.args, **call.kwargs)
+        bound.apply_defaults()
+        return dict(bound.arguments)
+
+    def _find_free_dims(self, call: regions.RegionCall, rules: list[Rule], arguments: dict, treespec: Any) -> tuple:
+        """For each array leaf of the arguments (in flatten order), the dim its rule declares free, or None."""
+        declared: dict[str, int] = {}
+        for rule in rules:
+            declared.update(rule.region.free)
+        paths = optree.tree_paths(((), arguments), none_is_leaf=False)
+        leaves = optree.tree_leaves(((), arguments), none_is_leaf=False)
+        free = tuple(declared.get(path[1]) for path, leaf in zip(paths, leaves) if isinstance(leaf, mx.array))
+        self._free_dims[(call.path, treespec)] = free
+        return free
+
+    def _analyse_region(self, key: tuple, call: regions.RegionCall, rules: list[Rule], arguments: dict,
+                        arrays: list[mx.array], forward_pass: ForwardPass) -> Analysis:
+        with self._lock:
+            number = len(self._analyses) + 1
+            name = call.path.rsplit(":", 1)[-1]
+            text = ", ".join(f"{dtype_name(a.dtype)}[{','.join(map(str, a.shape))}]" for a in arrays)
+            analysis = Analysis(number, f"region {name}", call.location or "?", text, None, None)
+            try:
+                analysis.graph, analysis.site, analysis.verdicts, analysis.sources = \
+                    _decide_region(call, rules, arguments, forward_pass.backend)
+                if not self._free_claim_holds(call, rules, arguments, key[-1], analysis, forward_pass.backend):
+                    analysis.note = "its decision changed with the dims the rule declares free: keyed by exact shapes"
+                    key = key + (_exact(arrays),)
+            except Exception as error:  # noqa: BLE001 - any failure means "run as written, reported once"
+                analysis.graph = analysis.site = analysis.sources = None
+                analysis.verdicts = []
+                analysis.error = f"{type(error).__name__}: {error}"
+                warnings.warn(f"mlxrewrite: cannot analyse {analysis.api} at {analysis.where}; it runs as written: "
+                              f"{analysis.error}", EagerFallbackWarning, stacklevel=5)
+            self._analyses.append(analysis)
+            self._region_analyses[key] = analysis
+            return analysis
+
+    def _free_claim_holds(self, call: regions.RegionCall, rules: list[Rule], arguments: dict, facts: tuple,
+                          analysis: Analysis, backend: Backend) -> bool:
+        """Trace once more with every free dim one longer: the decision must not change."""
+        if all(-1 not in shape for _, shape in facts):
+            return True
+        longer = optree.tree_map(lambda a: a, arguments, none_is_leaf=False)  # a copy of the containers
+        leaves, treespec = optree.tree_flatten(longer, none_is_leaf=False)
+        it = iter(facts)
+        grown = []
+        for leaf in leaves:
+            if isinstance(leaf, mx.array):
+                dtype, shape = next(it)
+                leaf = mx.zeros(tuple(n + 1 if k == -1 else n for n, k in zip(leaf.shape, shape)), dtype)
+            grown.append(leaf)
+        _, _, verdicts, _ = _decide_region(call, rules, optree.tree_unflatten(treespec, grown), backend)
+        again = first_decision([v for v, _ in verdicts])
+        first = analysis.decision
+        return (first is None) == (again is None) and (first is None or (first.rewrite, first.params) ==
+                                                       (again.rewrite, again.params))
+
     def count(self, what: str) -> None:
         self._counts[what] += 1
 
@@ -222,8 +331,9 @@ class EagerRewriter:
         lines = [f"mlxrewrite eager: {self.traces} call trace(s), one per new set of facts the rules read; rules: "
                  f"{', '.join(r.name for r in self.rules)}"
                  + ("; runtime value checks on" if self.check_values else "")]
+        lines += [f"  {note}" for note in self.notes]
         for a in self._analyses:
-            head = f"  trace #{a.number}: {a.api} at {a.where} ({a.operands})"
+            head = f"  trace #{a.number}: {a.api} at {a.where} ({a.operands})" + (f" [{a.note}]" if a.note else "")
             decision = a.decision
             if a.error is not None:
                 lines.append(f"{head}: not analysed, runs as written: {a.error}")
@@ -237,6 +347,32 @@ class EagerRewriter:
         if self._counts:
             lines.append("  calls: " + "; ".join(f"{what} x{n}" for what, n in sorted(self._counts.items())))
         return "\n".join(lines)
+
+
+def _decide_region(call: regions.RegionCall, rules: list[Rule], arguments: dict, backend: Backend) -> tuple:
+    """Trace one region call and decide on its graph: (graph, anchor site, verdicts, sources). The anchor is
+    the call a rule matched at, else the last call of the rules' API (its declines say why)."""
+    graph = trace_call(call.real, (), arguments)
+    sites = [s for s in graph.calls if s.source == "python"]
+    apis = {rule.api for rule in rules}
+    entries = [e for e in decide_graph(rules, graph, backend, sites, from_calls=False) if e.site.api in apis]
+    if not entries:
+        return graph, None, [], None
+    anchor = next((e for e in entries if e.match is not None), entries[-1])
+    return graph, anchor.site, [(verdict, None) for verdict in anchor.verdicts], anchor.sources
+
+
+def _exact(arrays: list[mx.array]) -> tuple:
+    return tuple(a.shape for a in arrays)
+
+
+_SIGNATURES: dict[Callable, inspect.Signature] = {}
+
+
+def _signature(fn: Callable) -> inspect.Signature:
+    if fn not in _SIGNATURES:
+        _SIGNATURES[fn] = inspect.signature(fn)
+    return _SIGNATURES[fn]
 
 
 def _meets(needs: dict[str, int], operands: dict[str, Any]) -> bool:

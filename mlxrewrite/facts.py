@@ -73,11 +73,12 @@ class GraphEnv:
         value = self.graph.values[name]
         if read.kind == "strides":
             return value.strides
-        if read.kind == "const":
-            if not self.eager:
-                return summarize(self.graph, name)
+        if read.kind == "const":  # a constant of the graph is known; eager mode may check an input's values
+            summary = summarize(self.graph, name)
+            if summary is not None or not self.eager or self.value_check is None:
+                return summary
             array = self.arrays.get(read.name)
-            return None if self.value_check is None or array is None else self.value_check(array)
+            return None if array is None else self.value_check(array)
         return _shape_answer(read, value.shape, value.dtype)
 
 

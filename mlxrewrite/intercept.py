@@ -294,6 +294,12 @@ def release(module: types.ModuleType) -> None:
             vars(module).update(saved)
 
 
+def active_handler() -> Callable[[Call], Any] | None:
+    """The handler routing this context's calls (None outside `handling`): regions.py asks it too."""
+    active = _ACTIVE.get()
+    return None if active is None else active[0]
+
+
 def activate(handler: Callable[[Call], Any], gate: Gate | None = None, patch_mlx: bool = True) -> contextvars.Token:
     """Start routing intercepted calls in this context (thread / task) to `handler`: all of them, or those
     `gate` admits (the others run as written). Pair with `deactivate`; `handling` does both.

@@ -55,10 +55,13 @@ class Match:
     anchor: Node
 
     def node_args(self) -> dict[str, tuple]:
-        """Arguments of each matched primitive by op name (the first of an op that occurs twice)."""
+        """Arguments of each matched primitive by op name, in the pattern's order: "QuantizedMatmul" for the
+        first, "QuantizedMatmul#2" for the second of an op."""
         args: dict[str, tuple] = {}
-        for node in self.nodes.values():
-            args.setdefault(node.op, node.args)
+        for key in sorted(self.nodes, key=lambda key: int(key[2:])):
+            node = self.nodes[key]
+            label = node.op if node.op not in args else f"{node.op}#{sum(k.split('#')[0] == node.op for k in args) + 1}"
+            args[label] = node.args
         return args
 
 

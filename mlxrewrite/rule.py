@@ -61,13 +61,24 @@ class Bound:
 
 
 @dataclass(frozen=True)
+class Region:
+    """A function eager mode intercepts whole (regions.py), and the dims of its arguments that the rule's
+    decision must not depend on (the KV length): calls that differ only there share one analysis. Eager
+    mode checks the claim when it analyses (a second trace with those dims changed) and keys by exact
+    shapes where it does not hold."""
+
+    path: str  # "module:function"
+    free: dict[str, int] = field(default_factory=dict)  # argument name -> dim of each of its arrays
+
+
+@dataclass(frozen=True)
 class Rule:
     """One hazard: the pattern that shows it, the guards that decide, and the rewrites that fix it."""
 
     name: str
     severity: str  # "error" (wrong numbers or crashes) | "warning" (slow or numerically divergent)
     hazard: str = field(repr=False)  # one line: what goes wrong
-    pattern: Pattern = field(repr=False)
+    pattern: Pattern | tuple[GraphPattern, ...] = field(repr=False)  # several: variants, tried in order
     guard: Guard = field(repr=False)
     rewrites: dict[str, Callable[..., mx.array]] = field(repr=False)
     doc: str = field(default="", repr=False)
@@ -76,28 +87,31 @@ class Rule:
     # all; calls that fail it for every rule of their API run as written, unbound. The guard must decline
     # wherever `needs` fails (tests/test_eager.py holds the built-in rules to it).
     needs: dict[str, int] = field(default_factory=dict)
-    # Subgraph rules in eager mode: the Python function ("module:function") whose calls are the regions the
-    # pattern is matched in (mlx-lm's quantized attention). Without one a subgraph rule is compile-only, and
-    # eager mode says so.
-    region: str | None = None
+    # Subgraph rules in eager mode: the Python function whose calls are the regions the pattern is matched in
+    # (mlx-lm's quantized attention). Without one a subgraph rule is compile-only, and eager mode says so.
+    region: "Region | None" = None
 
     def __post_init__(self) -> None:
-        if self.pattern.anchor_api not in intercept.APIS:
-            raise ValueError(f"rule {self.name}: API {self.pattern.anchor_api!r} is not intercepted; "
-                             f"known: {sorted(intercept.APIS)}")
+        if len({p.anchor_api for p in self.patterns}) != 1 or self.api not in intercept.APIS:
+            raise ValueError(f"rule {self.name}: its patterns must end in one intercepted API; known: "
+                             f"{sorted(intercept.APIS)}")
         if self.severity not in ("error", "warning"):
             raise ValueError(f"rule {self.name}: severity must be 'error' or 'warning', got {self.severity!r}")
         if not self.rewrites or not callable(self.guard):
             raise ValueError(f"rule {self.name}: needs a guard and at least one rewrite")
 
     @property
+    def patterns(self) -> tuple[Pattern, ...]:
+        return self.pattern if isinstance(self.pattern, tuple) else (self.pattern,)
+
+    @property
     def api(self) -> str:
         """The intercepted API at which the rule's rewrite runs (the pattern's output)."""
-        return self.pattern.anchor_api
+        return self.patterns[0].anchor_api
 
     @property
     def is_subgraph(self) -> bool:
-        return isinstance(self.pattern, GraphPattern)
+        return isinstance(self.patterns[0], GraphPattern)
 
     def decide(self, facts: Facts, where: str = "") -> Verdict:
         """The guard's verdict on one match (a guard that raises is the rule's bug: it propagates)."""
