@@ -28,6 +28,9 @@ _V_REGION = 8192  # floats: one tile of dequantized V, reused for the end-of-chu
 HEADER = r"""
 namespace qsdpa {
 
+using Shape = mlx::core::cu::Shape;
+using Strides = mlx::core::cu::Strides;
+
 constexpr int THREADS = 256;
 constexpr float NEG_INF = -cuda::std::numeric_limits<float>::infinity();
 
