@@ -1,0 +1,149 @@
+"""Fused attention over a quantized KV cache: `quantized_sdpa`, and the same algorithm in MLX ops.
+
+Semantics are those of mlx-lm's `quantized_scaled_dot_product_attention` (scores = q . dequant(k) * scale,
+a bool mask sets `fill`, an additive mask is added, softmax, p . dequant(v)) with every intermediate in
+float32, plus attention sinks. The algorithm is flash-decoding: N is cut into chunks whose size depends on
+N alone, each chunk gets a float32 (max, sum, unnormalised output) per query row, and the chunks are merged
+in index order. `reference` writes that algorithm in MLX ops so the CPU tests can check it; the CUDA kernel
+(quantized_sdpa_cuda) runs it on the GPU.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Sequence
+
+import mlx.core as mx
+
+from . import quantized_sdpa_cuda as cuda
+
+Quantized = Sequence[mx.array]  # (packed uint32 weights, scales, biases)
+Mask = mx.array | str | None
+
+_TARGET_CHUNKS = 64
+_CHUNK_QUANTUM = 256  # a multiple of every tile size of the CUDA kernel (32, 64, 128 keys)
+
+
+def chunk_size(N: int) -> int:
+    """Keys per chunk: about 64 chunks (enough blocks for 132 SMs at 8 kv heads), a function of N only."""
+    per = -(-N // _TARGET_CHUNKS)
+    return max(_CHUNK_QUANTUM, -(-per // _CHUNK_QUANTUM) * _CHUNK_QUANTUM)
+
+
+@lru_cache(maxsize=1)
+def _cuda_available() -> bool:
+    return mx.cuda.is_available()
+
+
+def _use_cuda() -> bool:
+    return _cuda_available() and mx.default_device() == mx.gpu
+
+
+@lru_cache(maxsize=256)
+def _params(scale: float, fill: float, chunk: int) -> mx.array:
+    """The kernel's float scalars, one cached array per distinct value set (no per-call array creation)."""
+    return mx.array([scale, fill, float(chunk)], dtype=mx.float32)
+
+
+def _check(q: mx.array, k: Quantized, v: Quantized, group_size: int, bits: int) -> None:
+    D = q.shape[-1]
+    if bits not in (4, 8) or group_size not in (32, 64, 128) or D % group_size or D % 32:
+        raise ValueError(f"quantized_sdpa: unsupported bits={bits}, group_size={group_size}, head dim {D}")
+    if q.ndim != 4 or k[0].shape != v[0].shape or k[0].shape[-1] * 32 // bits != D:
+        raise ValueError(f"quantized_sdpa: shapes q {q.shape}, k {k[0].shape}, v {v[0].shape} do not fit bits={bits}")
+    if q.shape[1] % k[0].shape[1] or q.shape[0] != k[0].shape[0]:
+        raise ValueError(f"quantized_sdpa: {q.shape[1]} query heads over {k[0].shape[1]} kv heads")
+
+
+def _as_4d(mask: mx.array) -> mx.array:
+    """A view with 4 axes (leading size-1 axes), so the kernel indexes it by strides; never a copy."""
+    return mask if mask.ndim == 4 else mx.expand_dims(mask, tuple(range(4 - mask.ndim)))
+
+
+def quantized_sdpa(q: mx.array, k: Quantized, v: Quantized, *, scale: float, group_size: int, bits: int,
+                   mask: Mask = None, fill: float | None = None, sinks: mx.array | None = None,
+                   split: int | None = None, impl: str = "auto") -> mx.array:
+    """Attention of q (B, Hq, M, D) over affine-quantized k, v (B, Hkv, N, .); returns (B, Hq, M, D) in q's dtype.
+
+    mask: None, "causal", a bool array (False -> `fill`, default the finite minimum of q's dtype, as mlx-lm)
+    or an additive float array, broadcastable to (B, Hq, M, N). sinks: (Hq,) logits joining the softmax
+    denominator. split: keys per chunk (default `chunk_size(N)`; a multiple of 256 on CUDA).
+    impl: "auto" (the CUDA kernel on a CUDA GPU, else the reference), "cuda" or "reference".
+    """
+    if impl == "auto":
+        impl = "cuda" if _use_cuda() else "reference"
+    _check(q, k, v, group_size, bits)
+    N = k[0].shape[2]
+    chunk = split or chunk_size(N)
+    if fill is None:
+        fill = float(mx.finfo(q.dtype).min)
+    if impl == "reference":
+        return reference(q, k, v, scale=scale, group_size=group_size, bits=bits, mask=mask, fill=fill,
+                         sinks=sinks, chunk=chunk)
+    if impl != "cuda":
+        raise ValueError(f"quantized_sdpa: impl must be 'auto', 'cuda' or 'reference', not {impl!r}")
+    if chunk % _CHUNK_QUANTUM:
+        raise ValueError(f"quantized_sdpa: split must be a multiple of {_CHUNK_QUANTUM} on CUDA, not {chunk}")
+    if isinstance(mask, str):
+        if mask != "causal":
+            raise ValueError(f"quantized_sdpa: unknown mask {mask!r}")
+        kind, mask_arr = cuda.MASK_CAUSAL, None
+    elif mask is None:
+        kind, mask_arr = cuda.MASK_NONE, None
+    else:
+        mask_arr = _as_4d(mask)
+        kind = cuda.MASK_BOOL if mask.dtype == mx.bool_ else cuda.MASK_ADD
+    B, Hq, M, D = q.shape
+    plan = cuda.plan(B, Hq, k[0].shape[1], M, D, N, chunk, bits, group_size, q.dtype, kind,
+                     None if mask_arr is None else mask_arr.dtype, None if sinks is None else sinks.dtype)
+    return cuda.launch(plan, q, k, v, mask_arr, _params(float(scale), float(fill), chunk), sinks)
+
+
+def _causal(M: int, N: int) -> mx.array:
+    return mx.arange(N - M, N)[:, None] >= mx.arange(N)[None]
+
+
+def reference(q: mx.array, k: Quantized, v: Quantized, *, scale: float, group_size: int, bits: int,
+              mask: Mask, fill: float, sinks: mx.array | None, chunk: int) -> mx.array:
+    """The kernel's algorithm in MLX ops: per-chunk float32 softmax statistics, merged in chunk order.
+
+    Dot products are elementwise products reduced over one axis (not matmuls, whose blocking may change
+    with M), so each query row's arithmetic is the same whatever M is.
+    """
+    B, Hq, M, D = q.shape
+    Hkv, N = k[0].shape[1], k[0].shape[2]
+    n_rep, nc = Hq // Hkv, -(-N // chunk)
+    pad = nc * chunk - N
+
+    def dq(t: Quantized) -> mx.array:  # (B, Hkv, 1, nc, chunk, D), padded keys are zero
+        x = mx.dequantize(*t, group_size=group_size, bits=bits).astype(mx.float32)
+        x = mx.pad(x, [(0, 0), (0, 0), (0, pad), (0, 0)])
+        return x.reshape(B, Hkv, 1, nc, chunk, D)
+
+    qf = (q.astype(mx.float32) * scale).reshape(B, Hkv, n_rep * M, 1, 1, D)
+    s = (qf * dq(k)).sum(-1)  # (B, Hkv, R, nc, chunk)
+    if isinstance(mask, str):
+        mask = _causal(M, N)
+    if mask is not None:
+        m = mx.broadcast_to(mask, (B, Hq, M, N)).reshape(B, Hkv, n_rep * M, N)
+        m = mx.pad(m, [(0, 0), (0, 0), (0, 0), (0, pad)]).reshape(B, Hkv, n_rep * M, nc, chunk)
+        s = mx.where(m, s, fill) if mask.dtype == mx.bool_ else s + m.astype(mx.float32)
+    valid = (mx.arange(nc * chunk) < N).reshape(nc, chunk)
+    s = mx.where(valid, s, -mx.inf)
+    cmax = s.max(-1)
+    safe = mx.where(cmax == -mx.inf, 0.0, cmax)
+    p = mx.exp(s - safe[..., None])
+    csum = p.sum(-1)
+    vt = dq(v).swapaxes(-1, -2)  # (B, Hkv, 1, nc, D, chunk): reduce over the last axis
+    o = (p[..., None, :] * vt).sum(-1)  # (B, Hkv, R, nc, D)
+    top = cmax.max(-1, keepdims=True)
+    if sinks is not None:
+        sk = sinks.astype(mx.float32).reshape(1, Hkv, n_rep, 1, 1)
+        sk = mx.broadcast_to(sk, (B, Hkv, n_rep, M, 1)).reshape(B, Hkv, n_rep * M, 1)
+        top = mx.maximum(top, sk)
+    w = mx.exp(cmax - top)
+    den = (w * csum).sum(-1, keepdims=True)
+    if sinks is not None:
+        den = den + mx.exp(sk - top)
+    out = (w[..., None] * o).sum(-2) / den
+    return out.reshape(B, Hq, M, D).astype(q.dtype)

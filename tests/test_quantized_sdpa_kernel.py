@@ -1,0 +1,118 @@
+"""The fused quantized-attention algorithm (CPU reference) against dequantize-then-float32 attention.
+
+The CUDA kernel runs the same algorithm; bench/gpu_fused_attention.py checks it on a GPU.
+"""
+
+import mlx.core as mx
+import pytest
+
+from mlxrewrite.kernels import chunk_size, quantized_sdpa
+
+
+def _cache(B, Hkv, N, D, bits, gs, key, alloc=None):
+    """Quantized K and V as mlx-lm hands them: views `[..., :N, :]` of a larger buffer."""
+    n_alloc = alloc or N
+    kk, kv = mx.random.split(key)
+    k = mx.quantize(mx.random.normal((B, Hkv, n_alloc, D), key=kk), group_size=gs, bits=bits)
+    v = mx.quantize(mx.random.normal((B, Hkv, n_alloc, D), key=kv), group_size=gs, bits=bits)
+    return tuple(x[..., :N, :] for x in k), tuple(x[..., :N, :] for x in v)
+
+
+def _dense(q, k, v, *, scale, gs, bits, mask=None, fill=None, sinks=None):
+    """Dequantize, then plain float32 softmax attention with mlx-lm's mask semantics."""
+    B, Hq, M, D = q.shape
+    kd = mx.dequantize(*k, group_size=gs, bits=bits)
+    vd = mx.dequantize(*v, group_size=gs, bits=bits)
+    rep = Hq // kd.shape[1]
+    kd, vd = mx.repeat(kd, rep, axis=1), mx.repeat(vd, rep, axis=1)
+    s = (q * scale) @ kd.swapaxes(-1, -2)
+    if isinstance(mask, str):
+        N = kd.shape[2]
+        mask = mx.arange(N - M, N)[:, None] >= mx.arange(N)[None]
+    if mask is not None:
+        s = mx.where(mask, s, fill if fill is not None else mx.finfo(q.dtype).min) if mask.dtype == mx.bool_ else s + mask
+    if sinks is not None:
+        sk = mx.broadcast_to(sinks.reshape(1, Hq, 1, 1), (B, Hq, M, 1))
+        p = mx.softmax(mx.concatenate([sk, s], axis=-1), axis=-1, precise=True)[..., 1:]
+    else:
+        p = mx.softmax(s, axis=-1, precise=True)
+    return p @ vd
+
+
+def _close(a, b, tol=2e-5):
+    err = mx.abs(a - b).max().item()
+    assert err < tol * max(1.0, mx.abs(b).max().item()), err
+
+
+GRID = [  # B, Hq, Hkv, M, N, D, bits, gs, split
+    (1, 4, 1, 1, 300, 64, 8, 64, 128),     # unaligned N, 3 chunks, the last short
+    (2, 8, 2, 3, 2049, 128, 4, 32, None),  # default chunking, N one past a power of two
+    (1, 2, 2, 5, 100, 96, 8, 32, 256),     # N < chunk: one partial chunk, MHA
+    (1, 16, 1, 2, 257, 128, 4, 128, 64),   # n_rep 16, chunk boundary one key in
+]
+
+
+@pytest.mark.parametrize("B,Hq,Hkv,M,N,D,bits,gs,split", GRID)
+@pytest.mark.parametrize("mask_kind", ["none", "bool", "additive", "causal"])
+def test_reference_matches_dense(B, Hq, Hkv, M, N, D, bits, gs, split, mask_kind):
+    key = mx.random.key(N * 7 + M)
+    kq, kc, km = mx.random.split(key, 3)
+    q = mx.random.normal((B, Hq, M, D), key=kq)
+    k, v = _cache(B, Hkv, N, D, bits, gs, kc, alloc=N + 37)
+    mask = {
+        "none": None,
+        "causal": "causal",
+        "bool": mx.random.uniform(key=km, shape=(B, 1, M, N)) > 0.3,  # broadcast over heads
+        "additive": mx.random.normal((1, Hq, M, N), key=km) * 2.0,
+    }[mask_kind]
+    scale = D**-0.5
+    out = quantized_sdpa(q, k, v, scale=scale, group_size=gs, bits=bits, mask=mask, split=split, impl="reference")
+    assert out.shape == (B, Hq, M, D) and out.dtype == q.dtype
+    _close(out, _dense(q, k, v, scale=scale, gs=gs, bits=bits, mask=mask))
+
+
+def test_fully_masked_row_is_the_uniform_average_and_sinks_join_the_denominator():
+    kq, kc, ks = mx.random.split(mx.random.key(3), 3)
+    q = mx.random.normal((1, 4, 2, 64), key=kq)
+    k, v = _cache(1, 2, 700, 64, 8, 64, kc)
+    mask = mx.ones((1, 1, 2, 700), dtype=mx.bool_)
+    mask[..., 1, :] = False  # row 1 sees nothing: mlx-lm's finite fill gives the mean of V
+    sinks = mx.random.normal((4,), key=ks)
+    kw = dict(scale=0.125, group_size=64, bits=8)
+    out = quantized_sdpa(q, k, v, mask=mask, sinks=sinks, split=256, impl="reference", **kw)
+    _close(out, _dense(q, k, v, gs=64, bits=8, mask=mask, sinks=sinks, scale=0.125))
+    plain = quantized_sdpa(q, k, v, mask=mask, split=256, impl="reference", **kw)
+    vd = mx.dequantize(*v, group_size=64, bits=8)
+    _close(plain[:, :, 1], mx.repeat(vd.mean(axis=2), 2, axis=1))
+
+
+@pytest.mark.parametrize("Hq,Hkv,D,bits,mask_kind", [(8, 2, 64, 8, "causal"), (4, 4, 128, 4, "bool")])
+def test_reference_rows_are_bitwise_m_invariant(Hq, Hkv, D, bits, mask_kind):
+    """Row i of a verification pass of M rows equals decoding row i alone (bitwise), for M = 2..16."""
+    N = 1000
+    kq, kc, km = mx.random.split(mx.random.key(11), 3)
+    k, v = _cache(1, Hkv, N, D, bits, 64, kc)
+    q16 = mx.random.normal((1, Hq, 16, D), key=kq)
+    full_mask = mx.random.uniform(key=km, shape=(1, 1, 16, N)) > 0.2
+    kw = dict(scale=D**-0.5, group_size=64, bits=bits, impl="reference")
+    for M in (2, 5, 16):
+        q = q16[:, :, :M]
+        if mask_kind == "causal":
+            mask, row_mask = "causal", lambda i: mx.arange(N)[None] <= N - M + i  # noqa: B023
+        else:
+            mask, row_mask = full_mask[:, :, :M], lambda i: full_mask[:, :, i : i + 1]  # noqa: B023
+        many = quantized_sdpa(q, k, v, mask=mask, **kw)
+        for i in range(M):
+            one = quantized_sdpa(q[:, :, i : i + 1], k, v, mask=row_mask(i), **kw)
+            assert mx.array_equal(many[:, :, i : i + 1], one).item(), (M, i)
+
+
+def test_chunking_depends_on_n_only_and_rejects_bad_input():
+    assert chunk_size(1) == chunk_size(16384) == 256
+    assert chunk_size(32768) == 512 and chunk_size(131072) == 2048 and chunk_size(32769) % 256 == 0
+    q = mx.zeros((1, 4, 1, 64))
+    k, v = _cache(1, 2, 10, 64, 8, 64, mx.random.key(0))
+    with pytest.raises(ValueError):
+        quantized_sdpa(q, k, v, scale=1.0, group_size=64, bits=4)  # packed width says 8 bits
+    with pytest.raises(ValueError):
+        quantized_sdpa(q, k, v, scale=1.0, group_size=64, bits=8, impl="metal")
