@@ -38,13 +38,19 @@ class FromConstant:
 
 
 @dataclass(frozen=True)
+class FromAnchor:
+    """The rewrite's own result (a region's output is a view of it: mlx-lm reshapes it back to the heads)."""
+
+
+@dataclass(frozen=True)
 class Replayed:
     node: Node
     sources: tuple["Source", ...]
+    in_shape: tuple[int, ...] = ()  # the first input's shape when planned (a broadcast keeps dims that tracked it)
 
 
-Source = Union[FromCall, FromInput, FromConstant, Replayed]
-CallOperands = Callable[[str], "FromCall | None"]
+Source = Union[FromCall, FromInput, FromConstant, FromAnchor, Replayed]
+CallOperands = Callable[[str], "FromCall | FromAnchor | None"]
 
 
 class Unreachable(Exception):
@@ -64,23 +70,32 @@ def resolve(graph: Graph, name: str, from_calls: CallOperands = lambda name: Non
     if name in graph.inputs:
         return FromInput(graph.inputs.index(name))
     value = graph.values[name]
-    if value.kind == "constant" or not graph.depends_on_inputs(name):
-        array = evaluate(graph, name)
-        if array is None:
-            raise Unreachable(f"{value.type_str} {name} is a constant this pass cannot evaluate")
-        if constant_limit is not None and array.size > constant_limit:
-            raise Unreachable(f"{value.type_str} {name} is a constant built from this call's shapes; eager mode "
-                              "cannot reuse it for other calls")
-        return FromConstant(array)
     node = graph.producer(name)
-    if node is None or node.op not in EVALUATORS or len(node.outputs) != 1 or depth >= REPLAY_LIMIT:
+    if value.kind != "constant" and node is not None and node.op in EVALUATORS and len(node.outputs) == 1 \
+            and depth < REPLAY_LIMIT:
+        try:  # a view of what the run has (a call's operand broadcast by the kernel) beats a baked-in copy
+            return Replayed(node, tuple(resolve(graph, i, from_calls, depth + 1, constant_limit) for i in node.inputs),
+                            graph.values[node.inputs[0]].shape if node.inputs else ())
+        except Unreachable:
+            if graph.depends_on_inputs(name):
+                raise
+    if graph.depends_on_inputs(name):
         raise Unreachable(f"{value.type_str} {name} is computed by {node.op if node else 'nothing'} inside the "
                           "function, not by an intercepted call, an input or a view of one")
-    return Replayed(node, tuple(resolve(graph, i, from_calls, depth + 1, constant_limit) for i in node.inputs))
+    array = evaluate(graph, name)
+    if array is None:
+        raise Unreachable(f"{value.type_str} {name} is a constant this pass cannot evaluate")
+    if constant_limit is not None and array.size > constant_limit:
+        raise Unreachable(f"{value.type_str} {name} is a constant built from this call's shapes; eager mode "
+                          "cannot reuse it for other calls")
+    return FromConstant(array)
 
 
-def materialise(source: Source, calls: list, inputs: list[mx.array]) -> mx.array:
-    """The array of `source`, given the run's intercepted calls (by plan position) and inputs."""
+def materialise(source: Source, calls: list, inputs: list[mx.array], anchor: mx.array | None = None) -> mx.array:
+    """The array of `source`, given the run's intercepted calls (by plan position), inputs and the rewrite's
+    result (`anchor`)."""
+    if isinstance(source, FromAnchor):
+        return anchor
     if isinstance(source, FromCall):
         return calls[source.index].operands[source.operand]
     if isinstance(source, FromInput):
@@ -88,7 +103,15 @@ def materialise(source: Source, calls: list, inputs: list[mx.array]) -> mx.array
     if isinstance(source, FromConstant):
         return source.array
     node = source.node
-    xs = [materialise(s, calls, inputs) for s in source.sources]
-    if node.op == "Arange":
-        return mx.arange(*node.args)
+    xs = [materialise(s, calls, inputs, anchor) for s in source.sources]
+    if node.op == "Broadcast":
+        return mx.broadcast_to(xs[0], _broadcast_shape(node.args[0], source.in_shape, xs[0].shape))
     return EVALUATORS[node.op](node, xs)
+
+
+def _broadcast_shape(planned: tuple, planned_in: tuple, now_in: tuple) -> tuple:
+    """The planned broadcast target, except that dims where it followed its input follow the input now: eager
+    mode replays a region's broadcasts for other KV lengths (and checks this when it analyses)."""
+    lead = len(planned) - len(planned_in)
+    return (*planned[:lead], *(now if was == want else want
+                               for was, want, now in zip(planned_in, planned[lead:], now_in)))

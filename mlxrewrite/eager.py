@@ -30,13 +30,13 @@ import inspect
 import optree
 
 from . import intercept, regions
-from .bindings import Source, materialise
+from .bindings import FromAnchor, Source, Unreachable, materialise, resolve
 from .constants import ConstSummary, summarize_array
 from .decide import call_facts, decide_graph
 from .facts import ArrayEnv, Facts
 from .graph import Graph, dtype_name
 from .policy import Backend
-from .rule import Bound, Decision, Rule, Verdict, first_decision, select_rules
+from .rule import Bound, Decision, Decline, Rule, Verdict, first_decision, select_rules
 from .signature import SignatureError, flatten_call
 from .trace import CallSite, trace_call
 
@@ -58,6 +58,7 @@ class Analysis:
     verdicts: list[tuple[Verdict, Facts]] = field(default_factory=list)
     error: str | None = None
     sources: dict[str, Source] | None = None  # a region rewrite's placeholders, from the region's inputs
+    output: Source | None = None  # the region's result as a view of the rewrite's
     note: str = ""  # why a region is keyed by exact shapes
 
     @property
@@ -140,7 +141,7 @@ class EagerRewriter:
             else:
                 self._regions.setdefault(rule.region.path, []).append(rule)
         self._region_analyses: dict[tuple, Analysis] = {}
-        self._free_dims: dict[tuple, tuple] = {}  # (path, treespec) -> free dim of each array argument leaf
+        self._free_dims: dict[tuple, tuple] = {}  # (path, treespec, static leaves) -> free dim of each array leaf
         self._analyses: list[Analysis] = []
         self._kinds: dict[tuple, list[Analysis]] = {}  # cheap prefix of a call -> analyses to try
         self._counts: Counter[str] = Counter()
@@ -225,7 +226,7 @@ class EagerRewriter:
 
     # ---- one region ------------------------------------------------------------------------------
     def handle_region(self, call: regions.RegionCall, forward_pass: ForwardPass) -> Any:
-        rules = self._regions.get(call.path)
+        rules = [rule for rule in self._regions.get(call.path, ()) if rule.runs_on(forward_pass.backend)]
         if not rules:
             return call.run_original()
         try:
@@ -233,7 +234,8 @@ class EagerRewriter:
             arrays, treespec, statics = flatten_call((), arguments)
         except (TypeError, SignatureError):
             return call.run_original()
-        free = self._free_dims.get((call.path, treespec)) or self._find_free_dims(call, rules, arguments, treespec)
+        shape_of_leaves = (call.path, treespec, tuple(index for index, _ in statics))  # which leaves are arrays
+        free = self._free_dims.get(shape_of_leaves) or self._find_free_dims(rules, arguments, shape_of_leaves)
         key = (call.path, treespec, statics, forward_pass.backend, tuple(
             (a.dtype, a.shape if d is None else tuple(-1 if i == d % a.ndim else n for i, n in enumerate(a.shape)))
             for a, d in zip(arrays, free)))
@@ -247,14 +249,15 @@ class EagerRewriter:
         self.count(f"{analysis.api}: {decision.rule} -> {decision.rewrite}")
         operands = {name: materialise(source, [], arrays) for name, source in analysis.sources.items()}
         rule = next(r for r in rules if r.name == decision.rule)
-        return rule.apply(Bound(operands, dict(analysis.site.params)), decision)
+        result = rule.apply(Bound(operands, dict(analysis.site.params)), decision)
+        return materialise(analysis.output, [], arrays, result)
 
     def _arguments(self, call: regions.RegionCall) -> dict[str, Any]:
         bound = _signature(call.real).bind(*call.args, **call.kwargs)
         bound.apply_defaults()
         return dict(bound.arguments)
 
-    def _find_free_dims(self, call: regions.RegionCall, rules: list[Rule], arguments: dict, treespec: Any) -> tuple:
+    def _find_free_dims(self, rules: list[Rule], arguments: dict, shape_of_leaves: tuple) -> tuple:
         """For each array leaf of the arguments (in flatten order), the dim its rule declares free, or None."""
         declared: dict[str, int] = {}
         for rule in rules:
@@ -262,7 +265,7 @@ class EagerRewriter:
         paths = optree.tree_paths(((), arguments), none_is_leaf=False)
         leaves = optree.tree_leaves(((), arguments), none_is_leaf=False)
         free = tuple(declared.get(path[1]) for path, leaf in zip(paths, leaves) if isinstance(leaf, mx.array))
-        self._free_dims[(call.path, treespec)] = free
+        self._free_dims[shape_of_leaves] = free
         return free
 
     def _analyse_region(self, key: tuple, call: regions.RegionCall, rules: list[Rule], arguments: dict,
@@ -273,9 +276,10 @@ class EagerRewriter:
             text = ", ".join(f"{dtype_name(a.dtype)}[{','.join(map(str, a.shape))}]" for a in arrays)
             analysis = Analysis(number, f"region {name}", call.location or "?", text, None, None)
             try:
-                analysis.graph, analysis.site, analysis.verdicts, analysis.sources = \
-                    _decide_region(call, rules, arguments, forward_pass.backend)
-                if not self._free_claim_holds(call, rules, arguments, key[-1], analysis, forward_pass.backend):
+                found = _decide_region(call, rules, arguments, forward_pass.backend)
+                analysis.graph, analysis.site, analysis.verdicts = found.graph, found.site, found.verdicts
+                analysis.sources, analysis.output = found.sources, found.output
+                if not self._free_claim_holds(call, rules, arguments, key[-1], found, forward_pass.backend):
                     analysis.note = "its decision changed with the dims the rule declares free: keyed by exact shapes"
                     key = key + (_exact(arrays),)
             except Exception as error:  # noqa: BLE001 - any failure means "run as written, reported once"
@@ -289,12 +293,12 @@ class EagerRewriter:
             return analysis
 
     def _free_claim_holds(self, call: regions.RegionCall, rules: list[Rule], arguments: dict, facts: tuple,
-                          analysis: Analysis, backend: Backend) -> bool:
-        """Trace once more with every free dim one longer: the decision must not change."""
+                          found: RegionDecision, backend: Backend) -> bool:
+        """Trace once more with every free dim one longer: the decision must not change, and the planned
+        sources, replayed on the longer arguments, must give the arrays that trace binds."""
         if all(-1 not in shape for _, shape in facts):
             return True
-        longer = optree.tree_map(lambda a: a, arguments, none_is_leaf=False)  # a copy of the containers
-        leaves, treespec = optree.tree_flatten(longer, none_is_leaf=False)
+        leaves, treespec = optree.tree_flatten(arguments, none_is_leaf=False)
         it = iter(facts)
         grown = []
         for leaf in leaves:
@@ -302,11 +306,18 @@ class EagerRewriter:
                 dtype, shape = next(it)
                 leaf = mx.zeros(tuple(n + 1 if k == -1 else n for n, k in zip(leaf.shape, shape)), dtype)
             grown.append(leaf)
-        _, _, verdicts, _ = _decide_region(call, rules, optree.tree_unflatten(treespec, grown), backend)
-        again = first_decision([v for v, _ in verdicts])
-        first = analysis.decision
-        return (first is None) == (again is None) and (first is None or (first.rewrite, first.params) ==
-                                                       (again.rewrite, again.params))
+        longer = optree.tree_unflatten(treespec, grown)
+        again = _decide_region(call, rules, longer, backend)
+        first, second = found.decision, again.decision
+        if (first is None) != (second is None):
+            return False
+        if first is None:
+            return True
+        if (first.rewrite, first.params) != (second.rewrite, second.params) or again.match is None:
+            return False
+        inputs, _, _ = flatten_call((), longer)
+        return all(materialise(source, [], inputs).shape == again.graph.values[again.match.bindings[name]].shape
+                   for name, source in found.sources.items())
 
     def count(self, what: str) -> None:
         self._counts[what] += 1
@@ -349,17 +360,48 @@ class EagerRewriter:
         return "\n".join(lines)
 
 
-def _decide_region(call: regions.RegionCall, rules: list[Rule], arguments: dict, backend: Backend) -> tuple:
-    """Trace one region call and decide on its graph: (graph, anchor site, verdicts, sources). The anchor is
-    the call a rule matched at, else the last call of the rules' API (its declines say why)."""
+@dataclass
+class RegionDecision:
+    """One region call traced and decided: the anchor site, its verdicts, and, where a rule fired, where
+    the rewrite's placeholders and the region's result come from."""
+
+    graph: Graph
+    site: CallSite | None = None
+    verdicts: list = field(default_factory=list)
+    match: Any = None
+    sources: dict[str, Source] | None = None
+    output: Source | None = None
+
+    @property
+    def decision(self) -> Decision | None:
+        return first_decision([verdict for verdict, _ in self.verdicts])
+
+
+def _decide_region(call: regions.RegionCall, rules: list[Rule], arguments: dict, backend: Backend) -> RegionDecision:
+    """Trace one region call and decide on its graph. The anchor is the call a rule matched at, else the last
+    call of the rules' API (its declines say why). The region's output must be its anchor's output or a view
+    of it (what the function does after the anchor); else the decision becomes a decline."""
     graph = trace_call(call.real, (), arguments)
     sites = [s for s in graph.calls if s.source == "python"]
     apis = {rule.api for rule in rules}
     entries = [e for e in decide_graph(rules, graph, backend, sites, from_calls=False) if e.site.api in apis]
     if not entries:
-        return graph, None, [], None
+        return RegionDecision(graph)
     anchor = next((e for e in entries if e.match is not None), entries[-1])
-    return graph, anchor.site, [(verdict, None) for verdict in anchor.verdicts], anchor.sources
+    found = RegionDecision(graph, anchor.site, [(verdict, None) for verdict in anchor.verdicts])
+    if anchor.match is None:
+        return found
+    result = anchor.match.anchor.outputs[0]
+    try:
+        found.output = resolve(graph, graph.outputs[0], lambda name: FromAnchor() if name == result else None,
+                               constant_limit=1)
+    except Unreachable as unreachable:
+        decision = found.verdicts[-1][0]
+        found.verdicts[-1] = (Decline(decision.rule, f"the region's result is not a view of the rewritten value: "
+                                                     f"{unreachable}", decision.where), None)
+        return found
+    found.match, found.sources = anchor.match, anchor.sources
+    return found
 
 
 def _exact(arrays: list[mx.array]) -> tuple:

@@ -34,6 +34,11 @@ class RegionCall:
     where: tuple[str, int] | None
 
     @property
+    def api(self) -> str:
+        """Observers see region calls beside API calls (the mlx-lm wrapper counts them as attention)."""
+        return f"region:{self.path}"
+
+    @property
     def location(self) -> str | None:
         return None if self.where is None else f"{self.where[0]}:{self.where[1]}"
 

@@ -90,6 +90,9 @@ class Rule:
     # Subgraph rules in eager mode: the Python function whose calls are the regions the pattern is matched in
     # (mlx-lm's quantized attention). Without one a subgraph rule is compile-only, and eager mode says so.
     region: "Region | None" = None
+    # Where the rewrites may run at all (a kernel verified on this backend); eager mode skips the rule's regions
+    # elsewhere, at no cost. The guard still decides; it must decline wherever this says no.
+    runs_on: Callable[[Any], bool] = field(default=lambda backend: True, repr=False)
 
     def __post_init__(self) -> None:
         if len({p.anchor_api for p in self.patterns}) != 1 or self.api not in intercept.APIS:

@@ -31,6 +31,7 @@ import mlx.core as mx
 from mlxrewrite.facts import Facts, Read
 from mlxrewrite.kernels import quantized_sdpa
 from mlxrewrite.pattern import GraphPattern
+from mlxrewrite.policy import Backend
 from mlxrewrite.rule import Bound, Decision, Decline, Region, Rule
 
 NAME = "fused-quantized-attention"
@@ -82,9 +83,13 @@ PATTERNS = tuple(GraphPattern(fn, lambda kind=kind: _example(kind), "quantized_m
 # causal first: its mask is a constant the bool pattern would also bind, but eager mode cannot reuse
 
 
+def verified(backend: Backend) -> bool:
+    return backend.arch in VERIFIED.get(backend.kind, ())
+
+
 def guard(facts: Facts) -> Decision | Decline:
     backend = facts.backend
-    if backend.arch not in VERIFIED.get(backend.kind, ()):
+    if not verified(backend):
         return Decline(NAME, f"the fused kernel is not verified on {backend.kind} {backend.arch}".rstrip()
                              + "; today's rewrites apply")
     scores, values = facts.args("QuantizedMatmul"), facts.args("QuantizedMatmul#2")
@@ -195,6 +200,7 @@ RULE = Rule(
     guard=guard,
     rewrites={"fused": fused},
     doc=__doc__,
+    runs_on=verified,
     region=Region("mlx_lm.models.base:quantized_scaled_dot_product_attention",
                   free={"q_keys": -2, "q_values": -2, "mask": -1}),
 )

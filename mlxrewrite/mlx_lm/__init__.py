@@ -162,7 +162,7 @@ class AttentionCalls:
         self.count = 0
 
     def __call__(self, call: Call) -> None:
-        if call.api == "scaled_dot_product_attention":
+        if call.api == "scaled_dot_product_attention" or call.api.startswith("region:"):
             self.count += 1
         elif call.params.get("transpose") and call.operands["w"].ndim >= 3:  # quantized-KV scores
             self.count += 1
