@@ -109,6 +109,13 @@ def materialise(source: Source, calls: list, inputs: list[mx.array], anchor: mx.
     return EVALUATORS[node.op](node, xs)
 
 
+def view_root(source: Source) -> Source:
+    """`source` less the broadcasts and expand_dims on top of it."""
+    while isinstance(source, Replayed) and source.node.op in ("Broadcast", "ExpandDims"):
+        source = source.sources[0]
+    return source
+
+
 def _broadcast_shape(planned: tuple, planned_in: tuple, now_in: tuple) -> tuple:
     """The planned broadcast target, except that dims where it followed its input follow the input now: eager
     mode replays a region's broadcasts for other KV lengths (and checks this when it analyses)."""

@@ -141,7 +141,6 @@ class EagerRewriter:
             else:
                 self._regions.setdefault(rule.region.path, []).append(rule)
         self._region_analyses: dict[tuple, Analysis] = {}
-        self._free_dims: dict[tuple, tuple] = {}  # (path, treespec, static leaves) -> free dim of each array leaf
         self._analyses: list[Analysis] = []
         self._kinds: dict[tuple, list[Analysis]] = {}  # cheap prefix of a call -> analyses to try
         self._counts: Counter[str] = Counter()
@@ -229,46 +228,28 @@ class EagerRewriter:
         rules = [rule for rule in self._regions.get(call.path, ()) if rule.runs_on(forward_pass.backend)]
         if not rules:
             return call.run_original()
+        signature = _region_signature(call.real, rules)
         try:
-            arguments = self._arguments(call)
-            arrays, treespec, statics = flatten_call((), arguments)
-        except (TypeError, SignatureError):
+            values, arrays, layout = signature.split(call.args, call.kwargs)
+        except TypeError:  # arguments this fast path does not take apart: as written
             return call.run_original()
-        shape_of_leaves = (call.path, treespec, tuple(index for index, _ in statics))  # which leaves are arrays
-        free = self._free_dims.get(shape_of_leaves) or self._find_free_dims(rules, arguments, shape_of_leaves)
-        key = (call.path, treespec, statics, forward_pass.backend, tuple(
+        free = signature.free_dims(layout)
+        key = (call.path, layout, forward_pass.backend, tuple(
             (a.dtype, a.shape if d is None else tuple(-1 if i == d % a.ndim else n for i, n in enumerate(a.shape)))
             for a, d in zip(arrays, free)))
         analysis = self._region_analyses.get(key) or self._region_analyses.get(key + (_exact(arrays),))
         if analysis is None:
-            analysis = self._analyse_region(key, call, rules, arguments, arrays, forward_pass)
+            analysis = self._analyse_region(key, call, rules, values, arrays, forward_pass)
         decision = analysis.decision
         if decision is None:
             self.count(f"{analysis.api}: left as is")
             return call.run_original()
         self.count(f"{analysis.api}: {decision.rule} -> {decision.rewrite}")
-        operands = {name: materialise(source, [], arrays) for name, source in analysis.sources.items()}
         rule = next(r for r in rules if r.name == decision.rule)
-        result = rule.apply(Bound(operands, dict(analysis.site.params)), decision)
+        result = rule.apply(Bound(analysis.sources, [], arrays, analysis.site.params), decision)
         return materialise(analysis.output, [], arrays, result)
 
-    def _arguments(self, call: regions.RegionCall) -> dict[str, Any]:
-        bound = _signature(call.real).bind(*call.args, **call.kwargs)
-        bound.apply_defaults()
-        return dict(bound.arguments)
-
-    def _find_free_dims(self, rules: list[Rule], arguments: dict, shape_of_leaves: tuple) -> tuple:
-        """For each array leaf of the arguments (in flatten order), the dim its rule declares free, or None."""
-        declared: dict[str, int] = {}
-        for rule in rules:
-            declared.update(rule.region.free)
-        paths = optree.tree_paths(((), arguments), none_is_leaf=False)
-        leaves = optree.tree_leaves(((), arguments), none_is_leaf=False)
-        free = tuple(declared.get(path[1]) for path, leaf in zip(paths, leaves) if isinstance(leaf, mx.array))
-        self._free_dims[shape_of_leaves] = free
-        return free
-
-    def _analyse_region(self, key: tuple, call: regions.RegionCall, rules: list[Rule], arguments: dict,
+    def _analyse_region(self, key: tuple, call: regions.RegionCall, rules: list[Rule], arguments: tuple,
                         arrays: list[mx.array], forward_pass: ForwardPass) -> Analysis:
         with self._lock:
             number = len(self._analyses) + 1
@@ -292,7 +273,7 @@ class EagerRewriter:
             self._region_analyses[key] = analysis
             return analysis
 
-    def _free_claim_holds(self, call: regions.RegionCall, rules: list[Rule], arguments: dict, facts: tuple,
+    def _free_claim_holds(self, call: regions.RegionCall, rules: list[Rule], arguments: tuple, facts: tuple,
                           found: RegionDecision, backend: Backend) -> bool:
         """Trace once more with every free dim one longer: the decision must not change, and the planned
         sources, replayed on the longer arguments, must give the arrays that trace binds."""
@@ -315,7 +296,7 @@ class EagerRewriter:
             return True
         if (first.rewrite, first.params) != (second.rewrite, second.params) or again.match is None:
             return False
-        inputs, _, _ = flatten_call((), longer)
+        inputs, _, _ = flatten_call(longer, {})
         return all(materialise(source, [], inputs).shape == again.graph.values[again.match.bindings[name]].shape
                    for name, source in found.sources.items())
 
@@ -377,11 +358,11 @@ class RegionDecision:
         return first_decision([verdict for verdict, _ in self.verdicts])
 
 
-def _decide_region(call: regions.RegionCall, rules: list[Rule], arguments: dict, backend: Backend) -> RegionDecision:
+def _decide_region(call: regions.RegionCall, rules: list[Rule], arguments: tuple, backend: Backend) -> RegionDecision:
     """Trace one region call and decide on its graph. The anchor is the call a rule matched at, else the last
     call of the rules' API (its declines say why). The region's output must be its anchor's output or a view
     of it (what the function does after the anchor); else the decision becomes a decline."""
-    graph = trace_call(call.real, (), arguments)
+    graph = trace_call(call.real, arguments, {})
     sites = [s for s in graph.calls if s.source == "python"]
     apis = {rule.api for rule in rules}
     entries = [e for e in decide_graph(rules, graph, backend, sites, from_calls=False) if e.site.api in apis]
@@ -408,13 +389,62 @@ def _exact(arrays: list[mx.array]) -> tuple:
     return tuple(a.shape for a in arrays)
 
 
-_SIGNATURES: dict[Callable, inspect.Signature] = {}
+@dataclass
+class _RegionSignature:
+    """A region function's parameters, read once, to take a call apart in a few microseconds: inspect's
+    `bind` and optree cost more than the rest of a fused call."""
+
+    names: tuple[str, ...]
+    defaults: dict[str, Any]
+    free: dict[str, int]  # parameter -> the dim the rules declare free in each of its arrays
+    _free_by_layout: dict[tuple, tuple] = field(default_factory=dict)
+
+    def split(self, args: tuple, kwargs: dict) -> tuple[tuple, list[mx.array], tuple]:
+        """(every parameter's value in order, the arrays in flatten order, the layout: what is an array, a
+        tuple of arrays, or a static value, and the static values). TypeError: not arguments it takes apart."""
+        if len(args) > len(self.names) or not set(kwargs) <= set(self.names[len(args):]):
+            raise TypeError("arguments do not fit the region's parameters")
+        values = args + tuple(kwargs[n] if n in kwargs else self.defaults[n] for n in self.names[len(args):])
+        arrays: list[mx.array] = []
+        layout = []
+        for value in values:
+            if isinstance(value, mx.array):
+                arrays.append(value)
+                layout.append(_ARRAY)
+            elif isinstance(value, (tuple, list)) and value and all(isinstance(a, mx.array) for a in value):
+                arrays.extend(value)
+                layout.append((type(value), len(value)))
+            else:
+                hash(value)  # a static value joins the key: it must be hashable
+                layout.append(("static", value))
+        return values, arrays, tuple(layout)
+
+    def free_dims(self, layout: tuple) -> tuple:
+        """The free dim of each array leaf for this layout, or None."""
+        if layout not in self._free_by_layout:
+            free: list[int | None] = []
+            for name, entry in zip(self.names, layout):
+                if entry is _ARRAY or entry[0] in (tuple, list):
+                    free += [self.free.get(name)] * (1 if entry is _ARRAY else entry[1])
+            self._free_by_layout[layout] = tuple(free)
+        return self._free_by_layout[layout]
 
 
-def _signature(fn: Callable) -> inspect.Signature:
-    if fn not in _SIGNATURES:
-        _SIGNATURES[fn] = inspect.signature(fn)
-    return _SIGNATURES[fn]
+_ARRAY = "array"
+_REGION_SIGNATURES: dict[tuple, _RegionSignature] = {}
+
+
+def _region_signature(fn: Callable, rules: list[Rule]) -> _RegionSignature:
+    key = (fn, tuple(rule.name for rule in rules))
+    if key not in _REGION_SIGNATURES:
+        parameters = inspect.signature(fn).parameters.values()
+        free: dict[str, int] = {}
+        for rule in rules:
+            free.update(rule.region.free)
+        _REGION_SIGNATURES[key] = _RegionSignature(
+            tuple(p.name for p in parameters),
+            {p.name: p.default for p in parameters if p.default is not inspect.Parameter.empty}, free)
+    return _REGION_SIGNATURES[key]
 
 
 def _meets(needs: dict[str, int], operands: dict[str, Any]) -> bool:

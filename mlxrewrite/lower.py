@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import mlx.core as mx
 
-from .bindings import Source, materialise
+from .bindings import Source
 from .intercept import Call
 from .rule import Bound, Decision, Rule, Verdict
 from .trace import CallSite
@@ -74,5 +74,4 @@ class Applier:
         rule = self.plan.rules[planned.decision.rule]
         if planned.sources is None:
             return rule.apply(call, planned.decision)
-        operands = {name: materialise(source, self.seen, self.inputs) for name, source in planned.sources.items()}
-        return rule.apply(Bound(operands, dict(call.params)), planned.decision)
+        return rule.apply(Bound(planned.sources, self.seen, self.inputs, dict(call.params)), planned.decision)

@@ -23,6 +23,7 @@ from typing import Any, Callable
 import mlx.core as mx
 
 from . import intercept
+from .bindings import Source, materialise, view_root
 from .facts import Facts, FactUnavailable
 from .pattern import CallPattern, GraphPattern, Pattern
 
@@ -51,13 +52,31 @@ Verdict = Decision | Decline
 Guard = Callable[[Facts], Verdict]
 
 
-@dataclass(frozen=True)
 class Bound:
-    """What a subgraph rewrite receives: each placeholder's array (None where absent) and the anchor call's
-    parameters."""
+    """What a subgraph rewrite receives: its placeholders' arrays, each made on first use (None where
+    absent), and the anchor call's parameters."""
 
-    operands: dict[str, mx.array | None]
-    params: dict[str, Any]
+    __slots__ = ("sources", "calls", "inputs", "params", "_made")
+
+    def __init__(self, sources: dict[str, Source], calls: list, inputs: list[mx.array], params: dict[str, Any]):
+        self.sources, self.calls, self.inputs, self.params = sources, calls, inputs, params
+        self._made: dict[str, mx.array] = {}
+
+    def __getitem__(self, name: str) -> mx.array | None:
+        if name not in self._made:
+            source = self.sources.get(name)
+            self._made[name] = None if source is None else materialise(source, self.calls, self.inputs)
+        return self._made[name]
+
+    def root(self, name: str) -> mx.array | None:
+        """The array placeholder `name` is a broadcast / expand_dims view of (a KV cache as the model holds it,
+        before mlx-lm's `expand_dims` and the kernel's broadcast): no view made."""
+        source = self.sources.get(name)
+        return None if source is None else materialise(view_root(source), self.calls, self.inputs)
+
+    @property
+    def operands(self) -> dict[str, mx.array | None]:
+        return {name: self[name] for name in self.sources}
 
 
 @dataclass(frozen=True)

@@ -168,18 +168,19 @@ def _is_causal(queries: tuple, keys: tuple) -> bool:
 
 
 def fused(bound: Bound, decision: Decision) -> mx.array:
-    p, ops = decision.params, bound.operands
-    q = ops["q"]
-    k = tuple(_kv_heads(ops[f"k_{n}"]) for n in ("w", "scales", "biases"))
-    v = tuple(_kv_heads(ops[f"v_{n}"]) for n in ("w", "scales", "biases"))
+    p = decision.params
+    q = bound["q"]
+    k = tuple(_kv_heads(bound.root(f"k_{n}")) for n in ("w", "scales", "biases"))
+    v = tuple(_kv_heads(bound.root(f"v_{n}")) for n in ("w", "scales", "biases"))
     q4 = q.reshape(q.shape[0], -1, *q.shape[-2:]) if q.ndim == 5 else q
-    mask = "causal" if p["mask"] == "causal" else _mask(ops.get("mask"), p["mask_view"])
+    mask = "causal" if p["mask"] == "causal" else _mask(bound["mask"], p["mask_view"])
     out = quantized_sdpa(q4, k, v, scale=1.0, group_size=p["group_size"], bits=p["bits"], mask=mask, fill=p["fill"])
     return out.reshape(q.shape) if q.ndim == 5 else out
 
 
 def _kv_heads(a: mx.array) -> mx.array:
-    """(B, kv, N, .) as the cache holds it: a GQA operand comes broadcast over the repeat dim (a view)."""
+    """(B, kv, N, .): a GQA operand written as (B, kv, 1, N, .) by the caller (compile mode hands over the
+    caller's operand) loses its repeat dim (a view)."""
     return a[:, :, 0] if a.ndim == 5 else a
 
 
