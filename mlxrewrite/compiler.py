@@ -26,7 +26,7 @@ from typing import Any, Callable
 import mlx.core as mx
 import mlx.nn as nn
 
-from . import intercept
+from . import intercept, log
 from .graph import Graph, row_major_strides
 from .layout import array_strides
 from .lower import Applier, Plan, PlannedCall
@@ -188,6 +188,7 @@ class RewrittenFunction:
             self._entries[signature] = entry
             fired = ", ".join(f"{c.decision.rule}:{c.decision.rewrite}" for c in plan.fired) or "no rule fired"
             self._history.append(f"trace #{len(self._entries)}: {reason} -> {len(plan.calls)} call sites, {fired}")
+            log.channel("traces").info("compile %s %s", getattr(self.fn, "__qualname__", self.fn), self._history[-1])
             return entry
 
     def _runner(self, signature: Signature, entry: Entry, shapeless: bool) -> Callable:
@@ -223,6 +224,7 @@ class RewrittenFunction:
         message = f"mlxrewrite: running {getattr(self.fn, '__qualname__', self.fn)!s} unchanged: {error}"
         if message not in self._fallbacks:
             self._fallbacks.append(message)
+            log.channel("fallbacks").info("%s", message)
             warnings.warn(message, FallbackWarning, stacklevel=3)
         return self.fn(*args, **kwargs)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable
 
+from . import log
 from .bindings import FromCall, Source, Unreachable, resolve
 from .facts import Facts, GraphEnv
 from .graph import Graph
@@ -47,7 +48,7 @@ def match_facts(match: Match, site: CallSite, graph: Graph, backend: Backend, ea
 
 
 def decide_graph(rules: list[Rule], graph: Graph, backend: Backend, sites: list[CallSite] | None = None,
-                 from_calls: bool = True) -> list[SiteVerdicts]:
+                 from_calls: bool = True, path: str = "compile") -> list[SiteVerdicts]:
     """Verdicts at each recorded call site of `graph` (or at `sites`). A subgraph rule fires only where its
     placeholders can be recovered at run time (bindings.py): from the operands of the calls before the
     anchor (`from_calls`; eager regions recover from the region's inputs alone), inputs or constants."""
@@ -86,6 +87,9 @@ def decide_graph(rules: list[Rule], graph: Graph, backend: Backend, sites: list[
             entry.verdicts.append(verdict)
             if isinstance(verdict, Decision):
                 break
+    for entry in results:
+        for verdict in entry.verdicts:
+            log.verdict(verdict, path)
     return results
 
 

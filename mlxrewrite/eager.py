@@ -29,7 +29,7 @@ import inspect
 
 import optree
 
-from . import intercept, regions
+from . import intercept, log, regions
 from .bindings import FromAnchor, Source, Unreachable, materialise, resolve
 from .constants import ConstSummary, summarize_array
 from .decide import call_facts, decide_graph
@@ -210,6 +210,7 @@ class EagerRewriter:
                     facts = call_facts(analysis.site, analysis.graph, env.backend, eager=True,
                                        value_check=forward_pass.value_check, arrays=call.operands)
                     verdict = rule.decide(facts, analysis.where)
+                    log.verdict(verdict, "eager")
                     analysis.verdicts.append((verdict, facts))
                     if isinstance(verdict, Decision):
                         break
@@ -217,10 +218,11 @@ class EagerRewriter:
                 analysis.graph = analysis.site = None
                 analysis.verdicts = [(None, _ExactShapes(call))]
                 analysis.error = f"{type(error).__name__}: {error}"
-                warnings.warn(f"mlxrewrite: cannot analyse {call.api} at {call.location}; it runs as written: "
-                              f"{analysis.error}", EagerFallbackWarning, stacklevel=5)
+                _fallback(f"cannot analyse {call.api} at {call.location}; it runs as written: {analysis.error}")
             self._analyses.append(analysis)
             self._kinds.setdefault(kind, []).append(analysis)
+            log.channel("traces").info("eager trace #%d: %s at %s (%s): no earlier analysis's facts hold",
+                                       number, call.api, analysis.where, analysis.operands)
             return analysis
 
     # ---- one region ------------------------------------------------------------------------------
@@ -267,10 +269,11 @@ class EagerRewriter:
                 analysis.graph = analysis.site = analysis.sources = None
                 analysis.verdicts = []
                 analysis.error = f"{type(error).__name__}: {error}"
-                warnings.warn(f"mlxrewrite: cannot analyse {analysis.api} at {analysis.where}; it runs as written: "
-                              f"{analysis.error}", EagerFallbackWarning, stacklevel=5)
+                _fallback(f"cannot analyse {analysis.api} at {analysis.where}; it runs as written: {analysis.error}")
             self._analyses.append(analysis)
             self._region_analyses[key] = analysis
+            log.channel("traces").info("eager trace #%d: %s at %s (%s): a new region kind%s", number, analysis.api,
+                                       analysis.where, analysis.operands, f" ({analysis.note})" if analysis.note else "")
             return analysis
 
     def _free_claim_holds(self, call: regions.RegionCall, rules: list[Rule], arguments: tuple, facts: tuple,
@@ -365,7 +368,8 @@ def _decide_region(call: regions.RegionCall, rules: list[Rule], arguments: tuple
     graph = trace_call(call.real, arguments, {})
     sites = [s for s in graph.calls if s.source == "python"]
     apis = {rule.api for rule in rules}
-    entries = [e for e in decide_graph(rules, graph, backend, sites, from_calls=False) if e.site.api in apis]
+    entries = [e for e in decide_graph(rules, graph, backend, sites, from_calls=False, path="eager region")
+               if e.site.api in apis]
     if not entries:
         return RegionDecision(graph)
     anchor = next((e for e in entries if e.match is not None), entries[-1])
@@ -445,6 +449,11 @@ def _region_signature(fn: Callable, rules: list[Rule]) -> _RegionSignature:
             tuple(p.name for p in parameters),
             {p.name: p.default for p in parameters if p.default is not inspect.Parameter.empty}, free)
     return _REGION_SIGNATURES[key]
+
+
+def _fallback(message: str) -> None:
+    log.channel("fallbacks").info("eager: %s", message)
+    warnings.warn(f"mlxrewrite: {message}", EagerFallbackWarning, stacklevel=6)
 
 
 def _meets(needs: dict[str, int], operands: dict[str, Any]) -> bool:
