@@ -1,8 +1,10 @@
-"""Built-in rules, one module each. Installed as `mlxrewrite.rules`."""
+"""Built-in rules, one module each. Installed as `mlxrewrite.rules`. Order matters: the first rule that fires on
+a call decides it, so the broadcast rule (stride-0 weights) comes before the CUDA legalisation it subsumes."""
 
 from .quantized_matmul_broadcast import RULE as QUANTIZED_MATMUL_BROADCAST
+from .quantized_matmul_legalise import RULE as QUANTIZED_MATMUL_LEGALISE
 from .sdpa_noop_mask import RULE as SDPA_NOOP_MASK
 
-BUILTIN_RULES = [QUANTIZED_MATMUL_BROADCAST, SDPA_NOOP_MASK]
+BUILTIN_RULES = [QUANTIZED_MATMUL_BROADCAST, QUANTIZED_MATMUL_LEGALISE, SDPA_NOOP_MASK]
 
-__all__ = ["BUILTIN_RULES", "QUANTIZED_MATMUL_BROADCAST", "SDPA_NOOP_MASK"]
+__all__ = ["BUILTIN_RULES", "QUANTIZED_MATMUL_BROADCAST", "QUANTIZED_MATMUL_LEGALISE", "SDPA_NOOP_MASK"]

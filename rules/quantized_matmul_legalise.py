@@ -1,0 +1,182 @@
+"""quantized-matmul-cuda-legalise: every quantized_matmul gets a CUDA kernel that accepts it and computes it right.
+
+Hazard: MLX's CUDA dispatch (`qmm_dispatch`) raises "No implementation for problem shape" for any call whose
+w, scales or biases are not dense, and runs two defective kernels: `qmm_sm90` is wrong where group_size >= K,
+`qmm_sm80` reads past x and w where K is under 3 K-tiles. Calls without a broadcast weight meet them too.
+
+Evidence: H200, MLX 0.32.4 (issue 14): a random 16-layer llama with MHA attention (16 heads, 16 kv heads) and
+an 8- or 4-bit KV cache raises "No implementation ... 1x4097x64x16" (head dim 64, prompt 4096) and "...
+1x4094x128x16" (head dim 128, prompt 4093), as shipped and wrapped. mlx-lm's `QuantizedKVCache` returns
+`keys[..., :offset, :]` of a buffer that grows in steps of 256 rows: a view with holes between the heads
+whenever offset is short of the buffer, so the scores (transpose=True, K = head dim) and values
+(transpose=False, K = KV length) calls of every decode step, prefill chunk and verification pass have no kernel.
+Aligned N does not help: the H100 runs raised for sliced caches at N = 512, 2048 and 4096 alike.
+
+Rewrites (all exact):
+- dense: the same call on weights made dense by a flatten/unflatten pair: a view where they are dense, one copy
+  of a sliced cache. No view does: the buffer past the offset is out of reach of what the call receives (MLX
+  has no base-array access, and `mx.as_strided` flattens, so copies, a view first), so padding N into the
+  cache's own buffer is impossible here, and a split of N is a view with the same holes.
+- pad: for a call that the dispatch would send to a defective kernel (qmm_sm90 at group_size >= K: the scores
+  call at head dim 64 with group 64; qmm_sm80 at K under 3 tiles with N % 128 == 0: head dim 128), copy the
+  weights with 1-2 zero rows appended so that N % 4 != 0, which sends the call to qmm_naive (or qmv for
+  M * B < 8), then cut the output to N. The copy is the one `dense` makes of a sliced cache, so it costs the
+  same there; the zero rows dequantize to 0 and are cut away.
+- dequantize: dequantize, then a float matmul, where no kernel accepts even dense weights.
+
+Which one (`legal_route`, over plain facts): on CUDA, a defective kernel: pad; batched weights whose layout is
+not known dense (graph inputs: eager mode analyses row-major placeholders of what may be a sliced view, and
+compile does not re-check row-major inputs; or strides with holes): dense; else the call is left alone.
+2-D weights (linear layers) are taken as dense; in eager mode they never reach the rule (`needs`), so only
+their defect cases (K <= 128) go unfixed there: `compile` and `audit` see them.
+
+Must not fire: on CPU and Metal (their kernels copy non-dense weights and accept every shape), unless a
+`mlxrewrite doctor` profile measured the call's bucket failed (then dequantize; those buckets are measured on
+broadcast weights, so this is caution); on weights broadcast against x (quantized-matmul-broadcast-weights,
+which comes first, fixes those); on dense weights with a correct kernel.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping, NamedTuple
+
+import mlx.core as mx
+
+from mlxrewrite.graph import Graph, Value, dtype_name
+from mlxrewrite.intercept import Call
+from mlxrewrite.layout import is_dense, is_row_contiguous
+from mlxrewrite.policy import ORIGINAL, Backend, QmmBucket, qmm_mkn
+from mlxrewrite.rule import Decision, Rule
+from mlxrewrite.trace import CallSite
+
+from .qmm_dispatch import cuda_qmm_kernel, cuda_qmm_overreads, cuda_qmm_wrong
+from .quantized_matmul_broadcast import WEIGHTS, dequantize
+
+NAME = "quantized-matmul-cuda-legalise"
+
+
+class Route(NamedTuple):
+    """A legalisation: the rewrite, why (free of the exact N, so eager mode may key on it), its parameters."""
+
+    rewrite: str
+    reason: str
+    params: dict[str, Any]
+
+
+def legal_route(backend: Backend, dtype: str, x_shape: tuple, w_shape: tuple, params: Mapping[str, Any],
+                weights_dense: bool | None = None) -> Route | None:
+    """How to run this call on `backend` so that a kernel accepts it and computes it right; None: as written.
+
+    `weights_dense`: True where w, scales and biases are known dense, False where known not, None where
+    unknown (graph inputs); unknown batched weights are treated as a possibly sliced cache."""
+    x_shape = (1,) * (2 - len(x_shape)) + tuple(x_shape)
+    batch = mx.broadcast_shapes(x_shape[:-2], w_shape[:-2])
+    if tuple(w_shape[:-2]) != batch:
+        return None  # weights broadcast against x: quantized-matmul-broadcast-weights
+    if backend.kind != "cuda":
+        return _measured_failed(backend, dtype, x_shape, w_shape, params, batch)
+    m, k, n = qmm_mkn(x_shape, w_shape, params)
+    rows = m * math.prod(batch)
+    kernel = cuda_qmm_kernel(backend, dtype, rows, k, params, n)
+    if kernel is None:
+        return Route("dequantize", f"MLX's CUDA dispatch has no kernel for {_facts(dtype, k, params)}",
+                     _dequantize_params(batch))
+    defect = cuda_qmm_wrong(backend, dtype, rows, k, params, n) or cuda_qmm_overreads(backend, dtype, rows, k,
+                                                                                       params, n)
+    if defect:  # both defective kernels need N % 4 == 0 (sm90's TMA) or N % 128 == 0 (sm80)
+        padded = cuda_qmm_kernel(backend, dtype, rows, k, params, n + pad_rows(n))
+        return Route("pad", f"{defect}; N padded with zero rows to N % 4 != 0 so that {padded} runs, "
+                            "output cut back to N", {})
+    sliced = weights_dense is False or (weights_dense is None and len(w_shape) > 2)
+    if sliced:
+        why = "have holes" if weights_dense is False else "may be a view with holes (a sliced KV cache)"
+        return Route("dense", f"{kernel} needs dense weights and these {why}: made dense (a view if they are)", {})
+    return None
+
+
+def pad_rows(n: int) -> int:
+    """Zero rows to append so that N % 4 != 0 (hence N % 128 != 0): neither qmm_sm90 nor qmm_sm80 accepts it."""
+    return 1 if (n + 1) % 4 else 2
+
+
+def _facts(dtype: str, k: int, params: Mapping[str, Any]) -> str:
+    return (f"{dtype} x, K={k}, transpose={bool(params['transpose'])}, bits {params.get('bits')}, "
+            f"group {params.get('group_size')}, mode {params.get('mode') or 'affine'}")
+
+
+def _dequantize_params(batch: tuple) -> dict[str, Any]:
+    """What the broadcast rule's dequantize needs: the output batch, and no broadcast dims to cut."""
+    return {"batch": batch, "operand_dims": {"w": ()}}
+
+
+def _measured_failed(backend: Backend, dtype: str, x_shape: tuple, w_shape: tuple, params: Mapping[str, Any],
+                     batch: tuple) -> Route | None:
+    """The doctor hook for CPU and Metal: dequantize where a profile measured the call's bucket failing."""
+    if backend.profile is None or len(w_shape) <= 2:  # the doctor probes batched weights only
+        return None
+    bucket = QmmBucket.of(dtype, x_shape, w_shape, params)
+    verdict = backend.profile.qmm.get(bucket)
+    if verdict is None or not verdict.ways[ORIGINAL].failed:
+        return None
+    return Route("dequantize", f"`mlxrewrite doctor` measured {bucket.label()} as shipped: "
+                               f"{verdict.ways[ORIGINAL].status} ({backend.profile.device})", _dequantize_params(batch))
+
+
+def _weights_dense(weights: dict[str, Value]) -> bool | None:
+    """Known dense (all computed in the graph, or constants, row-major last two dims, no holes), known not, or
+    unknown (a graph input's layout at run time is not what was traced)."""
+    known = [v for v in weights.values() if v.strides is not None]
+    if any(not (is_dense(v.shape, v.strides) and is_row_contiguous(v.shape[-2:], v.strides[-2:])) for v in known):
+        return False
+    return True if len(known) == len(weights) and all(v.kind != "input" for v in weights.values()) else None
+
+
+def match(site: CallSite, graph: Graph, backend: Backend) -> Decision | None:
+    x = graph.values[site.operands["x"]]
+    weights = {k: graph.values[v] for k in WEIGHTS if (v := site.operands.get(k))}
+    route = legal_route(backend, dtype_name(x.dtype), x.shape, weights["w"].shape, site.params,
+                        _weights_dense(weights))
+    return None if route is None else Decision(NAME, route.rewrite, route.reason, route.params)
+
+
+def site_key(call: Call, backend: Backend):
+    """The decision depends on the batch shapes, M, dtype, parameters and the route (which holds N's alignment
+    only as the kernel it picks, never N itself): a decode loop reuses a handful of decisions."""
+    x, w = call.operands["x"], call.operands["w"]
+    route = legal_route(backend, dtype_name(x.dtype), x.shape, w.shape, call.params)
+    if route is None:
+        return None
+    batches = tuple(None if a is None else a.shape[:-2] for a in call.operands.values())
+    return batches, x.shape[-2:-1], x.dtype, tuple(sorted(call.params.items())), route.rewrite, route.reason
+
+
+def _weights(call: Call) -> dict[str, mx.array]:
+    return {k: a for k in WEIGHTS if (a := call.operands.get(k)) is not None}
+
+
+def dense(call: Call, decision: Decision) -> mx.array:
+    return call.run_original(**{k: a.reshape(-1).reshape(a.shape) for k, a in _weights(call).items()})
+
+
+def pad(call: Call, decision: Decision) -> mx.array:
+    n = call.operands["w"].shape[-2]  # transposed: the defective kernels run only then
+    p = pad_rows(n)
+    padded = {k: mx.concatenate([a, mx.zeros((*a.shape[:-2], p, a.shape[-1]), a.dtype)], axis=-2)
+              for k, a in _weights(call).items()}
+    return call.run_original(**padded)[..., :n]
+
+
+RULE = Rule(
+    name=NAME,
+    api="quantized_matmul",
+    severity="error",
+    hazard="quantized_matmul that MLX's CUDA dispatch rejects ('No implementation for problem shape': weights "
+           "not dense, e.g. a sliced quantized KV cache) or sends to a defective kernel (qmm_sm90 wrong at "
+           "group_size >= K, qmm_sm80 reading past x and w at K under 3 tiles)",
+    match=match,
+    rewrites={"dense": dense, "pad": pad, "dequantize": dequantize},
+    doc=__doc__,
+    site_key=site_key,
+    needs={"w": 3},  # 2-D weights (linear layers: parameters, dense) pass straight through in eager mode
+)
