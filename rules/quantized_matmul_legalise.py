@@ -18,10 +18,11 @@ Rewrites (all exact):
   has no base-array access, and `mx.as_strided` flattens, so copies, a view first), so padding N into the
   cache's own buffer is impossible here, and a split of N is a view with the same holes.
 - pad: for a call that the dispatch would send to a defective kernel (qmm_sm90 at group_size >= K: the scores
-  call at head dim 64 with group 64; qmm_sm80 at K under 3 tiles with N % 128 == 0: head dim 128), copy the
-  weights with 1-2 zero rows appended so that N % 4 != 0, which sends the call to qmm_naive (or qmv for
-  M * B < 8), then cut the output to N. The copy is the one `dense` makes of a sliced cache, so it costs the
-  same there; the zero rows dequantize to 0 and are cut away.
+  call at head dim 64 with group 64, N % 4 == 0; qmm_sm80 at K under 3 tiles with N % 128 == 0: head dim 128
+  in half precision), copy the weights with a zero row appended, so that N % 4 != 0, which sends the call to
+  qmm_naive (or qmv for M * B < 8), then cut the output to N. The copy is the one `dense` makes of a sliced
+  cache, so it costs the same there; the zero row dequantizes to 0 and is cut away. (Slack after x and w, the
+  broadcast rule's guard, would copy a sliced cache twice.)
 - dequantize: dequantize, then a float matmul, where no kernel accepts even dense weights.
 
 Which one (`legal_route`, over plain facts): on CUDA, a defective kernel: pad; batched weights whose layout is
@@ -54,6 +55,8 @@ from .qmm_dispatch import cuda_qmm_kernel, cuda_qmm_overreads, cuda_qmm_wrong
 from .quantized_matmul_broadcast import WEIGHTS, dequantize
 
 NAME = "quantized-matmul-cuda-legalise"
+# Both defective kernels need N % 4 == 0 (qmm_sm90's TMA) or N % 128 == 0 (qmm_sm80): N + 1 meets neither
+PAD_ROWS = 1
 
 
 class Route(NamedTuple):
@@ -84,20 +87,15 @@ def legal_route(backend: Backend, dtype: str, x_shape: tuple, w_shape: tuple, pa
                      _dequantize_params(batch))
     defect = cuda_qmm_wrong(backend, dtype, rows, k, params, n) or cuda_qmm_overreads(backend, dtype, rows, k,
                                                                                        params, n)
-    if defect:  # both defective kernels need N % 4 == 0 (sm90's TMA) or N % 128 == 0 (sm80)
-        padded = cuda_qmm_kernel(backend, dtype, rows, k, params, n + pad_rows(n))
-        return Route("pad", f"{defect}; N padded with zero rows to N % 4 != 0 so that {padded} runs, "
-                            "output cut back to N", {})
+    if defect:
+        padded = cuda_qmm_kernel(backend, dtype, rows, k, params, n + PAD_ROWS)
+        return Route("pad", f"{defect}; a zero row appended to the weights (N % 4 != 0) so that {padded} runs, "
+                            "the output cut back to N", {})
     sliced = weights_dense is False or (weights_dense is None and len(w_shape) > 2)
     if sliced:
         why = "have holes" if weights_dense is False else "may be a view with holes (a sliced KV cache)"
         return Route("dense", f"{kernel} needs dense weights and these {why}: made dense (a view if they are)", {})
     return None
-
-
-def pad_rows(n: int) -> int:
-    """Zero rows to append so that N % 4 != 0 (hence N % 128 != 0): neither qmm_sm90 nor qmm_sm80 accepts it."""
-    return 1 if (n + 1) % 4 else 2
 
 
 def _facts(dtype: str, k: int, params: Mapping[str, Any]) -> str:
@@ -161,8 +159,7 @@ def dense(call: Call, decision: Decision) -> mx.array:
 
 def pad(call: Call, decision: Decision) -> mx.array:
     n = call.operands["w"].shape[-2]  # transposed: the defective kernels run only then
-    p = pad_rows(n)
-    padded = {k: mx.concatenate([a, mx.zeros((*a.shape[:-2], p, a.shape[-1]), a.dtype)], axis=-2)
+    padded = {k: mx.concatenate([a, mx.zeros((*a.shape[:-2], PAD_ROWS, a.shape[-1]), a.dtype)], axis=-2)
               for k, a in _weights(call).items()}
     return call.run_original(**padded)[..., :n]
 
