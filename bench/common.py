@@ -138,12 +138,13 @@ def max_abs_err(out: Any, reference: mx.array) -> float:
 
 
 # ---- rewrites ---------------------------------------------------------------------------------------
-def forced(rewrite: str) -> Rule:
-    """The built-in quantized-matmul rule with its choice of rewrite forced (to time fold and copy alike)."""
+def forced(rewrite: str, rule: Rule = qmm_rule.RULE) -> Rule:
+    """A built-in rule (the broadcast quantized-matmul rule unless named) with its choice of rewrite forced
+    wherever it fires (to time fold and copy alike)."""
     def match(site, graph, backend) -> Decision | None:
-        decision = qmm_rule.match(site, graph, backend)
+        decision = rule.match(site, graph, backend)
         return None if decision is None else dataclasses.replace(decision, rewrite=rewrite)
-    return dataclasses.replace(qmm_rule.RULE, match=match, hazard=f"{qmm_rule.RULE.hazard} (forced: {rewrite})")
+    return dataclasses.replace(rule, match=match, hazard=f"{rule.hazard} (forced: {rewrite})")
 
 
 def rewrites_chosen(explain: str) -> str:

@@ -90,11 +90,12 @@ def legal_route(backend: Backend, dtype: str, x_shape: tuple, w_shape: tuple, pa
     if defect:
         padded = cuda_qmm_kernel(backend, dtype, rows, k, params, n + PAD_ROWS)
         return Route("pad", f"{defect}; a zero row appended to the weights (N % 4 != 0) so that {padded} runs, "
-                            "the output cut back to N", {})
+                            "the output cut back to N", _dequantize_params(batch))
     sliced = weights_dense is False or (weights_dense is None and len(w_shape) > 2)
     if sliced:
         why = "have holes" if weights_dense is False else "may be a view with holes (a sliced KV cache)"
-        return Route("dense", f"{kernel} needs dense weights and these {why}: made dense (a view if they are)", {})
+        return Route("dense", f"{kernel} needs dense weights and these {why}: made dense (a view if they are)",
+                     _dequantize_params(batch))
     return None
 
 
@@ -104,7 +105,8 @@ def _facts(dtype: str, k: int, params: Mapping[str, Any]) -> str:
 
 
 def _dequantize_params(batch: tuple) -> dict[str, Any]:
-    """What the broadcast rule's dequantize needs: the output batch, and no broadcast dims to cut."""
+    """What the broadcast rule's dequantize needs: the output batch, and no broadcast dims to cut (every route
+    carries them, so that a measurement may force dequantize anywhere)."""
     return {"batch": batch, "operand_dims": {"w": ()}}
 
 

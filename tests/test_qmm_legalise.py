@@ -316,3 +316,20 @@ def test_mha_model_decodes_through_the_wrapper_on_simulated_cuda(cuda, monkeypat
     assert f"{NAME} -> dense" in explained and f"{BROADCAST} ->" not in explained
     assert (f"{NAME} -> pad" in explained) is (head_dim == 64)  # N % 4 == 0 steps meet qmm_sm90 at K = 64
     assert set(cuda.kernels) == {"qmm_naive"}
+
+
+def test_gpu_legalise_script_on_a_tiny_grid(cuda):
+    """bench/gpu_legalise.py's loop on simulated CUDA: every case recorded, wrapped runs legalised and close."""
+    from bench import gpu_legalise
+
+    grid = {**gpu_legalise.QUICK, "hidden": 64, "layers": 1, "kv_heads": [16], "head_dims": [64], "vocab": 64,
+            "prompts": [20], "bits": [8], "chunk": 8, "steps": 2}
+    rows = gpu_legalise.run(grid, mx.float32, budget_s=600)
+    assert [r["variant"] for r in rows] == list(gpu_legalise.VARIANTS)
+    wrapped, dequantized = rows[1], rows[2]
+    assert wrapped["max_logit_diff"] < 0.03 and wrapped["argmax_agree"] == 1.0 and wrapped["tokens_per_s"] > 0
+    assert {call.split(" -> ")[1] for call in wrapped["calls"]} == {"dense", "pad"}
+    assert set(dequantized["calls"]) == {f"quantized_matmul: {NAME} -> dequantize"}
+    assert abs(dequantized["max_logit_diff"] - wrapped["max_logit_diff"]) < 1e-3
+    skipped = gpu_legalise.run(grid, mx.float32, budget_s=-1)
+    assert [r["skipped"] for r in skipped] == ["time budget"] * 3
