@@ -126,7 +126,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     grid, env = QUICK if args.quick else FULL, Env.detect()
     rows = run(grid, env.mx_dtype, args.budget_s)
-    meta = {**dataclasses.asdict(env), "grid": grid, "group_size": GROUP, "doctor_profile": Backend.current().profile is not None}
+    meta = {**dataclasses.asdict(env), "grid": grid, "group_size": GROUP,
+            "doctor_profile": Backend.current().profile is not None}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "legalise.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))

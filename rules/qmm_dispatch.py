@@ -4,21 +4,22 @@ two quantized_matmul rules (quantized_matmul_broadcast, quantized_matmul_legalis
 Source: MLX at the newest stored snapshot (commit 846d17622, the 0.32.2 version bump; `mlx/backend/cuda/
 quantized/` is unchanged there since v0.32.1, and v0.32.4's tree is not stored), checked against what an H100
 ran with MLX 0.32.4 (bench/results/). `QuantizedMatmul::eval_gpu` (quantized/quantized.cpp) asks each
-kernel's `supports_*` (quantized/qmm/qmm.cu) and takes, in order, the first that accepts:
+kernel's `supports_*` (quantized/qmm/qmm.cu) and takes, in this order, the first that accepts:
 
-| kernel | accepts (x: activations; K: x's last dim; N: out's last dim; B: out's batch count) |
-|---|---|
-| qmm_sm90 | compute capability 9, N % 4 == 0 (TMA: N * 4 bytes of uint32 w % 16), K % 64 == 0, biases (affine), transpose, 4/8 bits, group_size >= K; replaced by qmv when M == B == 1 and N, K <= 16384 |
-| qmm_sm80 | capability >= 8, N % 128 == 0, K % max(64, group_size) == 0, float16/bfloat16 x, transpose, 4/8 bits; replaced by qmv when M * B < 8 |
-| qmm_naive | K % max(64, group_size) == 0 when transposed (any K when not); replaced by qmv when M * B < 8 |
-| qmv | transpose, K % 8 == 0 (fp_qmv: capability >= 10, fp modes, M <= 8) |
+- qmm_sm90: compute capability 9, N % 4 == 0 (TMA: N * 4 bytes of uint32 w % 16), K % 64 == 0, biases
+  (affine), transpose, 4/8 bits, group_size >= K; qmv instead where M == B == 1 and N, K <= 16384.
+- qmm_sm80: capability >= 8, N % 128 == 0, K % max(64, group_size) == 0, float16/bfloat16 x, transpose,
+  4/8 bits; qmv instead where M * B < 8.
+- qmm_naive: K % max(64, group_size) == 0 when transposed (any K when not); qmv instead where M * B < 8.
+- qmv: transpose, K % 8 == 0 (fp_qmv too: capability >= 10, fp modes, M <= 8).
+(x: the activations; K: x's last dim; N: the output's last dim; B: the output's batch count.)
 
 Every kernel also needs w, scales and biases each with `flags().contiguous` and row-major last two dims
 (`is_last_2_dims_row_contiguous`): a view with holes, such as mlx-lm's KV cache sliced to its offset
 (`keys[..., :offset, :]` of a buffer grown in steps of 256 rows), is never copied; no kernel accepts it and
 MLX raises "[quantized_matmul] No implementation for problem shape: MxNxKxB". With dense weights some kernel
-always accepts: qmm_naive predicates M and N and handles a K residue (device/qmm_naive.cuh), and quantized
-weights have K % group_size == 0, so K % 8 == 0 for qmv. `GatherQMM::eval_gpu` (same file) asks qmm_sm80,
+always accepts: qmm_naive predicates M and N and handles a K residue (device/qmm_naive.cuh), so it takes every
+untransposed call, and transposed weights are quantized along K (K % group_size == 0), so qmv takes the rest. `GatherQMM::eval_gpu` (same file) asks qmm_sm80,
 qmm_naive and qmv with the same tests (no sm90 path): dense expert weights always have a kernel there, and
 only qmm_sm80's over-read below applies (K under 3 tiles). mlxrewrite does not intercept gather_qmm.
 
@@ -37,7 +38,6 @@ from typing import Any, Mapping
 from mlxrewrite.policy import Backend, quantization
 
 QMV_SM90_LIMIT = 16384  # qmm_sm90 gives way to qmv for M == B == 1 only while N and K are at most this
-KERNELS = ("qmm_sm90", "qmm_sm80", "qmm_naive", "qmv")
 
 
 def needs_dense_weights(backend: Backend) -> bool:
@@ -48,9 +48,9 @@ def needs_dense_weights(backend: Backend) -> bool:
 
 def cuda_qmm_kernel(backend: Backend, dtype: str, rows: int, k: int, params: Mapping[str, Any],
                     n: int | None = None) -> str | None:
-    """The kernel MLX's CUDA dispatch runs for a call with dense weights (one of KERNELS), or None where it raises
-    "No implementation" (or the backend is not CUDA). `rows` is M times the batch count B (a fold keeps it); `n`
-    is N, or None where unknown: then the N alignments are taken to hold, which picks qmm_sm90 and qmm_sm80
+    """The kernel MLX's CUDA dispatch runs for a call with dense weights ("qmm_sm90", "qmm_sm80", "qmm_naive" or
+    "qmv"), or None where it raises "No implementation" (or the backend is not CUDA). `rows` is M times the
+    batch count B (a fold keeps it); `n` is N, or None where unknown: then the N alignments are taken to hold, which picks qmm_sm90 and qmm_sm80
     wherever they could run, the cautious answer for the defects (the broadcast rule keeps one decision per
     KV-length bucket). An unknown architecture counts as sm_90, whose kernel is the wrong one."""
     if backend.kind != "cuda":

@@ -47,7 +47,7 @@ import mlx.core as mx
 from mlxrewrite.graph import Graph, Value, dtype_name
 from mlxrewrite.intercept import Call
 from mlxrewrite.layout import is_dense, is_row_contiguous
-from mlxrewrite.policy import ORIGINAL, Backend, QmmBucket, qmm_mkn
+from mlxrewrite.policy import ORIGINAL, Backend, QmmBucket, qmm_mkn, quantization
 from mlxrewrite.rule import Decision, Rule
 from mlxrewrite.trace import CallSite
 
@@ -100,8 +100,8 @@ def legal_route(backend: Backend, dtype: str, x_shape: tuple, w_shape: tuple, pa
 
 
 def _facts(dtype: str, k: int, params: Mapping[str, Any]) -> str:
-    return (f"{dtype} x, K={k}, transpose={bool(params['transpose'])}, bits {params.get('bits')}, "
-            f"group {params.get('group_size')}, mode {params.get('mode') or 'affine'}")
+    mode, bits, group_size = quantization(params)
+    return f"{dtype} x, K={k}, transpose={bool(params['transpose'])}, {bits} bits, group {group_size}, {mode}"
 
 
 def _dequantize_params(batch: tuple) -> dict[str, Any]:

@@ -26,6 +26,7 @@ from mlxrewrite.policy import Backend, qmm_mkn, quantization
 from mlxrewrite.rules import qmm_dispatch
 from mlxrewrite.rules import quantized_matmul_legalise as qml
 from mlxrewrite.rules.quantized_matmul_broadcast import NAME as BROADCAST
+from test_mlx_lm import teacher_forced
 
 NAME = qml.NAME
 SM90, SM80 = Backend("cuda", "sm_90"), Backend("cuda", "sm_80")
@@ -275,15 +276,6 @@ def test_supported_batched_call_is_bitwise_unchanged_when_known_dense(cuda):
 
 
 # ---- mlx-lm: a tiny MHA model (16 heads == 16 kv heads) with a quantized KV cache ------------------------
-
-def teacher_forced(model, toks, prompt, cache, chunk):
-    for start in range(0, prompt, chunk):
-        logits = model(toks[:, start:min(prompt, start + chunk)], cache=cache)
-    outs = [logits[:, -1]]
-    for t in range(prompt, toks.shape[1]):
-        outs.append(model(toks[:, t:t + 1], cache=cache)[:, -1])
-    return mx.stack(outs, axis=1)
-
 
 def mha_model(head_dim):
     return tiny("llama", num_attention_heads=16, num_key_value_heads=16, head_dim=head_dim, hidden_size=128)
