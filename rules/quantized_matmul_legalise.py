@@ -10,7 +10,8 @@ an 8- or 4-bit KV cache raises "No implementation ... 1x4097x64x16" (head dim 64
 `keys[..., :offset, :]` of a buffer that grows in steps of 256 rows: a view with holes between the heads
 whenever offset is short of the buffer, so the scores (transpose=True, K = head dim) and values
 (transpose=False, K = KV length) calls of every decode step, prefill chunk and verification pass have no kernel.
-Aligned N does not help: the H100 runs raised for sliced caches at N = 512, 2048 and 4096 alike.
+Aligned N does not help: on an H100 the broadcast rule's fold (a call of this kind) raised for sliced caches at
+N = 512, 2048 and 4096 alike before it made the weights dense (bench/results/gpu_rules_h100_run1.log).
 
 Rewrites (all exact):
 - dense: the same call on weights made dense by a flatten/unflatten pair: a view where they are dense, one copy
@@ -28,8 +29,9 @@ Rewrites (all exact):
 Which one (`legal_route`, over plain facts): on CUDA, a defective kernel: pad; batched weights whose layout is
 not known dense (graph inputs: eager mode analyses row-major placeholders of what may be a sliced view, and
 compile does not re-check row-major inputs; or strides with holes): dense; else the call is left alone.
-2-D weights (linear layers) are taken as dense; in eager mode they never reach the rule (`needs`), so only
-their defect cases (K <= 128) go unfixed there: `compile` and `audit` see them.
+2-D weights (linear layers) are taken as dense; in eager mode they never reach the rule (`needs`, `site_key`),
+so their defect cases (K <= 128 on sm90, K under 3 tiles on sm80) are fixed by `compile`, which traces them, and
+reported by `audit`, not in eager mode.
 
 Must not fire: on CPU and Metal (their kernels copy non-dense weights and accept every shape), unless a
 `mlxrewrite doctor` profile measured the call's bucket failed (then dequantize; those buckets are measured on
@@ -142,8 +144,11 @@ def match(site: CallSite, graph: Graph, backend: Backend) -> Decision | None:
 
 def site_key(call: Call, backend: Backend):
     """The decision depends on the batch shapes, M, dtype, parameters and the route (which holds N's alignment
-    only as the kernel it picks, never N itself): a decode loop reuses a handful of decisions."""
+    only as the kernel it picks, never N itself): a decode loop reuses a handful of decisions. None for 2-D
+    weights, as `needs` says: eager mode leaves linear layers to MLX unanalysed."""
     x, w = call.operands["x"], call.operands["w"]
+    if w.ndim <= 2:
+        return None
     route = legal_route(backend, dtype_name(x.dtype), x.shape, w.shape, call.params)
     if route is None:
         return None

@@ -260,7 +260,19 @@ def test_linear_layers_pass_straight_through_eager_mode(cuda):
     rewritten = mlxrewrite.eager(qmm(True, 4))
     assert mx.array_equal(rewritten(x, *q), cuda.real(x, *q, group_size=64, bits=4)).item()
     assert rewritten.rewriter.traces == 0 and rewritten.rewriter.calls == {}
-    assert qml.RULE.needs == {"w": 3}
+
+
+def test_needs_skip_only_calls_the_key_declines(cuda):
+    """A 2-D call with a defective kernel (K = 64 = group on sm90): compile pads it, eager mode leaves it."""
+    (q, deq) = quantized((256, 64), 8)
+    x = mx.random.normal((4, 64))
+    spec, gate = intercept.APIS["quantized_matmul"], intercept.Gate({"quantized_matmul": [qml.RULE.needs]})
+    args, kwargs = (x, *q), {"group_size": 64, "bits": 8}
+    assert not gate.admits(spec, args, kwargs)
+    assert qml.RULE.key(intercept.Call.intercepted(spec, args, kwargs, None), SM90) is None
+    rewritten = mlxrewrite.compile(qmm(True, 8))
+    assert_close(rewritten(x, *q), reference(x, deq, True))
+    assert f"{NAME} -> pad" in rewritten.explain()
 
 
 def test_supported_batched_call_is_bitwise_unchanged_when_known_dense(cuda):
@@ -325,3 +337,19 @@ def test_gpu_legalise_script_on_a_tiny_grid(cuda):
     assert abs(dequantized["max_logit_diff"] - wrapped["max_logit_diff"]) < 1e-3
     skipped = gpu_legalise.run(grid, mx.float32, budget_s=-1)
     assert [r["skipped"] for r in skipped] == ["time budget"] * 3
+
+
+def test_gqa_model_stays_with_the_broadcast_rule_on_simulated_cuda(cuda):
+    model = tiny("llama", num_attention_heads=16, num_key_value_heads=4, hidden_size=128)
+    mx.random.seed(1)
+    toks = mx.random.randint(0, 256, (1, 24))
+    cache = lambda: [QuantizedKVCache(group_size=64, bits=8) for _ in make_prompt_cache(model)]
+    floating = teacher_forced(model, toks, 20, make_prompt_cache(model), chunk=8)
+    mrl.wrap(model)
+    try:
+        got = teacher_forced(model, toks, 20, cache(), chunk=8)
+        calls = mrl.state(model).rewriter.calls
+    finally:
+        mrl.unwrap(model)
+    assert mx.max(mx.abs(got - floating)).item() <= 0.03
+    assert {c.split(": ")[1].split(" -> ")[0] for c in calls} == {BROADCAST}
