@@ -40,6 +40,13 @@ from mlxrewrite.policy import Backend, quantization
 QMV_SM90_LIMIT = 16384  # qmm_sm90 gives way to qmv for M == B == 1 only while N and K are at most this
 
 
+def dispatch_rows(n: int) -> int:
+    """The smallest N that MLX's CUDA dispatch treats as it treats `n`: it reads N only as N % 4 == 0,
+    N % 128 == 0 and N <= QMV_SM90_LIMIT. A decode loop's growing N thus maps onto a handful of values."""
+    aligned = 128 if n % 128 == 0 else 4 if n % 4 == 0 else 1
+    return aligned + (2 * QMV_SM90_LIMIT if n > QMV_SM90_LIMIT else 0)
+
+
 def needs_dense_weights(backend: Backend) -> bool:
     """CUDA never copies quantized weights: they must be dense with row-major last two dims, or MLX raises
     "No implementation for problem shape" (a sliced KV cache is not dense). Metal and CPU copy them."""

@@ -41,6 +41,7 @@ which comes first, fixes those); on dense weights with a correct kernel.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Mapping, NamedTuple
 
@@ -53,7 +54,7 @@ from mlxrewrite.policy import ORIGINAL, Backend, QmmBucket, qmm_mkn, quantizatio
 from mlxrewrite.rule import Decision, Rule
 from mlxrewrite.trace import CallSite
 
-from .qmm_dispatch import cuda_qmm_kernel, cuda_qmm_overreads, cuda_qmm_wrong
+from .qmm_dispatch import cuda_qmm_kernel, cuda_qmm_overreads, cuda_qmm_wrong, dispatch_rows
 from .quantized_matmul_broadcast import WEIGHTS, dequantize
 
 NAME = "quantized-matmul-cuda-legalise"
@@ -149,11 +150,26 @@ def site_key(call: Call, backend: Backend):
     x, w = call.operands["x"], call.operands["w"]
     if w.ndim <= 2:
         return None
-    route = legal_route(backend, dtype_name(x.dtype), x.shape, w.shape, call.params)
+    params = tuple(call.params.items())  # bound in one order (the API's defaults) for every call
+    x_shape, w_shape = x.shape, w.shape
+    route = _keyed_route(backend, x.dtype, *_kv_length_free(x_shape, w_shape, call.params), params)
     if route is None:
         return None
-    batches = tuple(None if a is None else a.shape[:-2] for a in call.operands.values())
-    return batches, x.shape[-2:-1], x.dtype, tuple(sorted(call.params.items())), route.rewrite, route.reason
+    return x_shape[:-2], w_shape[:-2], x_shape[-2:-1], x.dtype, params, route.rewrite, route.reason
+
+
+def _kv_length_free(x_shape: tuple, w_shape: tuple, params: Mapping[str, Any]) -> tuple[tuple, tuple]:
+    """The shapes with the weights' rows (the KV length of attention) replaced by what the route reads of them:
+    N of a transposed call as the dispatch sees it (`dispatch_rows`); K of an untransposed call not at all
+    (only qmm_naive takes those, for any K)."""
+    rows = dispatch_rows(w_shape[-2]) if params["transpose"] else 1
+    x_shape = x_shape if params["transpose"] else (*x_shape[:-1], rows)
+    return x_shape, (*w_shape[:-2], rows, w_shape[-1])
+
+
+@functools.lru_cache(maxsize=1024)  # site_key runs per call in eager mode; these keys are few
+def _keyed_route(backend: Backend, dtype: mx.Dtype, x_shape: tuple, w_shape: tuple, params: tuple) -> Route | None:
+    return legal_route(backend, dtype_name(dtype), x_shape, w_shape, dict(params))
 
 
 def _weights(call: Call) -> dict[str, mx.array]:

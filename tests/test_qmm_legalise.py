@@ -189,6 +189,21 @@ def test_no_kernel_even_dense_dequantizes():
     assert qml.legal_route(SM90, "float32", (4, 100), (256, 25), params).rewrite == "dequantize"
 
 
+@pytest.mark.parametrize("dtype,d", [("float16", 64), ("float16", 128), ("float32", 64)])
+def test_eager_key_routes_as_the_exact_kv_length_would(dtype, d):
+    """site_key looks routes up by `dispatch_rows` of the KV length, not the length: the same answers."""
+    params = {"transpose": True, "group_size": 64, "bits": 8, "mode": "affine"}
+    for n in [*range(1, 300), 16383, 16384, 16385, 16512, 32768, 32769]:
+        for m in (1, 4):
+            for transpose in (True, False):
+                params["transpose"] = transpose
+                x_shape, w_shape = (1, 16, m, d if transpose else n), (1, 16, n, d // 4)
+                exact = qml.legal_route(SM90, dtype, x_shape, w_shape, params)
+                keyed = qml._keyed_route(SM90, getattr(mx, dtype), *qml._kv_length_free(x_shape, w_shape, params),
+                                         tuple(params.items()))
+                assert exact == keyed, (n, m, transpose)
+
+
 # ---- the rewrites, run: the reference, and kernels that accept them --------------------------------------
 
 @pytest.mark.parametrize("d,n,bits,m,transpose,rewrite,kernel", [
