@@ -8,14 +8,17 @@ so later chunks go into the quantized cache), then 16 teacher-forced decode step
 step (speculative decoding's M = 4) run. A float-cache run is the reference; the 4- and 8-bit caches run as
 shipped, wrapped, and wrapped with the legalisation forced to dequantize (to compare its rewrites with
 dequantize by measurement). Each case records max |logits - float-cache logits|, argmax agreement, decode
-tokens/s (median step) and the rewrites that ran, or the exception it raised; one JSON line per case on stdout,
-all of them in OUT_DIR/legalise.json. Cases not started within --budget-s (default 240) are recorded skipped.
+tokens/s (median step) and the rewrites that ran, or the exception it raised. First, single attention calls on a
+sliced cache (`kernel_rows`) check the kernels the rewrites pick against the dequantize-then-float reference.
+One JSON line per case on stdout, all of them in OUT_DIR/legalise.json. Model cases not started within
+--budget-s (default 240) are recorded skipped.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 import os
 import sys
@@ -25,8 +28,9 @@ from typing import Any
 
 import mlx.core as mx
 
+import mlxrewrite
 import mlxrewrite.mlx_lm as mrl
-from bench.common import Env, forced
+from bench.common import Env, forced, max_abs_err
 from bench.models import llama
 from mlxrewrite.policy import Backend
 from mlxrewrite.rules.quantized_matmul_legalise import RULE as LEGALISE
@@ -86,6 +90,37 @@ def compare(result: dict, reference: dict) -> dict:
     return {"max_logit_diff": round(diff, 5), "argmax_agree": round(agree, 3), "tokens_per_s": result["tokens_per_s"]}
 
 
+def kernel_rows(grid: dict, dtype: mx.Dtype) -> list[dict]:
+    """One MHA attention call at a time on a sliced cache (16 heads, the first prompt's KV length and one more),
+    through `mlxrewrite.eager`: max error relative to the dequantize-then-float32 reference, and the rewrite
+    that ran. Isolates the kernels the legalisation picks from a model's quantization noise."""
+    rows = []
+    n0 = grid["prompts"][0]
+    for d, bits, n, m, transpose in itertools.product(grid["head_dims"], grid["bits"], (n0, n0 + 1), (1, 4),
+                                                      (True, False)):
+        mx.random.seed(n)
+        buffer = mx.quantize(mx.random.normal((1, grid["heads"], n + 256, d)).astype(dtype), group_size=GROUP,
+                             bits=bits)
+        view = [a[..., :n, :] for a in buffer]  # as mlx-lm's QuantizedKVCache returns it
+        deq = mx.dequantize(*view, group_size=GROUP, bits=bits).astype(mx.float32)
+        x = mx.random.normal((1, grid["heads"], m, d if transpose else n)).astype(dtype)
+        reference = x.astype(mx.float32) @ (mx.swapaxes(deq, -1, -2) if transpose else deq)
+
+        def qmm(x, *q, t=transpose, b=bits):  # mx.quantized_matmul looked up per call, so intercepted
+            return mx.quantized_matmul(x, *q, transpose=t, group_size=GROUP, bits=b)
+
+        call = mlxrewrite.eager(qmm)
+        row = {"check": "kernel", "head_dim": d, "kv_bits": bits, "N": n, "M": m, "transpose": transpose}
+        try:
+            out = call(x, *view)
+            row["rel_err"] = round(max_abs_err(out, reference) / mx.max(mx.abs(reference)).item(), 6)
+        except Exception as error:  # anything a case raises is its result
+            row["error"] = f"{type(error).__name__}: {str(error)[:240]}"
+        rows.append({**row, "calls": call.rewriter.calls})
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
 def run(grid: dict, dtype: mx.Dtype, budget_s: float) -> list[dict]:
     rows, began = [], time.perf_counter()
     for kv_heads in grid["kv_heads"]:
@@ -125,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
         print("gpu_legalise: give OUT_DIR or set $OUT", file=sys.stderr)
         return 2
     grid, env = QUICK if args.quick else FULL, Env.detect()
-    rows = run(grid, env.mx_dtype, args.budget_s)
+    rows = kernel_rows(grid, env.mx_dtype) + run(grid, env.mx_dtype, args.budget_s)
     meta = {**dataclasses.asdict(env), "grid": grid, "group_size": GROUP,
             "doctor_profile": Backend.current().profile is not None}
     out = Path(args.out)

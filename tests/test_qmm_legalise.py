@@ -352,6 +352,10 @@ def test_gpu_legalise_script_on_a_tiny_grid(cuda):
     assert abs(dequantized["max_logit_diff"] - wrapped["max_logit_diff"]) < 1e-3
     skipped = gpu_legalise.run(grid, mx.float32, budget_s=-1)
     assert [r["skipped"] for r in skipped] == ["time budget"] * 3
+    checks = gpu_legalise.kernel_rows({**grid, "heads": 2, "prompts": [24]}, mx.float32)
+    assert len(checks) == 8 and all(r["rel_err"] < 1e-4 for r in checks)
+    rewrites = {(r["N"], r["transpose"]): {c.split(" -> ")[1] for c in r["calls"]} for r in checks}
+    assert rewrites == {(24, True): {"pad"}, (25, True): {"dense"}, (24, False): {"dense"}, (25, False): {"dense"}}
 
 
 def test_gqa_model_stays_with_the_broadcast_rule_on_simulated_cuda(cuda):
