@@ -19,9 +19,10 @@ Every kernel also needs w, scales and biases each with `flags().contiguous` and 
 (`keys[..., :offset, :]` of a buffer grown in steps of 256 rows), is never copied; no kernel accepts it and
 MLX raises "[quantized_matmul] No implementation for problem shape: MxNxKxB". With dense weights some kernel
 always accepts: qmm_naive predicates M and N and handles a K residue (device/qmm_naive.cuh), so it takes every
-untransposed call, and transposed weights are quantized along K (K % group_size == 0), so qmv takes the rest. `GatherQMM::eval_gpu` (same file) asks qmm_sm80,
-qmm_naive and qmv with the same tests (no sm90 path): dense expert weights always have a kernel there, and
-only qmm_sm80's over-read below applies (K under 3 tiles). mlxrewrite does not intercept gather_qmm.
+untransposed call, and transposed weights are quantized along K (K % group_size == 0), so qmv takes the rest.
+`GatherQMM::eval_gpu` (same file) asks qmm_sm80, qmm_naive and qmv with the same tests (no sm90 path): dense
+expert weights always have a kernel there, and only qmm_sm80's over-read below applies (K under 3 tiles).
+mlxrewrite does not intercept gather_qmm.
 
 Two kernel defects (H100, MLX 0.32.4; docs/upstream-mlx-cuda-qmm.md): qmm_sm80's mainloop
 (device/qmm_sm80.cuh, "Prefetch beginning tiles") fills its 3-stage pipeline without clamping to the K-tile
@@ -57,9 +58,9 @@ def cuda_qmm_kernel(backend: Backend, dtype: str, rows: int, k: int, params: Map
                     n: int | None = None) -> str | None:
     """The kernel MLX's CUDA dispatch runs for a call with dense weights ("qmm_sm90", "qmm_sm80", "qmm_naive" or
     "qmv"), or None where it raises "No implementation" (or the backend is not CUDA). `rows` is M times the
-    batch count B (a fold keeps it); `n` is N, or None where unknown: then the N alignments are taken to hold, which picks qmm_sm90 and qmm_sm80
-    wherever they could run, the cautious answer for the defects (the broadcast rule keeps one decision per
-    KV-length bucket). An unknown architecture counts as sm_90, whose kernel is the wrong one."""
+    batch count B (a fold keeps it); `n` is N, or None where unknown: then the N alignments are taken to hold,
+    which picks qmm_sm90 and qmm_sm80 wherever they could run, the cautious answer for the defects (the
+    broadcast rule keeps one decision per KV-length bucket). An unknown architecture counts as sm_90, whose kernel is the wrong one."""
     if backend.kind != "cuda":
         return None
     mode, bits, group_size = quantization(params)
