@@ -60,7 +60,8 @@ def cuda_qmm_kernel(backend: Backend, dtype: str, rows: int, k: int, params: Map
     "qmv"), or None where it raises "No implementation" (or the backend is not CUDA). `rows` is M times the
     batch count B (a fold keeps it); `n` is N, or None where unknown: then the N alignments are taken to hold,
     which picks qmm_sm90 and qmm_sm80 wherever they could run, the cautious answer for the defects (the
-    broadcast rule keeps one decision per KV-length bucket). An unknown architecture counts as sm_90, whose kernel is the wrong one."""
+    broadcast rule keeps one decision per KV-length bucket). An unknown architecture counts as sm_90, whose
+    kernel is the wrong one."""
     if backend.kind != "cuda":
         return None
     mode, bits, group_size = quantization(params)
