@@ -180,6 +180,10 @@ def test_a_profile_that_measured_a_bucket_failed_dequantizes_on_metal():
     assert route(profiled, x_shape, w_shape) == "dequantize"
     assert route(profiled, (*MHA, 2, 64), (*MHA, 100, 16)) is None  # another bucket
     assert route(metal, x_shape, w_shape) is None
+    spec, kwargs = intercept.APIS["quantized_matmul"], {"group_size": 64, "bits": 8}
+    keys = {n: qml.RULE.key(intercept.Call.intercepted(spec, (mx.zeros(x_shape), *quantized((*MHA, n, 64), 8)[0]),
+                                                       kwargs, None), profiled) for n in (4096, 100)}
+    assert keys[4096] is not None and keys[100] is None  # eager mode keys by the bucket, not by dispatch rows
 
 
 def test_no_kernel_even_dense_dequantizes():
