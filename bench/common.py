@@ -138,9 +138,10 @@ def max_abs_err(out: Any, reference: mx.array) -> float:
 
 
 # ---- rewrites ---------------------------------------------------------------------------------------
-def forced(rewrite: str) -> Rule:
-    """The built-in quantized-matmul rule with its choice of rewrite forced (to time fold and copy alike)."""
-    return qmm_rule.RULE.forcing(rewrite)
+def forced(rewrite: str, rule: Rule = qmm_rule.RULE) -> Rule:
+    """A built-in rule (the broadcast quantized-matmul rule unless named) with its choice of rewrite forced
+    wherever it fires (to time fold and copy alike)."""
+    return rule.forcing(rewrite)
 
 
 def rewrites_chosen(explain: str) -> str:

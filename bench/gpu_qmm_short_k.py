@@ -5,7 +5,7 @@
 Each cell is max |out - ref| / max |ref| against dequantize-then-float32-matmul, for x of shape (B, M, .) and
 a quantized (B, N=2048, K) cache: T=1 reduces over K (the GQA scores call, K = head dim), T=0 over N (the
 values call). On an H100 (MLX 0.32.4) every T=1 cell with group_size >= K was wrong but M1B1, which MLX
-sends to qmv rather than qmm_sm90 (`policy.cuda_qmm_wrong`); float16 rounding alone gives about 1e-3.
+sends to qmv rather than qmm_sm90 (`qmm_dispatch.cuda_qmm_wrong`); float16 rounding alone gives about 1e-3.
 """
 
 import itertools

@@ -20,6 +20,7 @@ import mlx.core as mx
 
 from .constants import ConstSummary, summarize
 from .graph import Graph, row_major_strides
+from .layout import is_dense, is_row_contiguous
 
 if TYPE_CHECKING:
     from .policy import Backend
@@ -31,7 +32,7 @@ ValueCheck = Callable[[mx.array], "ConstSummary | None"]
 class Read:
     """One question a guard asked: `kind` of operand `name` (with `extra`: dims, a derived fact's recipe)."""
 
-    kind: str  # shape | dims | ndim | dtype | present | strides | const | param | args | backend | derived
+    kind: str  # shape | dims | ndim | dtype | present | strides | dense | const | param | args | backend | derived
     name: str | None = None
     extra: Any = None
 
@@ -68,11 +69,17 @@ class GraphEnv:
         name = self.bindings.get(read.name)
         if read.kind == "present":
             return name is not None
+        if read.kind == "dense" and name is None:  # an absent operand has no layout to fault
+            return True
         if name is None:
             raise FactUnavailable(f"operand {read.name!r} is absent")
         value = self.graph.values[name]
         if read.kind == "strides":
             return value.strides
+        if read.kind == "dense":  # known only for values the graph computes (an input's layout may change)
+            if self.eager or value.kind == "input" or value.strides is None:
+                return None
+            return is_dense(value.shape, value.strides) and is_row_contiguous(value.shape[-2:], value.strides[-2:])
         if read.kind == "const":  # a constant of the graph is known; eager mode may check an input's values
             summary = summarize(self.graph, name)
             if summary is not None or not self.eager or self.value_check is None:
@@ -98,6 +105,8 @@ class ArrayEnv:
         array = self.arrays.get(read.name)
         if read.kind == "present":
             return array is not None
+        if read.kind == "dense":
+            return True if array is None else None
         if array is None:
             raise FactUnavailable(f"operand {read.name!r} is absent")
         if read.kind == "strides":  # as in GraphEnv(eager=True): eager mode does not see layouts
@@ -162,6 +171,11 @@ class Facts:
 
     def strides(self, name: str) -> tuple[int, ...]:
         return self._ask(Read("strides", name))
+
+    def dense(self, name: str) -> bool | None:
+        """Known dense with row-major last two dims (True), known not (False), or unknown (None: an input, whose
+        layout at run time may not be the traced one, and everything in eager mode)."""
+        return self._ask(Read("dense", name))
 
     def const(self, name: str) -> ConstSummary | None:
         """The value summary of a constant operand; None where unknown (eager mode without check_values)."""

@@ -370,66 +370,6 @@ def qmm_hazard_applies(backend: Backend, m: int, k: int, n: int, transpose: bool
     return True, "CPU is correct, but the rewrite keeps CPU and GPU graphs alike and is faster"
 
 
-def cuda_qmm_kernel(backend: Backend, dtype: str, rows: int, k: int, params: Mapping[str, Any]) -> str | None:
-    """Which of MLX's CUDA tiled kernels a transposed quantized_matmul runs: "qmm_sm90", "qmm_sm80", or None
-    (not CUDA, not transposed, or qmv / qmm_naive). Mirrors `QuantizedMatmul::eval_gpu` and the kernels'
-    `supports_*` tests (quantized.cpp, qmm.cu); `rows` is M times the batch count, which a fold keeps. The N
-    alignments the kernels also test (N % 4 for sm90's TMA, N % 128 for sm80) are left out: decisions are
-    kept per KV-length bucket, and both remedies (dequantize, slack) are right for any N. An unknown
-    architecture counts as sm_90, whose kernel is the wrong one."""
-    mode, bits, group_size = quantization(params)
-    if backend.kind != "cuda" or not params["transpose"] or bits not in (4, 8):
-        return None
-    major = _compute_capability(backend.arch)
-    if major in (9, None) and mode == "affine" and k % 64 == 0 and group_size >= k and rows > 1:
-        return "qmm_sm90"
-    tile = max(64, group_size)
-    if (major is None or major >= 8) and dtype in ("float16", "bfloat16") and k % tile == 0 and rows >= 8:
-        return "qmm_sm80"
-    return None
-
-
-def cuda_qmm_wrong(backend: Backend, dtype: str, rows: int, k: int, params: Mapping[str, Any]) -> str | None:
-    """Why MLX's CUDA kernel computes this call wrong whatever its weights' layout, or None.
-
-    `qmm_sm90` (compute capability 9: H100, H200) runs transposed 4/8-bit affine calls whose group spans all
-    of K (group_size >= K: the GQA scores call at head dim 64 with group 64, or 128 with group 128). On an
-    H100 with MLX 0.32.4 it gave errors the size of the result, or NaN, for dense unbatched weights too, at
-    every M and batch count but M = B = 1, where MLX runs qmv (bench/results/cuda-nvidia-h100-80gb-hbm3/
-    qmm_sm90_short_k.log). Fold and copy run the same kernel, so only dequantize is right there."""
-    if cuda_qmm_kernel(backend, dtype, rows, k, params) != "qmm_sm90":
-        return None
-    return f"CUDA qmm_sm90 computes K={k} with group_size {quantization(params)[2]} >= K wrong (H100, MLX 0.32.4)"
-
-
-def cuda_qmm_overreads(backend: Backend, dtype: str, rows: int, k: int, params: Mapping[str, Any]) -> str | None:
-    """Why MLX's CUDA `qmm_sm80` kernel may read past the end of x and w in this call, or None.
-
-    Its mainloop (device/qmm_sm80.cuh) fills a 3-stage pipeline: it fetches K-tiles 0, 1 and then 2 without
-    clamping to the tile count, so for K under 3 tiles (a tile is max(64, group_size) columns: the GQA scores
-    call at head dim 64 or 128) it reads up to 2 tiles past the last row of x and of w. The values are never
-    used, but past the end of a buffer nothing may be mapped: compute-sanitizer reports the reads, and on an
-    H100 (D=128, N=4096, 4 bits) the process died with "unspecified launch failure"."""
-    tile = max(64, quantization(params)[2])
-    if cuda_qmm_kernel(backend, dtype, rows, k, params) != "qmm_sm80" or k // tile >= 3:
-        return None
-    return (f"CUDA qmm_sm80 reads up to {3 - k // tile} K-tile(s) of {tile} columns past the last rows of x "
-            f"and w when K={k} spans fewer than 3 tiles")
-
-
-@functools.lru_cache(maxsize=None)  # eager mode's site_key asks per call, with one arch string per process
-def _compute_capability(arch: str) -> int | None:
-    """The major compute capability in MLX's CUDA architecture string ("sm_90" -> 9); None if unknown."""
-    match = re.fullmatch(r"sm_(\d+?)(\d)a?", arch)
-    return int(match.group(1)) if match else None
-
-
-def needs_dense_weights(backend: Backend) -> bool:
-    """CUDA never copies quantized weights: they must be dense with row-major last two dims, or MLX raises
-    "No implementation for problem shape" (a sliced KV cache is not dense). Metal and CPU copy them."""
-    return backend.kind == "cuda"
-
-
 # ---- the decision --------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -456,6 +396,8 @@ def qmm_route(backend: Backend, dtype: str, x_shape: tuple, w_shape: tuple, para
     on CPU the rule rewrites on purpose, so that CPU audits show what GPUs need). Elsewhere it takes the
     fastest rewrite measured correct, then dequantize. Where the bucket was not measured: fold, or copy, less
     the rewrites that failed in the bucket's kernel family (then dequantize)."""
+    from mlxrewrite.rules.qmm_dispatch import cuda_qmm_wrong  # here: importing the rules package imports this module
+
     hazardous, why = qmm_hazard_applies(backend, *qmm_mkn(x_shape, w_shape, params), bool(params["transpose"]))
     rows = math.prod(x_shape[:-1]) * math.prod(w_shape[:-2])  # > 1 exactly where M times the batch count is
     wrong = cuda_qmm_wrong(backend, dtype, rows, x_shape[-1], params)

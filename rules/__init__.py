@@ -1,9 +1,13 @@
-"""Built-in rules, one module each. Installed as `mlxrewrite.rules`."""
+"""Built-in rules, one module each. Installed as `mlxrewrite.rules`. Order matters: subgraph rules go first (the
+fused attention replaces the calls inside it), then the first call rule that fires on a call decides it, so the
+broadcast rule (stride-0 weights) comes before the CUDA legalisation it subsumes."""
 
 from .fused_quantized_attention import RULE as FUSED_QUANTIZED_ATTENTION
 from .quantized_matmul_broadcast import RULE as QUANTIZED_MATMUL_BROADCAST
+from .quantized_matmul_legalise import RULE as QUANTIZED_MATMUL_LEGALISE
 from .sdpa_noop_mask import RULE as SDPA_NOOP_MASK
 
-BUILTIN_RULES = [FUSED_QUANTIZED_ATTENTION, QUANTIZED_MATMUL_BROADCAST, SDPA_NOOP_MASK]
+BUILTIN_RULES = [FUSED_QUANTIZED_ATTENTION, QUANTIZED_MATMUL_BROADCAST, QUANTIZED_MATMUL_LEGALISE, SDPA_NOOP_MASK]
 
-__all__ = ["BUILTIN_RULES", "FUSED_QUANTIZED_ATTENTION", "QUANTIZED_MATMUL_BROADCAST", "SDPA_NOOP_MASK"]
+__all__ = ["BUILTIN_RULES", "FUSED_QUANTIZED_ATTENTION", "QUANTIZED_MATMUL_BROADCAST", "QUANTIZED_MATMUL_LEGALISE",
+           "SDPA_NOOP_MASK"]

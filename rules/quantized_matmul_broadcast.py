@@ -20,7 +20,7 @@ Rewrites (all exact: the same dot products, only the batching or the kernel diff
 - dequantize: dequantize the weights (broadcast dims cut to size 1), then a float matmul in x's dtype.
   No quantized kernel runs, so it serves shapes the backend's quantized kernels reject.
 
-Fold and copy also guard a second CUDA defect (`policy.cuda_qmm_overreads`): for K under 3 K-tiles (the
+Fold and copy also guard a second CUDA defect (`qmm_dispatch.cuda_qmm_overreads`): for K under 3 K-tiles (the
 scores call at head dim 64 or 128) MLX's `qmm_sm80` kernel reads up to two tiles past the end of x and w,
 which killed an H100 process ("unspecified launch failure"; compute-sanitizer names the reads). There the
 x and weights they pass get 1 KiB of zeros after their last element (one copy of the weights where fold would
@@ -49,8 +49,9 @@ from mlxrewrite.graph import dtype_name
 from mlxrewrite.intercept import Call
 from mlxrewrite.layout import broadcast_strides, stride0_batch_dims
 from mlxrewrite.pattern import CallPattern
-from mlxrewrite.policy import Backend, cuda_qmm_overreads, needs_dense_weights, qmm_route
+from mlxrewrite.policy import Backend, qmm_route
 from mlxrewrite.rule import Decision, Decline, Rule
+from mlxrewrite.rules.qmm_dispatch import cuda_qmm_overreads, needs_dense_weights
 
 NAME = "quantized-matmul-broadcast-weights"
 WEIGHTS = ("w", "scales", "biases")

@@ -12,7 +12,7 @@ from mlxrewrite.audit import audit_graph
 from mlxrewrite.layout import is_dense, stride0_batch_dims
 from mlxrewrite import policy
 from mlxrewrite.policy import Backend
-from mlxrewrite.rules import quantized_matmul_broadcast as qmb
+from mlxrewrite.rules import qmm_dispatch, quantized_matmul_broadcast as qmb
 
 NAME = qmb.NAME
 CPU = Backend("cpu")
@@ -458,7 +458,7 @@ def test_must_not_fire(build):
     assert "left as is (no rule matched)" in text and f"{NAME} ->" not in text, text
     assert decisions(rewritten.graph(*args)) == [None]
     assert mlxrewrite.audit(fn, *args).clean
-    assert audit_graph(rewritten.graph(*args), backend=Backend("cuda")).clean
+    assert audit_graph(rewritten.graph(*args), rules=[qmb.RULE], backend=Backend("cuda")).clean  # legalise fires: inputs may be sliced views
 
 
 def test_disable_keeps_the_hazard():
@@ -516,22 +516,22 @@ def test_floating_point_modes_fold_without_biases(mode, group_size, bits):
     ("cuda", "sm_90", "float16", 32, 128, 64, True, "affine", "qmm_sm80"),  # group < K: not the sm90 kernel
     ("cuda", "sm_90", "float16", 32, 128, 128, True, "affine", "qmm_sm90"),
     ("cuda", "sm_90", "float32", 2, 64, 64, True, "affine", "qmm_sm90"),
-    ("cuda", "sm_90", "float16", 1, 64, 64, True, "affine", None),  # M = B = 1: qmv
+    ("cuda", "sm_90", "float16", 1, 64, 64, True, "affine", "qmv"),  # M = B = 1: qmv
     ("cuda", "sm_90", "float16", 32, 64, 32, True, "mxfp4", "qmm_sm80"),  # sm90's kernel: affine only
     ("cuda", "", "float16", 32, 64, 64, True, "affine", "qmm_sm90"),  # unknown architecture: the wrong kernel
     ("cuda", "", "float16", 32, 128, 64, True, "affine", "qmm_sm80"),
-    ("cuda", "sm_80", "float16", 32, 96, 64, True, "affine", None),  # K % tile: qmm_naive
-    ("cuda", "sm_80", "float16", 4, 128, 64, True, "affine", None),  # rows < 8: qmv
-    ("cuda", "sm_80", "float32", 32, 128, 64, True, "affine", None),
-    ("cuda", "sm_80", "float16", 32, 128, 64, False, "affine", None),
-    ("cuda", "sm_75", "float16", 32, 128, 64, True, "affine", None),
+    ("cuda", "sm_80", "float16", 32, 96, 64, True, "affine", "qmv"),  # K % tile: not qmm_naive either
+    ("cuda", "sm_80", "float16", 4, 128, 64, True, "affine", "qmv"),  # rows < 8: qmv
+    ("cuda", "sm_80", "float32", 32, 128, 64, True, "affine", "qmm_naive"),
+    ("cuda", "sm_80", "float16", 32, 128, 64, False, "affine", "qmm_naive"),
+    ("cuda", "sm_75", "float16", 32, 128, 64, True, "affine", "qmm_naive"),
     ("metal", "applegpu_g15s", "float16", 32, 128, 64, True, "affine", None),
     ("cpu", "", "float16", 32, 128, 64, True, "affine", None),
 ])
 def test_cuda_qmm_kernel_mirrors_mlx_dispatch(kind, arch, dtype, rows, k, group, transpose, mode, kernel):
     params = {"transpose": transpose, "group_size": group, "bits": 4, "mode": mode}
     backend = Backend(kind, arch)
-    assert policy.cuda_qmm_kernel(backend, dtype, rows, k, params) == kernel
-    assert bool(policy.cuda_qmm_wrong(backend, dtype, rows, k, params)) is (kernel == "qmm_sm90")
+    assert qmm_dispatch.cuda_qmm_kernel(backend, dtype, rows, k, params) == kernel
+    assert bool(qmm_dispatch.cuda_qmm_wrong(backend, dtype, rows, k, params)) is (kernel == "qmm_sm90")
     overreads = kernel == "qmm_sm80" and k < 3 * max(64, group)
-    assert bool(policy.cuda_qmm_overreads(backend, dtype, rows, k, params)) is overreads
+    assert bool(qmm_dispatch.cuda_qmm_overreads(backend, dtype, rows, k, params)) is overreads
