@@ -32,7 +32,7 @@ from .layout import array_strides
 from .lower import Applier, Plan, PlannedCall
 from .policy import Backend
 from .decide import decide_graph
-from .rule import Rule, select_rules
+from .rule import Decline, Rule, select_rules
 from .signature import Signature, SignatureError, StateTree, flatten_call, make_signature, read_slots, rebuild_call, \
     state_facts, state_slots, write_slots
 from .trace import CallSite, Recorder, TraceError, trace_call
@@ -249,8 +249,9 @@ class RewrittenFunction:
         signature = make_signature(arrays, treespec, statics, read_slots(state_slots(self.inputs)), self.shapeless)
         return self._entries.get(signature) or self._build(signature, args, kwargs, self.shapeless)
 
-    def explain(self) -> str:
-        """Which rules fired, where and why; every trace and the reason for it; fallbacks."""
+    def explain(self, declines: bool = False) -> str:
+        """Which rules fired, where and why; every trace and the reason for it; fallbacks. `declines=True`
+        adds why each rule that did not fire at a call declined."""
         lines = [f"mlxrewrite.compile({getattr(self.fn, '__qualname__', self.fn)!s}): {self.traces} trace(s); "
                  f"rules: {', '.join(r.name for r in self.rules)}"]
         lines += ["  " + h for h in self._history]
@@ -266,6 +267,8 @@ class RewrittenFunction:
                 else:
                     d = call.decision
                     lines.append(f"  call {index} {call.api} at {where}: {d.rule} -> {d.rewrite}: {d.reason}")
+                if declines:
+                    lines += [f"    {v.rule} declined: {v.reason}" for v in call.verdicts if isinstance(v, Decline)]
             lines += [f"  ! {m}" for m in entry.mismatches]
         lines += [f"fallback: {f}" for f in self._fallbacks]
         return "\n".join(lines)
