@@ -36,7 +36,8 @@ from mlxrewrite.rule import Bound, Decision, Decline, Region, Rule
 
 NAME = "fused-quantized-attention"
 VERIFIED = {"cuda": ("sm_90",)}  # where bench/gpu_fused_attention.py checked the kernel (H100/H200)
-HEAD_DIMS, BITS, GROUPS, DTYPES = (64, 80, 96, 128, 256), (4, 8), (32, 64, 128), ("float16", "bfloat16", "float32")
+# What the kernel covers (`kernels.quantized_sdpa`): head dims in 32-element parts, so 80 and 96 keep today's rewrites
+HEAD_DIMS, BITS, GROUPS, DTYPES = (64, 128, 256), (4, 8), (32, 64, 128), ("float16", "bfloat16", "float32")
 MAX_M, MAX_REP = 16, 16
 AFFINE = 0  # QuantizedMatmul's mode argument
 
@@ -108,7 +109,7 @@ def guard(facts: Facts) -> Decision | Decline:
     dtype = facts.dtype("q")
     if str(dtype).removeprefix("mlx.core.") not in DTYPES or facts.dtype("k_scales") != dtype:
         return Decline(NAME, f"queries {dtype} with scales {facts.dtype('k_scales')}: the kernel takes one float dtype")
-    if d not in HEAD_DIMS or m > MAX_M or rep > MAX_REP or d % group_size:
+    if d not in HEAD_DIMS or m > MAX_M or rep > MAX_REP or d % group_size or d % 32:
         return Decline(NAME, f"head dim {d}, M {m}, {rep} query heads per kv head: outside what the kernel covers "
                              f"(head dims {HEAD_DIMS}, M <= {MAX_M}, <= {MAX_REP} per kv head)")
     params = {"group_size": group_size, "bits": bits, "mask": None, "fill": None, "mask_view": None}
