@@ -1,8 +1,9 @@
 """Case gqa: mlx-lm's GQA attention over a quantized KV cache (one decode/verify step), as shipped vs rewritten.
 
 The as-shipped call (`mx.compile`) broadcasts the cache with `expand_dims(-3)`: wrong on CUDA and on
-Metal's vector kernel, correct on CPU. Variants: as shipped, `mlxrewrite.compile` (the policy's choice),
-fold forced, copy forced, and float attention over the dequantized cache (what a float cache would cost).
+Metal's vector kernel, correct on CPU. Variants: as shipped, `mlxrewrite.compile` (the policy's choice: the
+fused kernel where verified), the same without the fused rule (unfused), fold forced, copy forced, and float
+attention over the dequantized cache (what a float cache would cost).
 Errors are max |out - float32 attention over the dequantized cache|. Bandwidth: bytes of the quantized
 K/V (w + scales + biases of both) / time of the rewritten call, against the device's HBM roofline.
 
@@ -36,7 +37,8 @@ FULL = {"N": [2048, 4096, 8192, 16384, 32768], "M": [1, 2, 4, 8, 16], "bits": [4
 # stops starting rows in time either way.
 GPU = {"N": [2048, 8192, 32768], "M": [1, 4, 16], "bits": [4, 8], "D": [64, 128, 256], "iters": 30}
 QUICK = {"N": [2048, 8192], "M": [1, 4], "bits": [4, 8], "D": [64], "iters": 8}
-VARIANTS = ("as_shipped", "rewritten", "fold", "copy", "float")
+VARIANTS = ("as_shipped", "rewritten", "unfused", "fold", "copy", "float")
+FUSED = "fused-quantized-attention"
 SPEEDUP_GOAL, SPEEDUP_FROM_N, NOISE = 0.5, 4096, 0.03
 PROGRESS = ("bits", "D", "N", "M", "rewrite_chosen", "rewritten/as_shipped", "rewritten/copy")
 TARGET = "bench.case_gqa:measure_row"  # what the child process runs per row (bench/isolated.py)
@@ -73,10 +75,13 @@ def inputs(n: int, m: int, d: int, bits: int, dtype: mx.Dtype) -> tuple[tuple, t
 
 
 def variants(bits: int) -> dict[str, Callable]:
+    """"rewritten" is the policy's choice (the fused kernel where it was verified); "unfused" the same without
+    it (MLX's own quantized kernels); fold and copy are forced, unfused."""
     gqa = make_gqa(bits)
     return {"as_shipped": mx.compile(gqa), "rewritten": mlxrewrite.compile(gqa),
-            "fold": mlxrewrite.compile(gqa, rules=[forced("fold")]),
-            "copy": mlxrewrite.compile(gqa, rules=[forced("copy")]), "float": mx.compile(float_attention)}
+            "unfused": mlxrewrite.compile(gqa, disable=FUSED),
+            "fold": mlxrewrite.compile(gqa, rules=[forced("fold")], disable=FUSED),
+            "copy": mlxrewrite.compile(gqa, rules=[forced("copy")], disable=FUSED), "float": mx.compile(float_attention)}
 
 
 def measure_row(n: int, m: int, d: int, bits: int, dtype: str, iters: int, skip: tuple[str, ...] = ()) -> dict:
