@@ -36,8 +36,8 @@ from mlxrewrite.rule import Bound, Decision, Decline, Region, Rule
 
 NAME = "fused-quantized-attention"
 VERIFIED = {"cuda": ("sm_90",)}  # where bench/gpu_fused_attention.py checked the kernel (H100/H200)
-# What the kernel covers (`kernels.quantized_sdpa`): head dims in 32-element parts, so 80 and 96 keep today's rewrites
-HEAD_DIMS, BITS, GROUPS, DTYPES = (64, 128, 256), (4, 8), (32, 64, 128), ("float16", "bfloat16", "float32")
+# What the kernel covers (`kernels.quantized_sdpa`): head dims in 32-element parts (80 keeps today's rewrites)
+HEAD_DIMS, BITS, GROUPS, DTYPES = (64, 96, 128, 256), (4, 8), (32, 64, 128), ("float16", "bfloat16", "float32")
 MAX_M, MAX_REP = 16, 16
 AFFINE = 0  # QuantizedMatmul's mode argument
 
