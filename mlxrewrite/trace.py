@@ -2,8 +2,9 @@
 
 The function runs once on tracer arrays with the intercepted APIs recording each call. To tie a Python
 call to the graph, every recorded call's array operands and result are appended to the exported
-function's outputs: the exporter then names them, and `CallSite` keeps those names. State declared with
-`inputs=`/`outputs=` enters as extra inputs and leaves as extra outputs, and is restored afterwards.
+function's outputs, each behind a marker view (`_output_marker`: the exporter rewrites the arrays it is
+returned, and an operand may be the caller's). The exporter then names them, and `CallSite` keeps those
+names. State declared with `inputs=`/`outputs=` enters as extra inputs and leaves as extra outputs, and is restored afterwards.
 """
 
 from __future__ import annotations
@@ -104,7 +105,7 @@ def trace_call(fn: Callable, args: tuple, kwargs: dict, state_in: Any = None, st
                              f"{sorted({type(leaf).__name__ for leaf in leaves})}")
         outs = leaves + read_slots(out_slots)
         n_outputs.append(len(outs))
-        return tuple(outs + (recorder.extra_outputs() if record_sites else []))
+        return tuple(map(_output_marker, outs + (recorder.extra_outputs() if record_sites else [])))
 
     events: list[dict] = []
     try:
@@ -118,6 +119,7 @@ def trace_call(fn: Callable, args: tuple, kwargs: dict, state_in: Any = None, st
     finally:
         write_slots(in_slots, saved_in)
         write_slots(out_slots, saved_out)
+    events = _strip_output_markers(events)
     graph_inputs = next(e for e in events if e["type"] == "inputs")["inputs"]
     input_strides = {name: st for (name, _, _), array in zip(graph_inputs, [*arrays, *saved_in])
                      if (st := array_strides(array)) is not None}
@@ -131,6 +133,34 @@ def trace_call(fn: Callable, args: tuple, kwargs: dict, state_in: Any = None, st
         if site.node is not None and site.location:
             graph.nodes[site.node].location = site.location
     return graph
+
+
+def _output_marker(array: mx.array) -> mx.array:
+    """A fresh view of `array` to hand the exporter in its place.
+
+    The exporter rewrites the arrays it is returned in place (their inputs become its copies), which cuts
+    their gradient for the caller when they are the caller's arrays: closed-over operands, intermediates
+    of an outer `mx.grad`. `mx.compile` returns only the function's results, so it has no such problem.
+    The markers are stripped again by `_strip_output_markers`. (`stop_gradient` would be stripped by the
+    exporter itself, but then its common-subexpression pass merges equal operands of two calls and leaves
+    one of the names without a producer.)"""
+    return mx.expand_dims(array, 0)
+
+
+def _strip_output_markers(events: list[dict]) -> list[dict]:
+    """The export events with every output named by the array beneath its `_output_marker`."""
+    outputs_event = next(e for e in events if e["type"] == "outputs")
+    marked = {name for name, _, _ in outputs_event["outputs"]}
+    beneath: dict[str, tuple] = {}
+    kept = []
+    for event in events:
+        if event["type"] == "primitive" and event["outputs"][0][0] in marked:
+            beneath[event["outputs"][0][0]] = event["inputs"][0]
+        else:
+            kept.append(event)
+    index = kept.index(outputs_event)
+    kept[index] = {**outputs_event, "outputs": [beneath[name] for name, _, _ in outputs_event["outputs"]]}
+    return kept
 
 
 def _name(fn: Callable) -> str:
