@@ -68,3 +68,29 @@ def test_gather_qmm_grad_with_routed_calls():
         assert mx.array_equal(out, expected).item()
         for a, b_ in zip(got, want):
             assert mx.allclose(a, b_, atol=1e-4).item(), trace.__name__
+
+
+# ---- item 2: static arguments are keyed by value, never by identity --------------------------------
+
+class Settings:
+    """A hashable (by identity) mutable object, as a config object passed as an argument."""
+
+    gain = 1.0
+
+
+def test_mutable_object_argument_is_never_replayed_stale():
+    settings = Settings()
+    rewritten = mlxrewrite.compile(lambda x, s: x * s.gain)
+    with pytest.warns(mlxrewrite.FallbackWarning, match="neither an mx.array nor a hashable static value"):
+        assert rewritten(X, settings).tolist() == (X * 1.0).tolist()
+    settings.gain = 5.0
+    assert rewritten(X, settings).tolist() == (X * 5.0).tolist()
+    with pytest.raises(mlxrewrite.SignatureError):
+        mlxrewrite.compile(lambda x, s: x * s.gain, strict=True)(X, settings)
+
+
+def test_constant_arguments_are_keyed_by_value():
+    rewritten = mlxrewrite.compile(lambda x, gain, dtype, name: (x * gain).astype(dtype))
+    assert rewritten(X, 2.0, mx.float16, "a").dtype == mx.float16
+    assert rewritten(X, 3.0, mx.float32, "a").tolist() == (X * 3.0).tolist()
+    assert rewritten.traces == 2
