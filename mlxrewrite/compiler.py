@@ -60,16 +60,19 @@ class Entry:
     compiled: Callable
     reason: str
     mismatches: list[str] = field(default_factory=list)
-    layout_guards: tuple = ()  # (array index, strides) of inputs traced with a non-row-major layout
+    # (index, strides) of inputs traced with a non-row-major layout; arguments first, then inputs= state
+    layout_guards: tuple = ()
 
-    def layout_holds(self, arrays: tuple[mx.array, ...] | list[mx.array]) -> bool:
-        return all(array_strides(arrays[i]) == strides for i, strides in self.layout_guards)
+    def layout_holds(self, inputs: tuple[mx.array, ...] | list[mx.array]) -> bool:
+        """Whether the guarded inputs (arguments, then state arrays) still have the layout traced."""
+        return all(array_strides(inputs[i]) == strides for i, strides in self.layout_guards)
 
 
-def _layout_guards(graph: Graph, signature: Signature) -> tuple:
-    """Inputs whose traced layout was not row-major: the plan may rely on it, so it is checked per call."""
+def _layout_guards(graph: Graph) -> tuple:
+    """Inputs (arguments and captured state) whose traced layout was not row-major: the plan may rely on it,
+    so it is checked per call."""
     guards = []
-    for index, name in enumerate(graph.inputs[:len(signature.arrays)]):
+    for index, name in enumerate(graph.inputs):
         value = graph.values[name]
         if value.strides != row_major_strides(value.shape) and any(n > 1 for n in value.shape):
             guards.append((index, value.strides))
@@ -124,10 +127,11 @@ class RewrittenFunction:
         """
         if not kwargs:
             entry = (self._only if _ARRAY_TYPE.issuperset(map(type, args)) else None) or self._fast_entry(args)
-            if entry is not None and (not entry.layout_guards or entry.layout_holds(args)):
+            if entry is not None:
                 tree = self._state
                 state = tree.arrays() if self.inputs is not None else []
-                if state is not None:  # None: the state tree is no longer as walked
+                # state None: the state tree is no longer as walked
+                if state is not None and (not entry.layout_guards or entry.layout_holds((*args, *state))):
                     try:
                         return entry.compiled(*args)
                     except StaleState:  # mx.compile retraced, and left its tracers in the state: put it back
@@ -151,8 +155,8 @@ class RewrittenFunction:
             if self.shapeless and entry.plan.fired:  # rewrites bake shapes in: key them by exact shapes
                 exact = make_signature(arrays, treespec, statics, state)
                 entry = self._entries.get(exact) or self._build(exact, args, kwargs, False)
-            if entry.layout_guards and not entry.layout_holds(arrays):  # an input's layout changed
-                layouts = tuple(array_strides(a) for a in arrays)
+            if entry.layout_guards and not entry.layout_holds([*arrays, *state]):  # an input's layout changed
+                layouts = tuple(array_strides(a) for a in [*arrays, *state])
                 exact = dataclasses.replace(entry.signature, layouts=layouts)
                 entry = self._entries.get(exact) or self._build(exact, args, kwargs, False)
         except (SignatureError, TraceError) as error:
@@ -181,7 +185,7 @@ class RewrittenFunction:
                 self._entries[signature] = Entry(signature, Graph({}, [], [], []), Plan([], {}), None, str(error))
                 raise
             plan = plan_for(graph, self.rules, Backend.current())
-            entry = Entry(signature, graph, plan, None, reason, layout_guards=_layout_guards(graph, signature))
+            entry = Entry(signature, graph, plan, None, reason, layout_guards=_layout_guards(graph))
             entry.compiled = mx.compile(self._runner(signature, entry, shapeless), inputs=self.inputs,
                                         outputs=self.outputs, shapeless=shapeless)
             self._entries[signature] = entry

@@ -94,3 +94,33 @@ def test_constant_arguments_are_keyed_by_value():
     assert rewritten(X, 2.0, mx.float16, "a").dtype == mx.float16
     assert rewritten(X, 3.0, mx.float32, "a").tolist() == (X * 3.0).tolist()
     assert rewritten.traces == 2
+
+
+# ---- item 3: layout guards cover captured (inputs=) state -----------------------------------------
+
+def _max_err(out, ref):
+    return mx.max(mx.abs(out - ref)).item()
+
+
+def test_state_traced_as_a_broadcast_view_then_made_dense_retraces():
+    """A cache held as module state, a stride-0 broadcast view when traced, then replaced by dense arrays
+    of the same shape (model.update): the fold plan relied on stride 0 and must not be replayed."""
+    n, k = 128, 128
+    cache = mx.quantize(mx.random.normal((1, 2, 1, n, k), key=mx.random.key(7)), group_size=64, bits=8)
+    x = mx.random.normal((1, 2, 4, 2, k), key=mx.random.key(8))
+    state = {"kv": [mx.broadcast_to(a, (1, 2, 4) + a.shape[-2:]) for a in cache]}
+
+    def attend(x):
+        return mx.quantized_matmul(x, *state["kv"], transpose=True, group_size=64, bits=8)
+
+    def reference(x):
+        return x @ mx.dequantize(*state["kv"], group_size=64, bits=8).swapaxes(-1, -2)
+
+    rewritten = mlxrewrite.compile(attend, inputs=state, outputs=state)
+    assert _max_err(rewritten(x), reference(x)) < 1e-3
+    assert "-> fold" in rewritten.explain()
+    dense = mx.quantize(mx.random.normal((1, 2, 4, n, k), key=mx.random.key(9)), group_size=64, bits=8)
+    mx.eval(dense)
+    state["kv"] = list(dense)  # same shapes and dtypes, dense: a different value for every repeat
+    assert _max_err(rewritten(x), reference(x)) < 1e-3
+    assert rewritten.traces == 2 and "input layout (strides) changed" in rewritten.explain()
