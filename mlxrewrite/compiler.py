@@ -33,7 +33,7 @@ from .lower import Applier, Plan, PlannedCall
 from .policy import Backend
 from .rule import Rule, first_decision, select_rules
 from .signature import Signature, SignatureError, StateTree, flatten_call, make_signature, read_slots, rebuild_call, \
-    state_facts, state_slots, write_slots
+    state_facts, state_slots
 from .trace import CallSite, Recorder, TraceError, trace_call
 
 
@@ -135,7 +135,7 @@ class RewrittenFunction:
                     try:
                         return entry.compiled(*args)
                     except StaleState:  # mx.compile retraced, and left its tracers in the state: put it back
-                        write_slots(tree.slots, state)
+                        tree.restore(state)
         return self._call(args, kwargs)
 
     def _fast_entry(self, args: tuple) -> Entry | None:

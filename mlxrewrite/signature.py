@@ -177,6 +177,23 @@ class StateTree:
         return arrays if _ARRAY_TYPE.issuperset(map(type, arrays)) else None  # not an array now: walk again
 
 
+    def restore(self, arrays: list[mx.array]) -> None:
+        """Put the tree back as walked, holding `arrays`: drop keys and items that were added since (a
+        function that grows its state leaves tracers there when traced), put back replaced children."""
+        contents: dict[int, dict] = {id(c): {} for c in self.containers}
+        for container, key, child in zip(self.holders + self.parents, self.keys + self.places,
+                                         tuple(arrays) + self.children):
+            contents[id(container)][key] = child
+        for container in self.containers:
+            items = contents[id(container)]
+            if isinstance(container, dict):
+                for key in [k for k in container if k not in items]:
+                    del container[key]
+                container.update(items)
+            elif isinstance(container, list):
+                container[:] = [items[i] for i in range(len(items))]
+
+
 def state_slots(tree: Any) -> list[Slot]:
     """Mutable places holding arrays in dicts/lists (nn.Module is a dict), depth first."""
     return StateTree.walk(tree).slots

@@ -4,7 +4,8 @@ The function runs once on tracer arrays with the intercepted APIs recording each
 call to the graph, every recorded call's array operands and result are appended to the exported
 function's outputs, each behind a marker view (`_output_marker`: the exporter rewrites the arrays it is
 returned, and an operand may be the caller's). The exporter then names them, and `CallSite` keeps those
-names. State declared with `inputs=`/`outputs=` enters as extra inputs and leaves as extra outputs, and is restored afterwards.
+names. State declared with `inputs=`/`outputs=` enters as extra inputs and leaves as extra outputs, and is restored afterwards
+(keys the function added to it are removed again).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import optree
 from . import intercept
 from .graph import Graph, Node
 from .layout import array_strides
-from .signature import flatten_call, read_slots, rebuild_call, state_slots, write_slots
+from .signature import StateTree, flatten_call, read_slots, rebuild_call, write_slots
 
 MODE_NAMES = {0: "affine", 1: "mxfp4", 2: "mxfp8", 3: "nvfp4"}
 
@@ -89,7 +90,8 @@ def trace_call(fn: Callable, args: tuple, kwargs: dict, state_in: Any = None, st
                recorder: Recorder | None = None, record_sites: bool = True) -> Graph:
     """Trace with explicit state trees; `recorder` may rewrite calls as they are recorded."""
     arrays, treespec, statics = flatten_call(args, kwargs)
-    in_slots, out_slots = state_slots(state_in), state_slots(state_out)
+    tree_in, tree_out = StateTree.walk(state_in), StateTree.walk(state_out)
+    in_slots, out_slots = tree_in.slots, tree_out.slots
     saved_in, saved_out = read_slots(in_slots), read_slots(out_slots)
     recorder = recorder or Recorder()
     n_outputs: list[int] = []
@@ -116,9 +118,9 @@ def trace_call(fn: Callable, args: tuple, kwargs: dict, state_in: Any = None, st
         if not n_outputs:
             raise  # the function itself failed: the same error as calling it
         raise TraceError(f"MLX's exporter cannot trace {_name(fn)}: {error}") from error
-    finally:
-        write_slots(in_slots, saved_in)
-        write_slots(out_slots, saved_out)
+    finally:  # as before the trace, without keys the function may have added (they hold dead tracers)
+        tree_out.restore(saved_out)
+        tree_in.restore(saved_in)
     events = _strip_output_markers(events)
     graph_inputs = next(e for e in events if e["type"] == "inputs")["inputs"]
     input_strides = {name: st for (name, _, _), array in zip(graph_inputs, [*arrays, *saved_in])

@@ -124,3 +124,22 @@ def test_state_traced_as_a_broadcast_view_then_made_dense_retraces():
     state["kv"] = list(dense)  # same shapes and dtypes, dense: a different value for every repeat
     assert _max_err(rewritten(x), reference(x)) < 1e-3
     assert rewritten.traces == 2 and "input layout (strides) changed" in rewritten.explain()
+
+
+# ---- item 9: a function that grows its state retraces, as with mx.compile --------------------------
+
+@pytest.mark.parametrize("separate_outputs", [False, True], ids=["inputs_is_outputs", "separate_outputs"])
+def test_function_that_adds_state_keys_matches_mx_compile(separate_outputs):
+    def run(wrap):
+        state = {"a": mx.ones(3)}
+        grown = {"o": mx.zeros(3)} if separate_outputs else state
+
+        def fn(x):
+            grown[f"k{len(state)}"] = x * len(state)  # a new key (a cache entry) on some calls
+            return x + state["a"]
+
+        compiled = wrap(fn, inputs=state, outputs=grown)
+        results = [compiled(mx.ones(3) * i).tolist() for i in range(3)]
+        return results, {k: v.tolist() for k, v in grown.items()}  # no key may hold a dead tracer
+
+    assert run(mlxrewrite.compile) == run(mx.compile)
