@@ -31,7 +31,8 @@ from .graph import Graph, row_major_strides
 from .layout import array_strides
 from .lower import Applier, Plan, PlannedCall
 from .policy import Backend
-from .rule import Rule, first_decision, select_rules
+from .guard import RuleError, guarded_decision
+from .rule import Rule, select_rules
 from .signature import Signature, SignatureError, StateTree, flatten_call, make_signature, read_slots, rebuild_call, \
     state_facts, state_slots
 from .trace import CallSite, Recorder, TraceError, trace_call
@@ -79,13 +80,16 @@ def _layout_guards(graph: Graph) -> tuple:
     return tuple(guards)
 
 
-def plan_for(graph: Graph, rules: list[Rule], backend: Backend) -> Plan:
-    """Every rule's decision on every recorded call site (the first rule that fires wins)."""
-    calls = []
+def plan_for(graph: Graph, rules: list[Rule], backend: Backend) -> tuple[Plan, list[str]]:
+    """Every rule's decision on every recorded call site (the first rule that fires wins), and the rules
+    that raised (their call sites are left as written)."""
+    calls, problems = [], []
     for site in (s for s in graph.calls if s.source == "python"):
-        decision = first_decision(rules, site, graph, backend)
+        decision, problem = guarded_decision(rules, site, graph, backend)
+        if problem is not None:
+            problems.append(f"call {site.index} {site.api} at {site.where()}: {problem}; left as written")
         calls.append(PlannedCall.of(site, _site_shapes(graph, site), decision))
-    return Plan(calls, {rule.name: rule for rule in rules})
+    return Plan(calls, {rule.name: rule for rule in rules}), problems
 
 
 def _site_shapes(graph: Graph, site: CallSite) -> tuple:
@@ -184,8 +188,9 @@ class RewrittenFunction:
             except TraceError as error:  # remembered, so later calls fall back without tracing again
                 self._entries[signature] = Entry(signature, Graph({}, [], [], []), Plan([], {}), None, str(error))
                 raise
-            plan = plan_for(graph, self.rules, Backend.current())
+            plan, problems = plan_for(graph, self.rules, Backend.current())
             entry = Entry(signature, graph, plan, None, reason, layout_guards=_layout_guards(graph))
+            self._report(entry, problems)
             entry.compiled = mx.compile(self._runner(signature, entry, shapeless), inputs=self.inputs,
                                         outputs=self.outputs, shapeless=shapeless)
             self._entries[signature] = entry
@@ -202,11 +207,22 @@ class RewrittenFunction:
             with intercept.handling(applier):
                 result = self.fn(*call_args, **call_kwargs)
             entry.mismatches += applier.mismatches
+            self._report(entry, applier.problems)
             if applier.position != len(entry.plan.calls):
                 entry.mismatches.append(f"{applier.position} calls ran, the trace saw {len(entry.plan.calls)}")
             return result
 
         return run
+
+    def _report(self, entry: Entry, problems: list[str]) -> None:
+        """Rules that raised or whose rewrite was refused: warned about once, listed in explain();
+        `strict=True` raises instead."""
+        for problem in problems:
+            if self.strict:
+                raise RuleError(problem)
+            if problem not in entry.mismatches:
+                entry.mismatches.append(problem)
+                warnings.warn(f"mlxrewrite: {problem}", FallbackWarning, stacklevel=4)
 
     def _traced_as(self, signature: Signature, arrays: tuple, shapeless: bool) -> bool:
         """Whether `mx.compile` is tracing the arguments and state that `signature` was planned for."""

@@ -11,7 +11,11 @@ What eager mode cannot see: the operands' layouts. It analyses placeholders, whi
 stride-0 dim hidden behind a full batch shape (an explicit `mx.broadcast_to` upstream) is not detected
 here; broadcasting by shape (mlx-lm's `expand_dims` pattern) is. `mlxrewrite.audit` traces the whole
 function and sees layouts. Values are not seen either, unless `check_values=True`: then operands a rule
-declares as `value_operands` (SDPA masks) are checked at run time, once per array per forward pass.
+declares as `value_operands` (SDPA masks) are checked at run time, at every call (not inside mx.compile or
+mx.vmap, where they are tracers).
+
+A rule's failure never reaches the user (`guard.py`): a rule that raises, or a rewrite whose result has
+another shape or dtype than the call's, means the call runs as written, reported once.
 """
 
 from __future__ import annotations
@@ -24,12 +28,12 @@ from typing import Any, Callable, Hashable
 
 import mlx.core as mx
 
-from . import intercept
+from . import guard, intercept
 from .constants import ConstSummary, summarize_array
 from .graph import Graph, dtype_name
 from .policy import Backend
-from .rule import Decision, Rule, first_decision, select_rules
-from .trace import CallSite, TraceError, trace_call
+from .rule import Decision, Rule, select_rules
+from .trace import CallSite, trace_call
 
 
 class EagerFallbackWarning(UserWarning):
@@ -76,7 +80,6 @@ class ForwardPass:
         self.rewriter = rewriter
         self.backend = rewriter.backend()
         self.observer = observer
-        self.checked: dict[int, tuple[mx.array, ConstSummary]] = {}  # id -> (array kept alive, summary)
         self.decided: dict[Hashable, Decision | None] = {}  # value-dependent decisions of this pass
 
     def __call__(self, call: intercept.Call) -> mx.array:
@@ -84,13 +87,20 @@ class ForwardPass:
             self.observer(call)
         return self.rewriter.handle(call, self)
 
-    def check(self, array: mx.array) -> ConstSummary:
-        """A runtime value summary, once per array per pass (one synchronisation)."""
-        known = self.checked.get(id(array))
-        if known is None:
-            known = self.checked[id(array)] = (array, summarize_array(array, source="runtime check"))
-            self.rewriter.count(f"value check ({dtype_name(array.dtype)}[{','.join(map(str, array.shape))}])")
-        return known[1]
+    def check(self, array: mx.array) -> ConstSummary | None:
+        """A runtime value summary of `array` as it is now: one synchronisation per call, not per array, as
+        an array may be updated in place between two calls (`m[..., 0] = False`) and MLX shows no sign of
+        it. None for a tracer (inside mx.compile or mx.vmap MLX refuses to evaluate): the mask is kept."""
+        facts = f"{dtype_name(array.dtype)}[{','.join(map(str, array.shape))}]"
+        try:
+            summary = summarize_array(array, source="runtime check")
+        except (RuntimeError, ValueError) as error:
+            if not guard.is_transformation_error(error):
+                raise
+            self.rewriter.count(f"value check skipped ({facts}): a tracer inside mx.compile / mx.vmap, kept")
+            return None
+        self.rewriter.count(f"value check ({facts})")
+        return summary
 
 
 class EagerRewriter:
@@ -104,6 +114,8 @@ class EagerRewriter:
             self._by_api.setdefault(rule.api, []).append(rule)
         self.gate = intercept.Gate({api: [rule.needs for rule in rules] for api, rules in self._by_api.items()})
         self._analyses: dict[Hashable, Analysis] = {}
+        self._verdicts: dict[tuple, str] = {}  # (analysis, rewrite) -> "" checked fine, or why it is refused
+        self._problems: list[str] = []  # rules that raised or returned a wrong result, each reported once
         self._counts: Counter[str] = Counter()
         self._lock = threading.Lock()
         self._backend: tuple[mx.Device, Backend] | None = None
@@ -143,12 +155,13 @@ class EagerRewriter:
     # ---- one call -------------------------------------------------------------------------------
     def handle(self, call: intercept.Call, forward_pass: ForwardPass) -> mx.array:
         rules = self._by_api.get(call.api, ())
-        keys = tuple([rule.key(call, forward_pass.backend) for rule in rules])
-        if all(key is None for key in keys):
+        keys = guard.guarded_key(rules, call, forward_pass.backend, self._report)  # None: a site_key raised
+        if keys is None or all(key is None for key in keys):
             return call.run_original()  # no rule can fire: the common, cheap case
         key = (call.api, forward_pass.backend, keys)
-        analysis = self._analyses.get(key) or self._analyse(key, call)
-        if analysis.graph is None:
+        # a call MLX rejected is remembered under its exact shapes, not the site key: valid calls share that
+        analysis = self._analyses.get(key) or self._analyses.get(_invalid_key(key, call)) or self._analyse(key, call)
+        if analysis.graph is None or analysis.error is not None:
             return call.run_original()
         values = self._values(call, rules, keys, forward_pass)
         if values:
@@ -158,8 +171,37 @@ class EagerRewriter:
         if decision is None:
             self.count(f"{call.api}: left as is")
             return call.run_original()
-        self.count(f"{call.api}: {decision.rule} -> {decision.rewrite}")
-        return next(r for r in rules if r.name == decision.rule).apply(call, decision)
+        return self._apply(next(r for r in rules if r.name == decision.rule), call, decision, analysis)
+
+    def _apply(self, rule: Rule, call: intercept.Call, decision: Decision, analysis: Analysis) -> mx.array:
+        """The rewrite. Its first result for an analysis is checked against the call as written (shape and
+        dtype); a rewrite that raised or returned something else runs as written from then on, reported."""
+        memo = (analysis.number, decision.rule, decision.rewrite)
+        verdict = self._verdicts.get(memo)
+        if verdict is None:
+            result, problem = guard.checked_rewrite(rule, call, decision)
+        elif verdict:
+            result, problem = call.run_original(), verdict
+        else:
+            try:
+                return self._counted(call.api, f"{decision.rule} -> {decision.rewrite}", rule.apply(call, decision))
+            except Exception as error:
+                result, problem = call.run_original(), guard.rule_failure(rule, f"rewrite {decision.rewrite!r}", error)
+        self._verdicts[memo] = problem or ""
+        if problem:
+            self._report(problem)
+            return self._counted(call.api, f"{decision.rule} -> {decision.rewrite} refused, ran as written", result)
+        return self._counted(call.api, f"{decision.rule} -> {decision.rewrite}", result)
+
+    def _counted(self, api: str, outcome: str, result: mx.array) -> mx.array:
+        self.count(f"{api}: {outcome}")
+        return result
+
+    def _report(self, problem: str) -> None:
+        """A rule's failure, warned about once (and listed by explain()); the call concerned runs as written."""
+        if problem not in self._problems and problem not in (a.error for a in self._analyses.values()):
+            self._problems.append(problem)
+            warnings.warn(f"mlxrewrite: {problem}; the call runs as written", EagerFallbackWarning, stacklevel=6)
 
     def _analyse(self, key: Hashable, call: intercept.Call) -> Analysis:
         with self._lock:
@@ -168,12 +210,20 @@ class EagerRewriter:
             number = len(self._analyses) + 1
             try:
                 analysis = analyse(call, number)
-                analysis.decision = first_decision(self.rules, analysis.site, analysis.graph, key[1])
-            except (TraceError, RuntimeError, ValueError, TypeError) as error:
+            except Exception as error:
                 analysis = Analysis(number, call.api, call.location or "?", _operand_text(call), None, None, None,
                                     error=str(error))
                 warnings.warn(f"mlxrewrite: cannot analyse {call.api} at {call.location}; it runs as written: "
                               f"{error}", EagerFallbackWarning, stacklevel=5)
+                # a call MLX rejects itself (a wrong K, mismatched head dims) is remembered under its exact
+                # shapes only: valid calls with its site key are still analysed
+                self._analyses[key if _valid(call) else _invalid_key(key, call)] = analysis
+                return analysis
+            analysis.decision, analysis.error = guard.guarded_decision(self.rules, analysis.site, analysis.graph,
+                                                                       key[1])
+            if analysis.error is not None:  # reported once here; explain() shows it with the analysis
+                warnings.warn(f"mlxrewrite: {analysis.error}; the call runs as written", EagerFallbackWarning,
+                              stacklevel=5)
             self._analyses[key] = analysis
             return analysis
 
@@ -182,24 +232,27 @@ class EagerRewriter:
         if not self.check_values:
             return {}
         names = {name for rule, key in zip(rules, keys) if key is not None for name in rule.value_operands}
-        return {name: forward_pass.check(call.operands[name]) for name in names
-                if isinstance(call.operands.get(name), mx.array)}
+        checked = {name: forward_pass.check(call.operands[name]) for name in names
+                   if isinstance(call.operands.get(name), mx.array)}
+        return {name: summary for name, summary in checked.items() if summary is not None}
 
     def _decide_with_values(self, analysis: Analysis, values: dict[str, ConstSummary],
                             forward_pass: ForwardPass) -> Decision | None:
         """Decide again with the checked values in place of "unknown" (cheap: no trace)."""
-        memo = (analysis.number, tuple(sorted((k, id(v)) for k, v in values.items())))
+        memo = (analysis.number, tuple(sorted(values.items(), key=lambda item: item[0])))  # by value
         if memo not in forward_pass.decided:
             with self._lock:
                 graph_values = [analysis.graph.values[analysis.site.operands[k]] for k in values]
                 for value, summary in zip(graph_values, values.values()):
                     value.constant = summary
                 try:
-                    forward_pass.decided[memo] = first_decision(self.rules, analysis.site, analysis.graph,
-                                                                forward_pass.backend)
+                    forward_pass.decided[memo], problem = guard.guarded_decision(
+                        self.rules, analysis.site, analysis.graph, forward_pass.backend)
                 finally:
                     for value in graph_values:
                         value.constant = None
+            if problem is not None:
+                self._report(problem)
         return forward_pass.decided[memo]
 
     def count(self, what: str) -> None:
@@ -232,9 +285,24 @@ class EagerRewriter:
                 lines.append(f"{head}: no rule fires")
             else:
                 lines.append(f"{head}: {a.decision.rule} -> {a.decision.rewrite}: {a.decision.reason}")
+        lines += [f"  ! {problem}; the call runs as written" for problem in self._problems]
         if self._counts:
             lines.append("  calls: " + "; ".join(f"{what} x{n}" for what, n in sorted(self._counts.items())))
         return "\n".join(lines)
+
+
+def _valid(call: intercept.Call) -> bool:
+    """Whether MLX accepts the call's operands (built lazily, never evaluated)."""
+    try:
+        call.run_original()
+    except Exception:
+        return False
+    return True
+
+
+def _invalid_key(key: Hashable, call: intercept.Call) -> Hashable:
+    """Where a call that MLX rejected is remembered: its site key and exact operands and parameters."""
+    return "invalid call", key, _operand_text(call), repr(sorted(call.params.items(), key=lambda kv: kv[0]))
 
 
 def eager(fn: Callable | None = None, *, rules: list[Rule] | None = None, disable: tuple[str, ...] = (),

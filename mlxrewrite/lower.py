@@ -2,7 +2,8 @@
 
 The plan comes from one trace of the same function with the same signature, so the calls arrive in the
 same order. Each call is checked against the plan entry (API, call site, operand shapes) before its
-rewrite runs; a call that does not match is left exactly as written and reported, never guessed at.
+rewrite runs; a call that does not match is left exactly as written and reported, never guessed at. So is
+a call whose rewrite raises or returns another shape or dtype than the call as written (`guard.py`).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 
+from .guard import checked_rewrite
 from .intercept import Call
 from .rule import Decision, Rule
 from .trace import CallSite
@@ -45,12 +47,14 @@ class Plan:
 
 
 class Applier:
-    """Intercept handler that runs the plan's rewrites; counts calls that did not match the plan."""
+    """Intercept handler that runs the plan's rewrites; counts calls that did not match the plan, and rewrites
+    that failed (`problems`: those calls ran as written)."""
 
     def __init__(self, plan: Plan):
         self.plan = plan
         self.position = 0
         self.mismatches: list[str] = []
+        self.problems: list[str] = []
 
     def __call__(self, call: Call) -> mx.array:
         index = self.position
@@ -63,4 +67,7 @@ class Applier:
             return call.run_original()
         if planned.decision is None:
             return call.run_original()
-        return self.plan.rules[planned.decision.rule].apply(call, planned.decision)
+        result, problem = checked_rewrite(self.plan.rules[planned.decision.rule], call, planned.decision)
+        if problem is not None:
+            self.problems.append(f"call #{index} {call.api} at {call.location}: {problem}; left as written")
+        return result

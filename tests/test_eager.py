@@ -97,7 +97,7 @@ def test_a_call_that_cannot_be_analysed_runs_as_written():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         fn(q)  # remembered: no second analysis, no second warning
-    assert "not analysed, runs as written: boom" in fn.rewriter.explain()
+    assert "not analysed, runs as written: rule broken raised RuntimeError in match: boom" in fn.rewriter.explain()
 
 
 def test_calls_no_rule_needs_pass_straight_through():
