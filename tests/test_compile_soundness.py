@@ -2,6 +2,8 @@
 through closed-over operands, static arguments, captured state's layout, rules' results, growing state
 (issue 15)."""
 
+import warnings
+
 import mlx.core as mx
 import pytest
 
@@ -27,6 +29,20 @@ def test_closed_over_intermediate_keeps_its_gradient_outside(wrap):
         return mx.stop_gradient(out).sum() * 0 + s3[0, 0]
 
     assert mx.grad(loss)(S)[0, 0].item() == 3.0
+
+
+def test_closed_over_sdpa_operand_keeps_its_gradient_outside():
+    q = mx.random.normal((1, 2, 3, 8), key=mx.random.key(3))
+
+    def loss(k):
+        k2 = k * 3
+        out = mlxrewrite.compile(lambda q: mx.fast.scaled_dot_product_attention(q, k2, k2, scale=1.0))(q)
+        return mx.stop_gradient(out).sum() * 0 + k2.sum()
+
+    k = mx.random.normal((1, 2, 5, 8), key=mx.random.key(4))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # traced, not a fallback
+        assert mx.grad(loss)(k).tolist() == (mx.ones_like(k) * 3).tolist()
 
 
 def test_closed_over_intermediate_gradient_matches_mx_compile():
