@@ -32,9 +32,10 @@ from .layout import array_strides
 from .lower import Applier, Plan, PlannedCall
 from .policy import Backend
 from .decide import decide_graph
+from .guard import RuleError
 from .rule import Decline, Rule, select_rules
 from .signature import Signature, SignatureError, StateTree, flatten_call, make_signature, read_slots, rebuild_call, \
-    state_facts, state_slots, write_slots
+    state_facts, state_slots
 from .trace import CallSite, Recorder, TraceError, trace_call
 
 
@@ -61,29 +62,35 @@ class Entry:
     compiled: Callable
     reason: str
     mismatches: list[str] = field(default_factory=list)
-    layout_guards: tuple = ()  # (array index, strides) of inputs traced with a non-row-major layout
+    # (index, strides) of inputs traced with a non-row-major layout; arguments first, then inputs= state
+    layout_guards: tuple = ()
 
-    def layout_holds(self, arrays: tuple[mx.array, ...] | list[mx.array]) -> bool:
-        return all(array_strides(arrays[i]) == strides for i, strides in self.layout_guards)
+    def layout_holds(self, inputs: tuple[mx.array, ...] | list[mx.array]) -> bool:
+        """Whether the guarded inputs (arguments, then state arrays) still have the layout traced."""
+        return all(array_strides(inputs[i]) == strides for i, strides in self.layout_guards)
 
 
-def _layout_guards(graph: Graph, signature: Signature) -> tuple:
-    """Inputs whose traced layout was not row-major: the plan may rely on it, so it is checked per call."""
+def _layout_guards(graph: Graph) -> tuple:
+    """Inputs (arguments and captured state) whose traced layout was not row-major: the plan may rely on it,
+    so it is checked per call."""
     guards = []
-    for index, name in enumerate(graph.inputs[:len(signature.arrays)]):
+    for index, name in enumerate(graph.inputs):
         value = graph.values[name]
         if value.strides != row_major_strides(value.shape) and any(n > 1 for n in value.shape):
             guards.append((index, value.strides))
     return tuple(guards)
 
 
-def plan_for(graph: Graph, rules: list[Rule], backend: Backend) -> Plan:
+def plan_for(graph: Graph, rules: list[Rule], backend: Backend) -> tuple[Plan, list[str]]:
     """Every rule's verdict on every recorded call site (subgraph rules first; then the first call rule that
-    fires wins)."""
+    fires wins), and the rules that raised (no rule fires where one did: the call is left as written)."""
     sites = [s for s in graph.calls if s.source == "python"]
+    entries = decide_graph(rules, graph, backend, sites)
     calls = [PlannedCall.of(e.site, _site_shapes(graph, e.site), e.decision, tuple(e.verdicts), e.sources,
-                            e.covered_by) for e in decide_graph(rules, graph, backend, sites)]
-    return Plan(calls, {rule.name: rule for rule in rules})
+                            e.covered_by) for e in entries]
+    problems = [f"call {e.site.index} {e.site.api} at {e.site.where()}: {e.problem}; left as written"
+                for e in entries if e.problem]
+    return Plan(calls, {rule.name: rule for rule in rules}), problems
 
 
 def _site_shapes(graph: Graph, site: CallSite) -> tuple:
@@ -125,14 +132,15 @@ class RewrittenFunction:
         """
         if not kwargs:
             entry = (self._only if _ARRAY_TYPE.issuperset(map(type, args)) else None) or self._fast_entry(args)
-            if entry is not None and (not entry.layout_guards or entry.layout_holds(args)):
+            if entry is not None:
                 tree = self._state
                 state = tree.arrays() if self.inputs is not None else []
-                if state is not None:  # None: the state tree is no longer as walked
+                # state None: the state tree is no longer as walked
+                if state is not None and (not entry.layout_guards or entry.layout_holds((*args, *state))):
                     try:
                         return entry.compiled(*args)
                     except StaleState:  # mx.compile retraced, and left its tracers in the state: put it back
-                        write_slots(tree.slots, state)
+                        tree.restore(state)
         return self._call(args, kwargs)
 
     def _fast_entry(self, args: tuple) -> Entry | None:
@@ -152,8 +160,8 @@ class RewrittenFunction:
             if self.shapeless and entry.plan.fired:  # rewrites bake shapes in: key them by exact shapes
                 exact = make_signature(arrays, treespec, statics, state)
                 entry = self._entries.get(exact) or self._build(exact, args, kwargs, False)
-            if entry.layout_guards and not entry.layout_holds(arrays):  # an input's layout changed
-                layouts = tuple(array_strides(a) for a in arrays)
+            if entry.layout_guards and not entry.layout_holds([*arrays, *state]):  # an input's layout changed
+                layouts = tuple(array_strides(a) for a in [*arrays, *state])
                 exact = dataclasses.replace(entry.signature, layouts=layouts)
                 entry = self._entries.get(exact) or self._build(exact, args, kwargs, False)
         except (SignatureError, TraceError) as error:
@@ -181,8 +189,9 @@ class RewrittenFunction:
             except TraceError as error:  # remembered, so later calls fall back without tracing again
                 self._entries[signature] = Entry(signature, Graph({}, [], [], []), Plan([], {}), None, str(error))
                 raise
-            plan = plan_for(graph, self.rules, Backend.current())
-            entry = Entry(signature, graph, plan, None, reason, layout_guards=_layout_guards(graph, signature))
+            plan, problems = plan_for(graph, self.rules, Backend.current())
+            entry = Entry(signature, graph, plan, None, reason, layout_guards=_layout_guards(graph))
+            self._report(entry, problems)
             entry.compiled = mx.compile(self._runner(signature, entry, shapeless), inputs=self.inputs,
                                         outputs=self.outputs, shapeless=shapeless)
             self._entries[signature] = entry
@@ -200,11 +209,22 @@ class RewrittenFunction:
             with intercept.handling(applier):
                 result = self.fn(*call_args, **call_kwargs)
             entry.mismatches += applier.mismatches
+            self._report(entry, applier.problems)
             if applier.position != len(entry.plan.calls):
                 entry.mismatches.append(f"{applier.position} calls ran, the trace saw {len(entry.plan.calls)}")
             return result
 
         return run
+
+    def _report(self, entry: Entry, problems: list[str]) -> None:
+        """Rules that raised or whose rewrite was refused: warned about once, listed in explain();
+        `strict=True` raises instead."""
+        for problem in problems:
+            if self.strict:
+                raise RuleError(problem)
+            if problem not in entry.mismatches:
+                entry.mismatches.append(problem)
+                warnings.warn(f"mlxrewrite: {problem}", FallbackWarning, stacklevel=4)
 
     def _traced_as(self, signature: Signature, arrays: tuple, shapeless: bool) -> bool:
         """Whether `mx.compile` is tracing the arguments and state that `signature` was planned for."""

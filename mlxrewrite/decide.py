@@ -31,10 +31,11 @@ class SiteVerdicts:
     match: Match | None = None
     sources: dict[str, Source] | None = None  # where the match's placeholders come from at run time
     covered_by: int | None = None  # index of the anchor site whose subgraph rewrite makes this call dead
+    problem: str | None = None  # a rule raised here: no rule fires at this call
 
     @property
     def decision(self) -> Decision | None:
-        return None if self.covered_by is not None else first_decision(self.verdicts)
+        return None if self.covered_by is not None or self.problem else first_decision(self.verdicts)
 
 
 def call_facts(site: CallSite, graph: Graph, backend: Backend, eager: bool = False, **env) -> Facts:
@@ -63,7 +64,9 @@ def decide_graph(rules: list[Rule], graph: Graph, backend: Backend, sites: list[
             if isinstance(match, FailedMatch):
                 entry.verdicts.append(Decline(rule.name, f"pattern does not match: {match.reason}", entry.site.where()))
                 continue
-            verdict = rule.decide(match_facts(match, entry.site, graph, backend), entry.site.where())
+            verdict = _decide(rule, match_facts(match, entry.site, graph, backend), entry)
+            if verdict is None:
+                break
             if isinstance(verdict, Decision):
                 try:
                     entry.sources = recover(graph, match, sites[:index + 1]) if from_calls else \
@@ -83,7 +86,9 @@ def decide_graph(rules: list[Rule], graph: Graph, backend: Backend, sites: list[
         if entry.covered_by is not None or entry.decision is not None:
             continue
         for rule in (r for r in rules if not r.is_subgraph and r.api == entry.site.api):
-            verdict = rule.decide(call_facts(entry.site, graph, backend), entry.site.where())
+            verdict = _decide(rule, call_facts(entry.site, graph, backend), entry)
+            if verdict is None:
+                break
             entry.verdicts.append(verdict)
             if isinstance(verdict, Decision):
                 break
@@ -91,6 +96,15 @@ def decide_graph(rules: list[Rule], graph: Graph, backend: Backend, sites: list[
         for verdict in entry.verdicts:
             log.verdict(verdict, path)
     return results
+
+
+def _decide(rule: Rule, facts: Facts, entry: SiteVerdicts) -> Verdict | None:
+    """The rule's verdict; None where the rule raised (its bug: `entry.problem` says so, and no rule fires)."""
+    try:
+        return rule.decide(facts, entry.site.where())
+    except Exception as error:  # noqa: BLE001 - any bug in a rule: the call runs as written, the rule is named
+        entry.problem = f"rule {rule.name} raised {type(error).__name__} in its guard: {error}"
+        return None
 
 
 def _first_match(rule: Rule, graph: Graph, anchor) -> Match | FailedMatch:

@@ -12,7 +12,11 @@ What eager mode cannot see: the operands' layouts. It analyses placeholders, whi
 stride-0 dim hidden behind a full batch shape (an explicit `mx.broadcast_to` upstream) is not detected
 here; broadcasting by shape (mlx-lm's `expand_dims` pattern) is. `mlxrewrite.audit` traces the whole
 function and sees layouts. Values are not seen either, unless `check_values=True`: then a guard that
-reads an operand's value (an SDPA mask) gets it checked at run time, once per array per forward pass.
+reads an operand's value (an SDPA mask) gets it checked at run time, at every call (an array may be
+updated in place between two calls), except inside mx.compile or mx.vmap, where it is a tracer.
+
+A rule's failure never reaches the user (`guard.py`): a rule that raises, or a rewrite whose result has
+another shape or dtype than the call's, means the call runs as written, reported once.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ import inspect
 
 import optree
 
-from . import intercept, log, regions
+from . import guard, intercept, log, regions
 from .bindings import FromAnchor, Source, Unreachable, materialise, resolve
 from .constants import ConstSummary, summarize_array
 from .decide import call_facts, decide_graph
@@ -96,7 +100,6 @@ class ForwardPass:
         self.rewriter = rewriter
         self.backend = rewriter.backend()
         self.observer = observer
-        self.checked: dict[int, tuple[mx.array, ConstSummary]] = {}  # id -> (array kept alive, summary)
         self.value_check = self.check if rewriter.check_values else None
 
     def __call__(self, call: intercept.Call) -> mx.array:
@@ -110,13 +113,20 @@ class ForwardPass:
             self.observer(call)
         return self.rewriter.handle_region(call, self)
 
-    def check(self, array: mx.array) -> ConstSummary:
-        """A runtime value summary, once per array per pass (one synchronisation)."""
-        known = self.checked.get(id(array))
-        if known is None:
-            known = self.checked[id(array)] = (array, summarize_array(array, source="runtime check"))
-            self.rewriter.count(f"value check ({dtype_name(array.dtype)}[{','.join(map(str, array.shape))}])")
-        return known[1]
+    def check(self, array: mx.array) -> ConstSummary | None:
+        """A runtime value summary of `array` as it is now: one synchronisation per call, not per array, as
+        an array may be updated in place between two calls (`m[..., 0] = False`) and MLX shows no sign of
+        it. None for a tracer (inside mx.compile or mx.vmap MLX refuses to evaluate): the mask is kept."""
+        facts = f"{dtype_name(array.dtype)}[{','.join(map(str, array.shape))}]"
+        try:
+            summary = summarize_array(array, source="runtime check")
+        except (RuntimeError, ValueError) as error:
+            if not guard.is_transformation_error(error):
+                raise
+            self.rewriter.count(f"value check skipped ({facts}): a tracer inside mx.compile / mx.vmap, kept")
+            return None
+        self.rewriter.count(f"value check ({facts})")
+        return summary
 
 
 class EagerRewriter:
@@ -141,6 +151,8 @@ class EagerRewriter:
             else:
                 self._regions.setdefault(rule.region.path, []).append(rule)
         self._region_analyses: dict[tuple, Analysis] = {}
+        self._verdicts: dict[tuple, str] = {}  # (analysis, rewrite) -> "" checked fine, or why it is refused
+        self._problems: list[str] = []  # rules that raised or returned a wrong result, each reported once
         self._analyses: list[Analysis] = []
         self._kinds: dict[tuple, list[Analysis]] = {}  # cheap prefix of a call -> analyses to try
         self._counts: Counter[str] = Counter()
@@ -185,19 +197,51 @@ class EagerRewriter:
         operands = call.operands
         if not rules or not any(_meets(rule.needs, operands) for rule in rules):
             return call.run_original()  # no rule can fire (the gate let it through for an observer)
-        env = ArrayEnv(operands, call.params, {}, forward_pass.backend, forward_pass.value_check)
+        value_check = forward_pass.value_check and _once_per_call(forward_pass.value_check)
+        env = ArrayEnv(operands, call.params, {}, forward_pass.backend, value_check)
         kind = (call.api, tuple(None if a is None else (a.ndim, a.dtype) for a in operands.values()))
         analysis = next((a for a in self._kinds.get(kind, ()) if a.holds_for(env)), None)
         if analysis is None:
-            analysis = self._analyse(kind, call, env, forward_pass)
+            analysis = self._analyse(kind, call, env)
         decision = analysis.decision
         if decision is None:
             self.count(f"{call.api}: left as is")
             return call.run_original()
-        self.count(f"{call.api}: {decision.rule} -> {decision.rewrite}")
-        return next(r for r in rules if r.name == decision.rule).apply(call, decision)
+        rule = next(r for r in rules if r.name == decision.rule)
+        return self._apply(call.api, analysis, decision, lambda: guard.checked_rewrite(rule, call, decision),
+                           lambda: rule.apply(call, decision), call.run_original)
 
-    def _analyse(self, kind: tuple, call: intercept.Call, env: ArrayEnv, forward_pass: ForwardPass) -> Analysis:
+    def _apply(self, api: str, analysis: Analysis, decision: Decision, checked: Callable, rewrite: Callable,
+               original: Callable) -> Any:
+        """The rewrite. Its first result for an analysis is checked against the call as written (shape and
+        dtype); a rewrite that raised or returned something else runs as written from then on, reported."""
+        memo = (analysis.number, decision.rule, decision.rewrite)
+        verdict = self._verdicts.get(memo)
+        outcome = f"{api}: {decision.rule} -> {decision.rewrite}"
+        if verdict is None:
+            result, problem = checked()
+        elif verdict:
+            result, problem = original(), verdict
+        else:
+            try:
+                result, problem = rewrite(), None
+            except Exception as error:  # noqa: BLE001 - a rule's bug: the call runs as written, reported
+                result, problem = original(), f"rule {decision.rule} raised {type(error).__name__} in rewrite " \
+                                              f"{decision.rewrite!r}: {error}"
+        self._verdicts.setdefault(memo, problem or "")
+        if problem:
+            self._report(problem)
+            outcome += " refused, ran as written"
+        self.count(outcome)
+        return result
+
+    def _report(self, problem: str) -> None:
+        """A rule's failure, warned about once (and listed by explain()); the call concerned runs as written."""
+        if problem not in self._problems:
+            self._problems.append(problem)
+            _fallback(f"{problem}; the call runs as written")
+
+    def _analyse(self, kind: tuple, call: intercept.Call, env: ArrayEnv) -> Analysis:
         with self._lock:
             analysis = next((a for a in self._kinds.get(kind, ()) if a.holds_for(env)), None)
             if analysis is not None:
@@ -206,19 +250,25 @@ class EagerRewriter:
             analysis = Analysis(number, call.api, call.location or "?", _operand_text(call), None, None)
             try:
                 analysis.graph, analysis.site = trace_one_call(call)
-                for rule in self._by_api[call.api]:
-                    facts = call_facts(analysis.site, analysis.graph, env.backend, eager=True,
-                                       value_check=forward_pass.value_check, arrays=call.operands)
-                    verdict = rule.decide(facts, analysis.where)
-                    log.verdict(verdict, "eager")
-                    analysis.verdicts.append((verdict, facts))
-                    if isinstance(verdict, Decision):
-                        break
-            except Exception as error:  # noqa: BLE001 - any failure means "run as written, reported once"
-                analysis.graph = analysis.site = None
-                analysis.verdicts = [(None, _ExactShapes(call))]
+            except Exception as error:  # noqa: BLE001 - MLX rejects the call itself (a wrong K, mismatched heads)
+                analysis.graph = analysis.site = None  # remembered for identical calls only: valid ones of its
+                analysis.verdicts = [(None, _ExactShapes(call))]  # kind are still analysed
                 analysis.error = f"{type(error).__name__}: {error}"
                 _fallback(f"cannot analyse {call.api} at {call.location}; it runs as written: {analysis.error}")
+            for rule in self._by_api[call.api] if analysis.error is None else ():
+                facts = call_facts(analysis.site, analysis.graph, env.backend, eager=True,
+                                   value_check=env.value_check, arrays=call.operands)
+                try:
+                    verdict = rule.decide(facts, analysis.where)
+                except Exception as error:  # noqa: BLE001 - a rule's bug: no rule fires on calls of this kind
+                    analysis.verdicts = [(None, _Always())]
+                    analysis.error = guard.rule_failure(rule, "its guard", error)
+                    _fallback(f"{analysis.error}; calls of this kind at {analysis.where} run as written")
+                    break
+                log.verdict(verdict, "eager")
+                analysis.verdicts.append((verdict, facts))
+                if isinstance(verdict, Decision):
+                    break
             self._analyses.append(analysis)
             self._kinds.setdefault(kind, []).append(analysis)
             log.channel("traces").info("eager trace #%d: %s at %s (%s): no earlier analysis's facts hold",
@@ -246,10 +296,15 @@ class EagerRewriter:
         if decision is None:
             self.count(f"{analysis.api}: left as is")
             return call.run_original()
-        self.count(f"{analysis.api}: {decision.rule} -> {decision.rewrite}")
         rule = next(r for r in rules if r.name == decision.rule)
-        result = rule.apply(Bound(analysis.sources, [], arrays, analysis.site.params), decision)
-        return materialise(analysis.output, [], arrays, result)
+
+        def rewrite() -> Any:
+            result = rule.apply(Bound(analysis.sources, [], arrays, analysis.site.params), decision)
+            return materialise(analysis.output, [], arrays, result)
+
+        return self._apply(analysis.api, analysis, decision, lambda: _checked_region(rule, decision, analysis, rewrite,
+                                                                                     call.run_original),
+                           rewrite, call.run_original)
 
     def _analyse_region(self, key: tuple, call: regions.RegionCall, rules: list[Rule], arguments: tuple,
                         arrays: list[mx.array], forward_pass: ForwardPass) -> Analysis:
@@ -339,6 +394,7 @@ class EagerRewriter:
             if declines:
                 lines += [f"    {v.rule} declined: {v.reason}" for v, _ in a.verdicts if v is not None
                           and not isinstance(v, Decision)]
+        lines += [f"  ! {problem}; the call runs as written" for problem in self._problems]
         if self._counts:
             lines.append("  calls: " + "; ".join(f"{what} x{n}" for what, n in sorted(self._counts.items())))
         return "\n".join(lines)
@@ -456,8 +512,46 @@ def _fallback(message: str) -> None:
     warnings.warn(f"mlxrewrite: {message}", EagerFallbackWarning, stacklevel=6)
 
 
+def _once_per_call(check: Callable[[mx.array], Any]) -> Callable[[mx.array], Any]:
+    """`check`, evaluating each array once for this call (its guards may ask twice: reuse, then analysis)."""
+    seen: dict[int, Any] = {}
+
+    def checked(array: mx.array) -> Any:
+        if id(array) not in seen:
+            seen[id(array)] = check(array)
+        return seen[id(array)]
+
+    return checked
+
+
 def _meets(needs: dict[str, int], operands: dict[str, Any]) -> bool:
     return all(isinstance(operands.get(name), mx.array) and operands[name].ndim >= dims for name, dims in needs.items())
+
+
+def _checked_region(rule: Rule, decision: Decision, analysis: Analysis, rewrite: Callable,
+                    original: Callable) -> tuple[Any, str | None]:
+    """A region rewrite's first result against the traced region's output (dtype and rank: its shape has the
+    free dims of the first call)."""
+    try:
+        result = rewrite()
+    except Exception as error:  # noqa: BLE001 - a rule's bug: the region runs as written, reported
+        return original(), guard.rule_failure(rule, f"rewrite {decision.rewrite!r}", error)
+    traced = analysis.graph.values[analysis.graph.outputs[0]]
+    if not isinstance(result, mx.array) or result.dtype != traced.dtype or result.ndim != len(traced.shape):
+        got = type(result).__name__ if not isinstance(result, mx.array) else f"{dtype_name(result.dtype)} rank {result.ndim}"
+        return original(), (f"rule {rule.name} rewrite {decision.rewrite!r} returned {got} where the region gives "
+                            f"{traced.type_str}")
+    return result, None
+
+
+class _Always(Facts):
+    """The facts of a kind of call whose rule raised: every call of the kind (none fires there)."""
+
+    def __init__(self) -> None:
+        super().__init__(None)
+
+    def still_holds(self, env: ArrayEnv) -> bool:
+        return True
 
 
 class _ExactShapes(Facts):

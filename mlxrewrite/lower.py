@@ -2,7 +2,8 @@
 
 The plan comes from one trace of the same function with the same signature, so the calls arrive in the
 same order. Each call is checked against the plan entry (API, call site, operand shapes) before its
-rewrite runs; a call that does not match is left exactly as written and reported, never guessed at.
+rewrite runs; a call that does not match is left exactly as written and reported, never guessed at. So is
+a call whose rewrite raises or returns another shape or dtype than the call as written (`guard.py`).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from dataclasses import dataclass, field
 import mlx.core as mx
 
 from .bindings import Source
+from .guard import checked_rewrite
 from .intercept import Call
 from .rule import Bound, Decision, Rule, Verdict
 from .trace import CallSite
@@ -50,7 +52,8 @@ class Plan:
 
 
 class Applier:
-    """Intercept handler that runs the plan's rewrites; counts calls that did not match the plan."""
+    """Intercept handler that runs the plan's rewrites; counts calls that did not match the plan, and rewrites
+    that failed (`problems`: those calls ran as written)."""
 
     def __init__(self, plan: Plan, inputs: list[mx.array] = ()):
         self.plan = plan
@@ -58,6 +61,7 @@ class Applier:
         self.position = 0
         self.seen: list[Call] = []  # this run's calls, by plan position: subgraph rewrites read their operands
         self.mismatches: list[str] = []
+        self.problems: list[str] = []
 
     def __call__(self, call: Call) -> mx.array:
         index = self.position
@@ -72,6 +76,8 @@ class Applier:
         if planned.decision is None:
             return call.run_original()
         rule = self.plan.rules[planned.decision.rule]
-        if planned.sources is None:
-            return rule.apply(call, planned.decision)
-        return rule.apply(Bound(planned.sources, self.seen, self.inputs, dict(call.params)), planned.decision)
+        matched = None if planned.sources is None else Bound(planned.sources, self.seen, self.inputs, dict(call.params))
+        result, problem = checked_rewrite(rule, call, planned.decision, matched)
+        if problem is not None:
+            self.problems.append(f"call #{index} {call.api} at {call.location}: {problem}; left as written")
+        return result

@@ -1,7 +1,8 @@
 """Input signatures (the cache key of a rewritten function) and captured state.
 
-Arguments are pytrees (optree): array leaves are traced inputs; every other leaf is a static value
-that must be hashable, as with `mx.compile`. A signature also holds each array's shape and dtype;
+Arguments are pytrees (optree): array leaves are traced inputs; every other leaf is a static value of
+an immutable scalar type (`STATIC_TYPES`), as with `mx.compile`. Other objects are refused: a hashable
+one is usually hashed by identity, so a mutated one would replay a stale plan. A signature also holds each array's shape and dtype;
 `describe_change` says why a retrace happened. Input strides are read when tracing, but not on every
 call (that forces evaluation and, on CUDA, a synchronisation): only inputs that were not row-major when
 traced are guarded per call (`Entry.layout_guards` in compiler.py).
@@ -22,6 +23,9 @@ from .graph import dtype_name
 class SignatureError(TypeError):
     """An argument that cannot be traced nor used as a static value."""
 
+
+# Static leaves are keyed by value, so they must be immutable values: mx.compile's constants, and dtypes.
+STATIC_TYPES = (type(None), bool, int, float, complex, str, bytes, mx.Dtype)
 
 ArrayFacts = tuple  # (shape, dtype): plain tuples keep the per-call key cheap
 
@@ -69,13 +73,13 @@ def flatten_call(args: tuple, kwargs: dict) -> tuple[list[mx.array], Any, tuple]
         if is_array(leaf):
             arrays.append(leaf)
             continue
-        try:
-            hash(leaf)
-        except TypeError:
+        if not isinstance(leaf, STATIC_TYPES):
             raise SignatureError(
                 f"argument leaf #{index} of type {type(leaf).__name__} is neither an mx.array nor a hashable "
-                "static value; pass arrays (or lists/tuples/dicts of them), and give captured state such as "
-                "models or caches through inputs=/outputs= or a closure") from None
+                "static value (None, bool, int, float, complex, str, bytes or mx.Dtype: other objects are "
+                "keyed by identity and may change in place); pass arrays (or lists/tuples/dicts "
+                "of them), and give captured state such as models or caches through inputs=/outputs= or a "
+                "closure")
         statics.append((index, leaf))
     return arrays, treespec, tuple(statics)
 
@@ -171,6 +175,23 @@ class StateTree:
         except (KeyError, IndexError):
             return None
         return arrays if _ARRAY_TYPE.issuperset(map(type, arrays)) else None  # not an array now: walk again
+
+
+    def restore(self, arrays: list[mx.array]) -> None:
+        """Put the tree back as walked, holding `arrays`: drop keys and items that were added since (a
+        function that grows its state leaves tracers there when traced), put back replaced children."""
+        contents: dict[int, dict] = {id(c): {} for c in self.containers}
+        for container, key, child in zip(self.holders + self.parents, self.keys + self.places,
+                                         tuple(arrays) + self.children):
+            contents[id(container)][key] = child
+        for container in self.containers:
+            items = contents[id(container)]
+            if isinstance(container, dict):
+                for key in [k for k in container if k not in items]:
+                    del container[key]
+                container.update(items)
+            elif isinstance(container, list):
+                container[:] = [items[i] for i in range(len(items))]
 
 
 def state_slots(tree: Any) -> list[Slot]:

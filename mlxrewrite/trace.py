@@ -2,8 +2,10 @@
 
 The function runs once on tracer arrays with the intercepted APIs recording each call. To tie a Python
 call to the graph, every recorded call's array operands and result are appended to the exported
-function's outputs: the exporter then names them, and `CallSite` keeps those names. State declared with
-`inputs=`/`outputs=` enters as extra inputs and leaves as extra outputs, and is restored afterwards.
+function's outputs, each behind a marker view (`_output_marker`: the exporter rewrites the arrays it is
+returned, and an operand may be the caller's). The exporter then names them, and `CallSite` keeps those
+names. State declared with `inputs=`/`outputs=` enters as extra inputs and leaves as extra outputs, and is restored afterwards
+(keys the function added to it are removed again).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import optree
 from . import intercept
 from .graph import Graph, Node
 from .layout import array_strides
-from .signature import flatten_call, read_slots, rebuild_call, state_slots, write_slots
+from .signature import StateTree, flatten_call, read_slots, rebuild_call, write_slots
 
 MODE_NAMES = {0: "affine", 1: "mxfp4", 2: "mxfp8", 3: "nvfp4"}
 
@@ -88,7 +90,8 @@ def trace_call(fn: Callable, args: tuple, kwargs: dict, state_in: Any = None, st
                recorder: Recorder | None = None, record_sites: bool = True) -> Graph:
     """Trace with explicit state trees; `recorder` may rewrite calls as they are recorded."""
     arrays, treespec, statics = flatten_call(args, kwargs)
-    in_slots, out_slots = state_slots(state_in), state_slots(state_out)
+    tree_in, tree_out = StateTree.walk(state_in), StateTree.walk(state_out)
+    in_slots, out_slots = tree_in.slots, tree_out.slots
     saved_in, saved_out = read_slots(in_slots), read_slots(out_slots)
     recorder = recorder or Recorder()
     n_outputs: list[int] = []
@@ -104,7 +107,7 @@ def trace_call(fn: Callable, args: tuple, kwargs: dict, state_in: Any = None, st
                              f"{sorted({type(leaf).__name__ for leaf in leaves})}")
         outs = leaves + read_slots(out_slots)
         n_outputs.append(len(outs))
-        return tuple(outs + (recorder.extra_outputs() if record_sites else []))
+        return tuple(map(_output_marker, outs + (recorder.extra_outputs() if record_sites else [])))
 
     events: list[dict] = []
     try:
@@ -115,9 +118,10 @@ def trace_call(fn: Callable, args: tuple, kwargs: dict, state_in: Any = None, st
         if not n_outputs:
             raise  # the function itself failed: the same error as calling it
         raise TraceError(f"MLX's exporter cannot trace {_name(fn)}: {error}") from error
-    finally:
-        write_slots(in_slots, saved_in)
-        write_slots(out_slots, saved_out)
+    finally:  # as before the trace, without keys the function may have added (they hold dead tracers)
+        tree_out.restore(saved_out)
+        tree_in.restore(saved_in)
+    events = _strip_output_markers(events)
     graph_inputs = next(e for e in events if e["type"] == "inputs")["inputs"]
     input_strides = {name: st for (name, _, _), array in zip(graph_inputs, [*arrays, *saved_in])
                      if (st := array_strides(array)) is not None}
@@ -131,6 +135,34 @@ def trace_call(fn: Callable, args: tuple, kwargs: dict, state_in: Any = None, st
         if site.node is not None and site.location:
             graph.nodes[site.node].location = site.location
     return graph
+
+
+def _output_marker(array: mx.array) -> mx.array:
+    """A fresh view of `array` to hand the exporter in its place.
+
+    The exporter rewrites the arrays it is returned in place (their inputs become its copies), which cuts
+    their gradient for the caller when they are the caller's arrays: closed-over operands, intermediates
+    of an outer `mx.grad`. `mx.compile` returns only the function's results, so it has no such problem.
+    The markers are stripped again by `_strip_output_markers`. (`stop_gradient` would be stripped by the
+    exporter itself, but then its common-subexpression pass merges equal operands of two calls and leaves
+    one of the names without a producer.)"""
+    return mx.expand_dims(array, 0)
+
+
+def _strip_output_markers(events: list[dict]) -> list[dict]:
+    """The export events with every output named by the array beneath its `_output_marker`."""
+    outputs_event = next(e for e in events if e["type"] == "outputs")
+    marked = {name for name, _, _ in outputs_event["outputs"]}
+    beneath: dict[str, tuple] = {}
+    kept = []
+    for event in events:
+        if event["type"] == "primitive" and event["outputs"][0][0] in marked:
+            beneath[event["outputs"][0][0]] = event["inputs"][0]
+        else:
+            kept.append(event)
+    index = kept.index(outputs_event)
+    kept[index] = {**outputs_event, "outputs": [beneath[name] for name, _, _ in outputs_event["outputs"]]}
+    return kept
 
 
 def _name(fn: Callable) -> str:

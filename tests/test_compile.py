@@ -534,10 +534,14 @@ def test_rule_passed_to_compile_fires_without_registering():
     assert "local-double" not in [r.name for r in mlxrewrite.default_rules()]
 
 
-def test_rule_choosing_unknown_rewrite_is_an_error():
+def test_rule_choosing_unknown_rewrite_runs_as_written_or_raises_when_strict():
+    x = mx.random.normal((2, 128))
     rewritten = mlxrewrite.compile(linear_qmm, rules=[doubling_rule("bad", rewrite="triple")])
-    with pytest.raises(ValueError, match="rule bad chose unknown rewrite 'triple'"):
-        rewritten(mx.random.normal((2, 128)), *QUANT_W)
+    with pytest.warns(FallbackWarning, match="rule bad raised ValueError in its guard: rule bad chose unknown rewrite"):
+        assert mx.array_equal(rewritten(x, *QUANT_W), linear_qmm(x, *QUANT_W)).item()
+    strict = mlxrewrite.compile(linear_qmm, rules=[doubling_rule("bad", rewrite="triple")], strict=True)
+    with pytest.raises(mlxrewrite.guard.RuleError, match="rule bad chose unknown rewrite 'triple'"):
+        strict(x, *QUANT_W)
 
 
 # ---- threads ----------------------------------------------------------------------------------------------
