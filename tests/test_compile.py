@@ -16,7 +16,7 @@ from mlxrewrite import Decision, FallbackWarning, RewrittenFunction, Rule, Signa
 from mlxrewrite import rule as rule_module
 
 _spec = importlib.util.spec_from_file_location(
-    "gqa_quantized_attention", Path(__file__).resolve().parents[1] / "examples" / "gqa_quantized_attention.py")
+    "gqa_quantized_attention", Path(__file__).resolve().parents[1] / "mlxrewrite" / "examples" / "gqa_quantized_attention.py")
 gqa = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(gqa)
 

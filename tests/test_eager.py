@@ -11,7 +11,7 @@ import mlxrewrite
 from mlxrewrite import Decision, Rule
 from mlxrewrite.eager import EagerFallbackWarning
 
-spec = importlib.util.spec_from_file_location("gqa", Path(__file__).parent.parent / "examples/gqa_quantized_attention.py")
+spec = importlib.util.spec_from_file_location("gqa", Path(__file__).parent.parent / "mlxrewrite/examples/gqa_quantized_attention.py")
 gqa = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(gqa)
 

@@ -18,7 +18,7 @@ NAME = qmb.NAME
 CPU = Backend("cpu")
 
 _spec = importlib.util.spec_from_file_location(
-    "gqa_quantized_attention", Path(__file__).resolve().parents[1] / "examples" / "gqa_quantized_attention.py")
+    "gqa_quantized_attention", Path(__file__).resolve().parents[1] / "mlxrewrite" / "examples" / "gqa_quantized_attention.py")
 gqa = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(gqa)
 
