@@ -117,7 +117,7 @@ class Call:
     def run_original(self, **overrides: Any) -> mx.array:
         """Call the unpatched MLX function, with some operands or parameters replaced."""
         if self._args is not None and not overrides:
-            return _ORIGINALS[self.api](*self._args, **self._kwargs)
+            return original(self.api)(*self._args, **self._kwargs)
         return _invoke(original(self.api), self.api, {**self.operands, **self.params, **overrides})
 
     def dispatch(self, **overrides: Any) -> mx.array:
@@ -174,16 +174,19 @@ def _invoke(fn: Callable, api: str, kwargs: dict[str, Any]) -> mx.array:
 
 
 def original(api: str) -> Callable:
-    """The real MLX function behind a dispatcher."""
-    return _ORIGINALS[api]
+    """The MLX function behind a dispatcher: what MLX's name holds now (someone's patch, such as a
+    `unittest.mock.patch`, included), or MLX's own function while the name holds the dispatcher."""
+    spec = APIS[api]
+    current = getattr(spec.module, spec.attr)
+    return _ORIGINALS[api] if current is _DISPATCHERS.get(api) else current
 
 
 def _make_dispatcher(spec: ApiSpec, real: Callable) -> Callable:
+    """The dispatcher of `spec`'s API; `real` is MLX's function (its name and docs)."""
     def dispatcher(*args: Any, **kwargs: Any) -> Any:
         active = _ACTIVE.get()
         if active is None or "stream" in kwargs or (active[1] is not None and not active[1].admits(spec, args, kwargs)):
-            current = getattr(spec.module, spec.attr)  # what MLX's name holds now: perhaps someone's patch
-            return (real if current is dispatcher else current)(*args, **kwargs)
+            return original(spec.name)(*args, **kwargs)
         return active[0](Call.intercepted(spec, args, kwargs, _caller()))
 
     dispatcher.__name__ = spec.attr
