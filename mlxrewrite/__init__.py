@@ -54,6 +54,7 @@ def _rules_from_checkout() -> None:
                                                       submodule_search_locations=[str(rules.parent)])
         sys.modules[spec.name] = module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
+        globals()["rules"] = module  # as an import of the subpackage would
 
 
 _rules_from_checkout()
