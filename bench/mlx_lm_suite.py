@@ -131,11 +131,14 @@ def markdown(result: dict) -> str:
                      f"{c['skipped']} | {'-' if new is None else len(new)} | {mode['seconds']} |")
     for mode in result["modes"]:
         stats = mode["stats"]
-        if stats:
+        if stats and stats["models_wrapped"]:
+            checks = sum(n for what, n in stats["calls"].items() if what.startswith("value check"))
+            outcomes = {what: n for what, n in stats["calls"].items() if not what.startswith("value check")}
             lines += ["", f"## {mode['mode']}: what the wrapped models did", "",
                       f"{stats['models_wrapped']} models wrapped ({len(stats['by_architecture'])} architectures), "
                       f"{stats['forward_passes']} forward passes; calls: "
-                      + "; ".join(f"{k} x{v}" for k, v in sorted(stats["calls"].items()))]
+                      + "; ".join(f"{k} x{v}" for k, v in sorted(outcomes.items()))
+                      + f"; mask value checks: {checks} (per shape in the JSON)"]
             lines += [f"- not covered: {note}" for note in stats["coverage_notes"]]
         for name in mode.get("vs_baseline", {}).get("new_failures", []):
             lines.append(f"- new failure: {name}")

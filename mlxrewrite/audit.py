@@ -25,6 +25,7 @@ from .rule import Rule, first_decision, select_rules
 from .trace import trace
 
 SCHEMA_VERSION = 1
+_PACKAGE = Path(__file__).resolve().parent
 WIDTH = 110  # text output is wrapped to this many columns
 BROADCAST_APIS = ("quantized_matmul",)  # APIs whose kernels broadcast the operands' batch dims together
 CPU_NOTE = ("on cpu, MLX computes these calls right: they are flagged for the Metal and CUDA kernels named "
@@ -75,11 +76,14 @@ def wrapped(text: str, indent: str) -> list[str]:
 
 
 def short_location(location: str) -> str:
-    """file:line for reading: from the installed package on (`mlx_lm/models/base.py:84`, wherever that
-    is installed), else relative to the working directory when under it."""
+    """file:line for reading, the same however things are installed: from the installed package on
+    (`mlx_lm/models/base.py:84`, `mlxrewrite/examples/x.py:21`), else relative to the working directory
+    when under it."""
     if "site-packages/" in location:
         return location.rpartition("site-packages/")[2]
     path = Path(location.rpartition(":")[0])
+    if path.is_relative_to(_PACKAGE):  # mlxrewrite's own files (its examples) in a checkout: an editable install
+        return str(Path(location).relative_to(_PACKAGE.parent))
     if path.is_absolute() and path.is_relative_to(Path.cwd()):
         return str(Path(location).relative_to(Path.cwd()))
     return location
