@@ -71,7 +71,7 @@ class Options:
     """What `wrap` was asked for: a copy or an unpickled model is wrapped again with these."""
 
     rules: tuple[Rule, ...] | None = None
-    disable: tuple[str, ...] = ()
+    disable: tuple[str, ...] | str = ()  # as given: `select_rules` reads it
     check_masks: bool = False
 
 
@@ -87,7 +87,7 @@ class WrapState:
     routes_checked: set[tuple] = field(default_factory=set)
 
 
-def wrap(model: nn.Module, *, rules: list[Rule] | None = None, disable: tuple[str, ...] = (),
+def wrap(model: nn.Module, *, rules: list[Rule] | None = None, disable: tuple[str, ...] | str = (),
          check_masks: bool = False) -> nn.Module:
     """Route `model`'s attention calls through the rules (in place; returns `model`).
 
@@ -105,7 +105,7 @@ def wrap(model: nn.Module, *, rules: list[Rule] | None = None, disable: tuple[st
                         f"got {type(model).__name__}")
     with _LOCK:
         if not is_wrapped(model):
-            _attach(model, type(model), Options(None if rules is None else tuple(rules), tuple(disable), check_masks))
+            _attach(model, type(model), Options(None if rules is None else tuple(rules), disable, check_masks))
     return model
 
 
