@@ -228,7 +228,8 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.flush()  # a closed pipe shows here, not at interpreter exit
         return status
     except UsageError as error:
-        print(f"mlxrewrite: {error}", file=sys.stderr)
+        first_line = str(error).partition("\n")[0]  # one line, always (MLX's messages can run to several)
+        print(f"mlxrewrite: {first_line}", file=sys.stderr)
         return 2
     except BrokenPipeError:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing more can be written there

@@ -40,6 +40,13 @@ def test_config_sizes_that_are_not_positive_integers_are_usage_errors(value, tmp
     one_line_error(capsys, f"'num_attention_heads' must be a positive integer, got {value!r}")
 
 
+def test_a_config_that_fails_inside_mlx_with_a_long_message_is_one_line(tmp_path, capsys):
+    config = {**load_config(cli.config_path("llama3_8b")), "rope_theta": "500000"}  # MLX lists rope()'s signatures
+    (tmp_path / "c.json").write_text(json.dumps(config))
+    assert cli.main(["audit", "--mlx-lm-config", str(tmp_path / "c.json")]) == 2
+    one_line_error(capsys, "cannot trace prefill (P=8): TypeError: rope(): incompatible function arguments")
+
+
 def test_mlx_lm_missing_is_one_line(no_mlx_lm, capsys):
     assert cli.main(["audit", "--mlx-lm-config", "llama3_8b"]) == 2
     one_line_error(capsys, "pip install 'mlxrewrite[mlx-lm]'")
