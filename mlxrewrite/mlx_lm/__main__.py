@@ -26,15 +26,26 @@ OWN_FLAGS = ("--check-masks", "--explain", "--no-rewrite")
 USAGE = "usage: python -m mlxrewrite.mlx_lm generate [--check-masks] [--explain] [--no-rewrite] MLX_LM_GENERATE_FLAGS"
 
 
+class LoadError(Exception):
+    """mlx-lm could not load a model (no such path, not a model directory, ...): one line, exit status 2."""
+
+
 @contextlib.contextmanager
-def wrapping_loader(module: Any, check_masks: bool, loaded: list) -> Iterator[None]:
-    """Replace `module.load` with one that wraps each model it returns."""
+def wrapping_loader(module: Any, wrap: bool, check_masks: bool, loaded: list) -> Iterator[None]:
+    """Replace `module.load` with one that wraps each model it returns (unless not `wrap`), and turns a
+    failure to load into a `LoadError`."""
     real: Callable = module.load
 
     def load(*args: Any, **kwargs: Any) -> Any:
-        result = real(*args, **kwargs)
-        mrl.wrap(result[0], check_masks=check_masks)
-        loaded.append(result[0])
+        try:
+            result = real(*args, **kwargs)
+        except Exception as error:
+            reason = str(error).partition("\n")[0]
+            raise LoadError(f"cannot load {args[0] if args else kwargs.get('path_or_hf_repo')!r}: "
+                            f"{type(error).__name__}: {reason}") from error
+        if wrap:
+            mrl.wrap(result[0], check_masks=check_masks)
+            loaded.append(result[0])
         return result
 
     module.load = load
@@ -59,11 +70,11 @@ def generate(argv: list[str]) -> int:
     saved_argv = sys.argv
     sys.argv = ["mlxrewrite.mlx_lm generate", *rest]
     try:
-        if flags["--no-rewrite"]:
+        with wrapping_loader(mlx_lm_generate, not flags["--no-rewrite"], flags["--check-masks"], loaded):
             mlx_lm_generate.main()
-        else:
-            with wrapping_loader(mlx_lm_generate, flags["--check-masks"], loaded):
-                mlx_lm_generate.main()
+    except LoadError as error:
+        print(f"mlxrewrite.mlx_lm: {error}", file=sys.stderr)
+        return 2
     finally:
         sys.argv = saved_argv
     if flags["--explain"]:
