@@ -13,7 +13,13 @@ rules/) -> lower.py -> compiler.py (mx.compile). eager.py applies the same rules
 that changes shapes every step (mlx_lm/ wraps mlx-lm models with it).
 """
 
-from . import doctor, intercept
+import importlib
+import importlib.util
+import sys
+from pathlib import Path
+from typing import Any
+
+from . import intercept
 from .audit import Finding, Report, audit, audit_graph
 from .compiler import FallbackWarning, RewrittenFunction, compile
 from .eager import EagerRewriter, eager
@@ -26,8 +32,31 @@ from .trace import CallSite, TraceError, trace
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name: str) -> Any:
+    """`mlxrewrite.doctor` is imported on first use: `import mlxrewrite` does not load the doctor."""
+    if name == "doctor":
+        return importlib.import_module(f"{__name__}.doctor")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
     "Bound", "CallPattern", "CallSite", "Decision", "Decline", "EagerRewriter", "Facts", "GraphPattern", "Read", "FallbackWarning", "Finding", "Graph", "Node", "Report", "RewrittenFunction", "Rule",
     "SignatureError", "TraceError", "Value", "audit", "audit_graph", "compile", "doctor", "eager", "default_rules", "intercept",
     "register_rule", "trace",
 ]
+
+
+def _rules_from_checkout() -> None:
+    """In a plain checkout (nothing installed), `mlxrewrite.rules` is the repository's `rules/` directory,
+    as the build's package-dir mapping makes it for an install."""
+    rules = Path(__file__).resolve().parent.parent / "rules" / "__init__.py"
+    if importlib.util.find_spec(f"{__name__}.rules") is None and rules.is_file():
+        spec = importlib.util.spec_from_file_location(f"{__name__}.rules", rules,
+                                                      submodule_search_locations=[str(rules.parent)])
+        sys.modules[spec.name] = module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        globals()["rules"] = module  # as an import of the subpackage would
+
+
+_rules_from_checkout()

@@ -9,20 +9,28 @@ from __future__ import annotations
 
 import json
 import re
+import textwrap
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import mlx.core as mx
 import networkx as nx
+import numpy as np
 
 from .graph import Graph, dtype_name
+from .layout import broadcast_strides
 from .policy import Backend
 from .decide import decide_site
 from .rule import Rule, select_rules
 from .trace import trace
 
 SCHEMA_VERSION = 1
+_PACKAGE = Path(__file__).resolve().parent
+WIDTH = 110  # text output is wrapped to this many columns
+BROADCAST_APIS = ("quantized_matmul",)  # APIs whose kernels broadcast the operands' batch dims together
+CPU_NOTE = ("on cpu, MLX computes these calls right: they are flagged for the Metal and CUDA kernels named "
+            "above, which the audit checks from any machine")
 
 
 @dataclass(frozen=True)
@@ -42,19 +50,44 @@ class Finding:
     rewrite: str = ""  # the rewrite's name, for machines ("fold", "copy", "drop_mask")
     evidence: str = ""  # where the hazard was measured (the rule's documented evidence)
     step: str = ""  # the audited step it belongs to (the function's name, or "decode (M=1)", ...)
+    # The operands as the kernel sees them: batch dims broadcast together (quantized_matmul), so a size-1
+    # dim stretched over the batch shows its stride 0; the same as shapes/strides where nothing broadcasts.
+    kernel_shapes: dict[str, list[int]] = field(default_factory=dict)
+    kernel_strides: dict[str, list[int]] = field(default_factory=dict)
 
     def __str__(self) -> str:
-        facts = ", ".join(f"{k}: {self.dtypes[k]}{self.shapes[k]} strides {self.strides[k]}" for k in self.shapes)
-        return (f"[{self.severity}] {self.rule} at {short_location(self.location)}\n    {self.op}({facts})\n"
-                f"    why: {self.why}\n    fix: {self.fix}")
+        lines = [f"[{self.severity}] {self.rule} at {short_location(self.location)}",
+                 f"    {self.op}, operands as the kernel sees them (0*: a broadcast dim, stride 0):"]
+        lines += [f"      {name}: {self._operand(name)}" for name in self.shapes]
+        for label, text in (("why", self.why), ("fix", self.fix)):
+            lines += wrapped(f"{label}: {text}", "    ")
+        return "\n".join(lines)
+
+    def _operand(self, name: str) -> str:
+        shape, strides = self.kernel_shapes.get(name, self.shapes[name]), self.kernel_strides.get(name, self.strides[name])
+        seen = f", seen as {shape}" if shape != self.shapes[name] else ""
+        marked = ", ".join("0*" if stride == 0 and size > 1 else str(stride) for stride, size in zip(strides, shape))
+        return f"{self.dtypes[name]}{self.shapes[name]}{seen} strides [{marked}]"
+
+
+def wrapped(text: str, indent: str) -> list[str]:
+    """`text` in lines of at most WIDTH columns, continuation lines indented two more."""
+    return textwrap.wrap(text, WIDTH, initial_indent=indent, subsequent_indent=indent + "  ",
+                         break_long_words=False, break_on_hyphens=False)
 
 
 def short_location(location: str) -> str:
-    """file:line for reading: relative to the working directory, or from the installed package on."""
+    """file:line for reading, the same however things are installed: from the installed package on
+    (`mlx_lm/models/base.py:84`, `mlxrewrite/examples/x.py:21`), else relative to the working directory
+    when under it."""
+    if "site-packages/" in location:
+        return location.rpartition("site-packages/")[2]
     path = Path(location.rpartition(":")[0])
+    if path.is_relative_to(_PACKAGE):  # mlxrewrite's own files (its examples) in a checkout: an editable install
+        return str(Path(location).relative_to(_PACKAGE.parent))
     if path.is_absolute() and path.is_relative_to(Path.cwd()):
         return str(Path(location).relative_to(Path.cwd()))
-    return location.rpartition("site-packages/")[2]
+    return location
 
 
 @dataclass
@@ -113,11 +146,13 @@ class Report:
         if len(self.steps) == 1:
             lines = [head] + _finding_lines(self.findings, "")
         else:
-            lines = [f"{head} in {len(self.steps)} steps of {self.target}"]
+            lines = wrapped(f"{head} in {len(self.steps)} steps of {self.target}", "")
             for step in self.steps:
                 lines.append(f"{step.name}: {step.summary()}")
                 lines += _finding_lines(step.findings, "  ")
-        return "\n".join(lines + self._evidence_lines() + [f"note: {note}" for note in self.notes])
+        notes = ([CPU_NOTE] if self.backend == "cpu" and any(f.severity == "error" for f in self.findings) else [])
+        notes += self.notes
+        return "\n".join(lines + self._evidence_lines() + [line for note in notes for line in wrapped(f"note: {note}", "")])
 
     def _evidence_lines(self) -> list[str]:
         """Each fired rule's evidence once, and where this audit ran."""
@@ -125,7 +160,7 @@ class Report:
         if not evidence:
             return []
         return ([f"evidence (from the rules' docs; this audit ran on {self.backend}, MLX {self.mlx_version}):"] +
-                [f"  {rule}: {text}" for rule, text in evidence.items()])
+                [line for rule, text in evidence.items() for line in wrapped(f"{rule}: {text}", "  ")])
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON form (docs/audit.md lists every field)."""
@@ -230,6 +265,7 @@ def _first_finding(site, graph: Graph, rules: list[Rule], backend: Backend, step
         return None
     rule = next(r for r in rules if r.name == decision.rule)
     operands = {k: graph.values[v] for k, v in site.operands.items() if v}
+    kernel_shapes, kernel_strides = _kernel_view(site.api, operands)
     return Finding(
         rule=rule.name, severity=rule.severity, op=site.api, location=site.where(), node=site.node,
         shapes={k: list(v.shape) for k, v in operands.items()},
@@ -238,4 +274,20 @@ def _first_finding(site, graph: Graph, rules: list[Rule], backend: Backend, step
         why=f"{rule.hazard}. Here: {decision.reason}",
         fix=f"mlxrewrite.compile rewrites it with '{decision.rewrite}' (rule {rule.name})",
         rewrite=decision.rewrite, evidence=rule_evidence(rule), step=step,
+        kernel_shapes=kernel_shapes, kernel_strides=kernel_strides,
     )
+
+
+def _kernel_view(api: str, operands: dict) -> tuple[dict[str, list[int]], dict[str, list[int]]]:
+    """Shapes and strides of the operands with their batch dims (all but the last two) broadcast together,
+    as a batched kernel reads them; as stored where the API does not broadcast or the shapes do not."""
+    shapes = {k: list(v.shape) for k, v in operands.items()}
+    strides = {k: list(v.strides) for k, v in operands.items()}
+    if api not in BROADCAST_APIS or any(len(s) < 2 for s in shapes.values()):
+        return shapes, strides
+    try:
+        batch = list(np.broadcast_shapes(*(tuple(s[:-2]) for s in shapes.values())))
+    except ValueError:
+        return shapes, strides
+    kernel = {k: batch + s[-2:] for k, s in shapes.items()}
+    return kernel, {k: list(broadcast_strides(shapes[k], strides[k], kernel[k])) for k in shapes}

@@ -32,6 +32,8 @@ LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
 INTERMEDIATE_KEYS = ("intermediate_size", "moe_intermediate_size", "shared_expert_intermediate_size")
 EXPERT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts")
 EXPERTS_PER_TOKEN_KEYS = ("num_experts_per_tok",)
+SIZE_KEYS = ("num_attention_heads", "num_key_value_heads", "head_dim", "hidden_size", "vocab_size", *LAYER_KEYS,
+             *INTERMEDIATE_KEYS, *EXPERT_KEYS, *EXPERTS_PER_TOKEN_KEYS)  # shrink_config does arithmetic on these
 
 
 FIX_NOTE = ("in mlx-lm, `mlxrewrite.mlx_lm.wrap(model)` (or `python -m mlxrewrite.mlx_lm generate ...`) applies "
@@ -68,12 +70,17 @@ def load_config(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"cannot read mlx-lm config {str(path)!r}: {error}") from error
     if not isinstance(config, dict) or "model_type" not in config:
         raise ConfigError(f"{path} is not an mlx-lm config: it has no 'model_type'")
+    for key in SIZE_KEYS:
+        value = config.get(key)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise ConfigError(f"{path}: {key!r} must be a positive integer, got {value!r}")
     return config
 
 
-def shrink_config(config: dict[str, Any], group_size: int = 64) -> dict[str, Any]:
+def shrink_config(config: dict[str, Any]) -> dict[str, Any]:
     """The same architecture, tiny: 2 layers, at most 2 KV heads with the same number of query heads per KV
-    head, head_dim capped at the quantization group, hidden = heads * head_dim, small MLP and vocabulary."""
+    head, the real head_dim (it decides the kernel route, e.g. on CUDA), hidden = heads * head_dim, small
+    MLP and vocabulary."""
     tiny = dict(config)
     heads = config.get("num_attention_heads")
     if heads:
@@ -81,7 +88,7 @@ def shrink_config(config: dict[str, Any], group_size: int = 64) -> dict[str, Any
         head_dim = config.get("head_dim") or config.get("hidden_size", heads) // heads
         tiny["num_key_value_heads"] = min(kv_heads, TINY_KV_HEADS)
         tiny["num_attention_heads"] = tiny["num_key_value_heads"] * (heads // kv_heads)
-        tiny["head_dim"] = min(head_dim, group_size)
+        tiny["head_dim"] = head_dim
         tiny["hidden_size"] = tiny["num_attention_heads"] * tiny["head_dim"]
     for key in INTERMEDIATE_KEYS:
         if key in config:
@@ -172,7 +179,7 @@ def config_cases(path: str | Path, options: Options) -> tuple[str, list[Case]]:
     """Read, shrink (unless full size), build and describe the model of `path`: (target, cases)."""
     config = load_config(path)
     if not options.full_size:
-        config = shrink_config(config, options.kv_group_size)
+        config = shrink_config(config)
     model = build_model(config, options.seed)
     cache = f"{options.kv_bits}-bit KV cache (group {options.kv_group_size})" if options.kv_bits else "float KV cache"
     return f"{config['model_type']} ({_size(config, options.full_size)}, random weights, {cache})", \

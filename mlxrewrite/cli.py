@@ -1,4 +1,7 @@
-"""Command line: `mlxrewrite example` runs the built-in GQA example; `mlxrewrite audit FILE.py:FUNC`."""
+"""Command line: `mlxrewrite example` runs a built-in example; `mlxrewrite audit FILE.py:FUNC`; `mlxrewrite doctor`.
+
+Exit status: 0 ok (audit: clean), 1 hazards found (audit), 2 a usage or environment error, told in one line
+on stderr (also a closed stdout, as in `mlxrewrite audit ... | head`)."""
 
 from __future__ import annotations
 
@@ -14,7 +17,9 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from .audit import Case, Report
 
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+PACKAGE = Path(__file__).resolve().parent
+EXAMPLES = PACKAGE / "examples"
+CONFIGS = PACKAGE / "configs"  # mlx-lm configs shipped for `audit --mlx-lm-config NAME`
 
 
 class UsageError(Exception):
@@ -68,15 +73,29 @@ def _audit_cases(args: argparse.Namespace) -> tuple[str, list["Case"], list[str]
         raise UsageError("give either FILE.py:FUNC or --mlx-lm-config CONFIG.json")
     if args.target is not None:
         return args.target, [_function_case(args.target, args.inputs)], []
+    if importlib.util.find_spec("mlx_lm") is None:
+        from .mlx_lm import MLX_LM_MISSING
+
+        raise UsageError(f"--mlx-lm-config: {MLX_LM_MISSING}")
     from .audit_mlx_lm import FIX_NOTE, ConfigError, Options, config_cases
 
     try:
         options = Options(kv_bits=args.kv_bits, kv_group_size=args.kv_group_size, batch=args.batch,
                           prompt_len=args.prompt_len, num_draft_tokens=args.num_draft_tokens,
                           full_size=args.full_size)
-        return (*config_cases(args.mlx_lm_config, options), [FIX_NOTE])
+        return (*config_cases(config_path(args.mlx_lm_config), options), [FIX_NOTE])
     except ConfigError as error:
         raise UsageError(str(error)) from error
+
+
+def config_path(name: str) -> Path:
+    """An mlx-lm config file, or the name of one shipped with mlxrewrite (`llama3_8b`: `CONFIGS/NAME.json`)."""
+    shipped = CONFIGS / f"{name}.json"
+    return Path(name) if Path(name).exists() or not shipped.is_file() else shipped
+
+
+def shipped_configs() -> list[str]:
+    return sorted(p.stem for p in CONFIGS.glob("*.json"))
 
 
 def _audit_case(case: "Case") -> "Report":
@@ -115,17 +134,13 @@ def _write_pictures(pictures: list[tuple[Path, str]], cases: list["Case"], repor
 def audit_command(args: argparse.Namespace) -> int:
     from .audit import Report
 
-    try:
-        pictures = _pictures(args)
-        target, cases, notes = _audit_cases(args)
-        report = Report.combine([_audit_case(case) for case in cases], target)
-        report.notes = notes if report.findings else []
-        print(report.to_json() if args.json else report)
-        if pictures:
-            _write_pictures(pictures, cases, report)
-    except UsageError as error:
-        print(f"mlxrewrite: {error}", file=sys.stderr)
-        return 2
+    pictures = _pictures(args)
+    target, cases, notes = _audit_cases(args)
+    report = Report.combine([_audit_case(case) for case in cases], target)
+    report.notes = notes if report.findings else []
+    print(report.to_json() if args.json else report)
+    if pictures:
+        _write_pictures(pictures, cases, report)
     return 0 if report.clean else 1
 
 
@@ -142,7 +157,8 @@ def _add_audit_parser(sub) -> None:
         audit.add_argument(f"--{fmt}", metavar="FILE", help=f"write a {fmt.upper()} picture: hazards in red, "
                            "the rewritten graph beside it")
     lm = audit.add_argument_group("mlx-lm models (random weights; no download)")
-    lm.add_argument("--mlx-lm-config", metavar="CONFIG.json", help="an mlx-lm config.json to build and audit")
+    lm.add_argument("--mlx-lm-config", metavar="CONFIG.json", help="an mlx-lm config.json to build and audit, or "
+                    f"the name of one shipped with mlxrewrite ({', '.join(shipped_configs())})")
     lm.add_argument("--kv-bits", type=int, choices=(2, 3, 4, 5, 6, 8), help="quantize the KV cache (as mlx-lm)")
     lm.add_argument("--kv-group-size", type=int, default=64, choices=(32, 64, 128))
     lm.add_argument("--batch", type=int, default=2, help="batch of the batched decode step (1: leave it out)")
@@ -170,26 +186,55 @@ def _add_doctor_parser(sub) -> None:
                         "what the cached profile measured and probes only the rest, if anything is left)")
 
 
+def _check_writable(path: str) -> None:
+    """Fail before a long run rather than after it: FILE must be creatable in an existing directory."""
+    target = Path(path)
+    if target.is_dir() or not target.parent.is_dir() or not os.access(target.parent, os.W_OK):
+        raise UsageError(f"cannot write {path!r}: {'it is a directory' if target.is_dir() else 'no writable directory'}")
+
+
+def _example(name: str) -> int:
+    path = EXAMPLES / f"{name}.py"
+    if name.startswith("_") or not path.is_file():
+        known = ", ".join(sorted(p.stem for p in EXAMPLES.glob("[!_]*.py")))
+        raise UsageError(f"no example {name!r}; built-in examples: {known}")
+    runpy.run_path(str(path), run_name="__main__")
+    return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.command == "doctor":
+        if args.out:
+            _check_writable(args.out)
+        from .doctor import command
+
+        return command(args)
+    if args.command == "example":
+        return _example(args.name)
+    return audit_command(args)
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="mlxrewrite", description=__doc__)
+    parser = argparse.ArgumentParser(prog="mlxrewrite", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     example = sub.add_parser("example", help="run a built-in example (default: gqa_quantized_attention)")
     example.add_argument("name", nargs="?", default="gqa_quantized_attention")
     _add_audit_parser(sub)
     _add_doctor_parser(sub)
     args = parser.parse_args(argv)
-    if args.command == "doctor":
-        from .doctor import command
-
-        return command(args)
-    if args.command == "example":
-        path = EXAMPLES / f"{args.name}.py"
-        if not path.exists():
-            print(f"mlxrewrite: no example {args.name!r} in {EXAMPLES}", file=sys.stderr)
-            return 2
-        runpy.run_path(str(path), run_name="__main__")
-        return 0
-    return audit_command(args)
+    try:
+        status = _run(args)
+        sys.stdout.flush()  # a closed pipe shows here, not at interpreter exit
+        return status
+    except UsageError as error:
+        first_line = str(error).partition("\n")[0]  # one line, always (MLX's messages can run to several)
+        print(f"mlxrewrite: {first_line}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing more can be written there
+        print("mlxrewrite: stdout was closed before the output ended", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -100,7 +100,9 @@ class ForwardPass:
         self.rewriter = rewriter
         self.backend = rewriter.backend()
         self.observer = observer
-        self.value_check = self.check if rewriter.check_values else None
+        checker = rewriter.check_values
+        self.value_check = (lambda array: checker(array, self)) if callable(checker) else \
+            (self.check if checker else None)
 
     def __call__(self, call: intercept.Call) -> mx.array:
         if self.observer is not None:
@@ -134,7 +136,9 @@ class EagerRewriter:
     per pass."""
 
     def __init__(self, rules: list[Rule] | None = None, disable: tuple[str, ...] | str = (),
-                 check_values: bool = False):
+                 check_values: bool | Callable[[mx.array, ForwardPass], ConstSummary | None] = False):
+        """`check_values`: True checks any operand a guard asks the values of, at run time; a function
+        `(array, forward_pass) -> summary | None` decides which (the mlx-lm wrapper: the cache's masks)."""
         self.rules = select_rules(rules, disable)
         self.check_values = check_values
         self._by_api: dict[str, list[Rule]] = {}

@@ -8,9 +8,10 @@ MLX at once. Tracing records calls; lowering applies rewrites.
 Where the dispatchers are visible: while any `handling()` context is open, MLX's own functions are
 replaced by them (`patch_mlx=True`, for tracing arbitrary user code); otherwise MLX is left untouched,
 so code outside mlxrewrite pays nothing. The mlx-lm wrapper runs on every token, so it takes a
-narrower route: `instrumented_mlx()` is a copy of the `mlx.core` namespace with the dispatchers in
+narrower route: `instrumented_mlx()` is a view of the `mlx.core` namespace with the dispatchers in
 place, which the wrapper gives to the model's own code modules (not to `mlx.nn`'s linear layers), and
-a `Gate` passes the calls no rule can rewrite straight through, judged on the raw arguments.
+a `Gate` passes the calls no rule can rewrite straight through, judged on the raw arguments. The view is
+live, not a snapshot: calls it does not hand to a handler go to what MLX's names hold at that moment.
 """
 
 from __future__ import annotations
@@ -57,6 +58,7 @@ _ORIGINALS: dict[str, Callable] = {name: getattr(spec.module, spec.attr) for nam
 _ACTIVE: contextvars.ContextVar["tuple[Callable[[Call], Any], Gate | None] | None"] = contextvars.ContextVar(
     "mlxrewrite_handler", default=None)
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+_EXAMPLES_DIR = os.path.join(_PACKAGE_DIR, "examples")  # user code, though shipped inside the package
 
 
 class Call:
@@ -115,7 +117,7 @@ class Call:
     def run_original(self, **overrides: Any) -> mx.array:
         """Call the unpatched MLX function, with some operands or parameters replaced."""
         if self._args is not None and not overrides:
-            return _ORIGINALS[self.api](*self._args, **self._kwargs)
+            return original(self.api)(*self._args, **self._kwargs)
         return _invoke(original(self.api), self.api, {**self.operands, **self.params, **overrides})
 
     def dispatch(self, **overrides: Any) -> mx.array:
@@ -172,19 +174,20 @@ def _invoke(fn: Callable, api: str, kwargs: dict[str, Any]) -> mx.array:
 
 
 def original(api: str) -> Callable:
-    """The real MLX function behind a dispatcher."""
-    return _ORIGINALS[api]
+    """The MLX function behind a dispatcher: what MLX's name holds now (someone's patch, such as a
+    `unittest.mock.patch`, included), or MLX's own function while the name holds the dispatcher."""
+    spec = APIS[api]
+    current = getattr(spec.module, spec.attr)
+    return _ORIGINALS[api] if current is _DISPATCHERS.get(api) else current
 
 
 def _make_dispatcher(spec: ApiSpec, real: Callable) -> Callable:
+    """The dispatcher of `spec`'s API; `real` is MLX's function (its name and docs)."""
     def dispatcher(*args: Any, **kwargs: Any) -> Any:
         active = _ACTIVE.get()
-        if active is None or "stream" in kwargs:
-            return real(*args, **kwargs)
-        handler, gate = active
-        if gate is not None and not gate.admits(spec, args, kwargs):
-            return real(*args, **kwargs)
-        return handler(Call.intercepted(spec, args, kwargs, _caller()))
+        if active is None or "stream" in kwargs or (active[1] is not None and not active[1].admits(spec, args, kwargs)):
+            return original(spec.name)(*args, **kwargs)
+        return active[0](Call.intercepted(spec, args, kwargs, _caller()))
 
     dispatcher.__name__ = spec.attr
     dispatcher.__doc__ = real.__doc__
@@ -225,27 +228,43 @@ class _MlxPatch:
 _PATCH = _MlxPatch()
 
 
+class _LiveView(types.ModuleType):
+    """A module that is `target` (every attribute looked up there at each use, so later patches of MLX, e.g.
+    `unittest.mock.patch("mlx.core.fast.scaled_dot_product_attention")`, are seen), except the names set
+    on the view itself: the dispatchers, and views of the submodules that hold them."""
+
+    def __init__(self, target: types.ModuleType):
+        super().__init__(target.__name__, target.__doc__)
+        self.__dict__["_mlxrewrite_target"] = target
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.__dict__["_mlxrewrite_target"], name)
+
+    def __dir__(self) -> list[str]:
+        return dir(self.__dict__["_mlxrewrite_target"])
+
+
 def instrumented_mlx() -> types.ModuleType:
-    """`mlx.core` with the intercepted APIs replaced by their dispatchers, for a code module to use as its
-    `mx` (a copy of the namespace, and of each submodule an API lives in, such as `mx.fast`)."""
-    return _instrumented_copies()[id(mx)]
+    """`mlx.core` as a code module that should reach the dispatchers sees it: a live view of it (and of
+    each submodule an API lives in, such as `mx.fast`) with the intercepted APIs replaced by their
+    dispatchers. A dispatcher with no handler of its context calls whatever MLX's name holds now, so
+    code using the view behaves as with `mlx.core` itself (unwrapped models of a wrapped architecture)."""
+    return _instrumented_views()[id(mx)]
 
 
 @functools.cache
-def _instrumented_copies() -> dict[int, types.ModuleType]:
-    """id of `mlx.core` and of each submodule holding an API -> its instrumented copy."""
-    copies: dict[int, types.ModuleType] = {}
+def _instrumented_views() -> dict[int, types.ModuleType]:
+    """id of `mlx.core` and of each submodule holding an API -> its view."""
+    views: dict[int, types.ModuleType] = {}
     for module in [mx] + [spec.module for spec in APIS.values()]:
-        if id(module) not in copies:
-            copies[id(module)] = types.ModuleType(module.__name__, module.__doc__)
-            vars(copies[id(module)]).update(vars(module))
-    core = copies[id(mx)]
-    for copy in copies.values():
-        if copy is not core:
-            setattr(core, copy.__name__.rsplit(".", 1)[-1], copy)
+        views.setdefault(id(module), _LiveView(module))
+    core = views[id(mx)]
+    for view in views.values():
+        if view is not core:
+            setattr(core, view.__name__.rsplit(".", 1)[-1], view)
     for name, spec in APIS.items():
-        setattr(copies[id(spec.module)], spec.attr, _DISPATCHERS[name])
-    return copies
+        setattr(views[id(spec.module)], spec.attr, _DISPATCHERS[name])
+    return views
 
 
 def bind(spec: ApiSpec, args: tuple, kwargs: dict) -> tuple[dict[str, mx.array | None], dict[str, Any]]:
@@ -262,7 +281,8 @@ def bind(spec: ApiSpec, args: tuple, kwargs: dict) -> tuple[dict[str, mx.array |
 def _caller() -> tuple[str, int] | None:
     """(file, line) of the nearest frame outside mlxrewrite: the user's call site."""
     frame = sys._getframe(2)
-    while frame is not None and frame.f_code.co_filename.startswith(_PACKAGE_DIR):
+    while frame is not None and frame.f_code.co_filename.startswith(_PACKAGE_DIR) \
+            and not frame.f_code.co_filename.startswith(_EXAMPLES_DIR):
         frame = frame.f_back
     return None if frame is None else (frame.f_code.co_filename, frame.f_lineno)
 
@@ -273,8 +293,8 @@ _INSTRUMENT_LOCK = threading.Lock()
 
 def instrument(module: types.ModuleType) -> None:
     """Let `module`'s code reach the dispatchers: its globals naming `mlx.core` (or `mlx.core.fast`) are
-    pointed at `instrumented_mlx()`'s copies. Counted: `release` undoes it when its last user lets go."""
-    copies = _instrumented_copies()
+    pointed at `instrumented_mlx()`'s views. Counted: `release` undoes it when its last user lets go."""
+    copies = _instrumented_views()
     with _INSTRUMENT_LOCK:
         users, saved = _INSTRUMENTED.get(module.__name__, (0, {}))
         if not users:

@@ -3,7 +3,6 @@
 import importlib.util
 import threading
 import warnings
-from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -12,14 +11,11 @@ import numpy as np
 import pytest
 
 import mlxrewrite
+from mlxrewrite.examples import gqa_quantized_attention as gqa
 from mlxrewrite import CallPattern, Decision, Decline, FallbackWarning, RewrittenFunction, Rule, SignatureError, \
     TraceError
 from mlxrewrite import rule as rule_module
 
-_spec = importlib.util.spec_from_file_location(
-    "gqa_quantized_attention", Path(__file__).resolve().parents[1] / "examples" / "gqa_quantized_attention.py")
-gqa = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(gqa)
 
 X = mx.arange(6, dtype=mx.float32).reshape(2, 3)
 Y = mx.ones((2, 3)) * 0.5

@@ -2,18 +2,15 @@
 
 import importlib.util
 import warnings
-from pathlib import Path
 
 import mlx.core as mx
 import pytest
 
 import mlxrewrite
+from mlxrewrite.examples import gqa_quantized_attention as gqa
 from mlxrewrite import CallPattern, Decision, Decline, Read, Rule
 from mlxrewrite.eager import EagerFallbackWarning
 
-spec = importlib.util.spec_from_file_location("gqa", Path(__file__).parent.parent / "examples/gqa_quantized_attention.py")
-gqa = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(gqa)
 
 
 def test_decisions_are_reused_across_kv_lengths():

@@ -4,20 +4,16 @@ raises (issue 15, items 4-8)."""
 
 import importlib.util
 import warnings
-from pathlib import Path
 
 import mlx.core as mx
 import pytest
 
 import mlxrewrite
+from mlxrewrite.examples import gqa_quantized_attention as gqa
 from mlxrewrite import CallPattern, Decision, FallbackWarning, Rule
 from mlxrewrite.eager import EagerFallbackWarning
 from mlxrewrite.guard import RuleError
 
-_spec = importlib.util.spec_from_file_location(
-    "gqa_quantized_attention", Path(__file__).resolve().parents[1] / "examples" / "gqa_quantized_attention.py")
-gqa = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(gqa)
 
 FOLD = "quantized-matmul-broadcast-weights -> fold"
 

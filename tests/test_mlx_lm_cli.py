@@ -42,6 +42,12 @@ def test_speculative_generate_with_a_draft_model(model_dir, capsys):
     assert "x: float32[1,2,2,4,64]" in err  # a 4-token verification pass went through the rule
 
 
+def test_a_model_that_cannot_be_loaded_is_one_line(tmp_path, capsys):
+    assert main(["generate", "--model", str(tmp_path / "none"), "--prompt", "w1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"mlxrewrite.mlx_lm: cannot load '{tmp_path / 'none'}'") and err.count("\n") == 1, err
+
+
 def test_usage_errors(capsys):
     assert main(["frobnicate"]) == 2
     assert "unknown command 'frobnicate'" in capsys.readouterr().err

@@ -331,10 +331,10 @@ def test_mha_model_decodes_through_the_wrapper_on_simulated_cuda(cuda, monkeypat
         shipped.setattr(mlx_lm_base, "mx", types.SimpleNamespace(**{**vars(mx), "quantized_matmul": cuda}))
         with pytest.raises(NoImplementation):
             mx.eval(teacher_forced(model, toks, 20, quantized_cache(), chunk=8))
-    monkeypatch.setitem(intercept._ORIGINALS, "quantized_matmul", cuda.real)
+    monkeypatch.setattr(mx, "quantized_matmul", cuda.real)
     exact = teacher_forced(model, toks, 20, quantized_cache(), chunk=8)  # the same cache, CPU kernels
     floating = teacher_forced(model, toks, 20, make_prompt_cache(model), chunk=8)
-    monkeypatch.setitem(intercept._ORIGINALS, "quantized_matmul", cuda)
+    monkeypatch.setattr(mx, "quantized_matmul", cuda)  # what the wrapper passes calls on to
     mrl.wrap(model, disable=FUSED)  # the safety net alone (the fused attention takes M <= 16 where verified)
     try:
         got = teacher_forced(model, toks, 20, quantized_cache(), chunk=8)  # chunked prefill, then 8 steps

@@ -1,12 +1,12 @@
 """quantized-matmul-broadcast-weights: matching, the rewrites (fold, copy, dequantize), numerics, audit, graphs."""
 
 import importlib.util
-from pathlib import Path
 
 import mlx.core as mx
 import pytest
 
 import mlxrewrite
+from mlxrewrite.examples import gqa_quantized_attention as gqa
 from mlxrewrite.decide import decide_site
 from mlxrewrite.audit import audit_graph
 from mlxrewrite.layout import is_dense, stride0_batch_dims
@@ -17,10 +17,6 @@ from mlxrewrite.rules import qmm_dispatch, quantized_matmul_broadcast as qmb
 NAME = qmb.NAME
 CPU = Backend("cpu")
 
-_spec = importlib.util.spec_from_file_location(
-    "gqa_quantized_attention", Path(__file__).resolve().parents[1] / "examples" / "gqa_quantized_attention.py")
-gqa = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(gqa)
 
 
 # ---- helpers --------------------------------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """Random-weight mlx-lm models, built offline from a config (no weights can be downloaded here).
 
 `build(config)` builds any architecture mlx-lm ships from an mlx-lm style config dict; `tiny(name)`
-gives small GQA configs of the architectures the tests cover. head_dim is 64 everywhere so that the
+gives small GQA configs of the architectures the tests cover; `save_tiny(path)` writes a model directory
+that `mlx_lm.load(path)` (and `python -m mlxrewrite.mlx_lm generate --model path`) loads. head_dim is 64 everywhere so that the
 default `kv_group_size=64` applies.
 """
 
@@ -51,20 +52,31 @@ def tiny(name: str, dtype: mx.Dtype = mx.float32, seed: int = 0, **overrides: An
     return build({**TINY_CONFIGS[name], **overrides}, dtype, seed)
 
 
+def save(path: str | Path, config: dict[str, Any], tokenizer: Any, bits: int | None = None) -> Path:
+    """Write a loadable mlx-lm model directory (`mlx_lm.load(path)` works offline): a random model of
+    `config`, its weights quantized to `bits` (group 64) when given, and `tokenizer` (a transformers
+    tokenizer, saved with `save_pretrained`)."""
+    from mlx_lm.utils import quantize_model, save_config, save_model
+
+    path = Path(path)
+    model = build(config)
+    if bits is not None:
+        model, config = quantize_model(model, dict(config), group_size=64, bits=bits)
+    save_model(path, model)
+    save_config(dict(config), path / "config.json")
+    tokenizer.save_pretrained(path)
+    return path
+
+
 def save_tiny(path: str | Path, name: str = "llama", **overrides: Any) -> Path:
-    """Write a loadable mlx-lm model directory (`mlx_lm.load(path)` works offline): a tiny random model
-    of `name` and a word-level tokenizer whose tokens are "w1".."w255" (id 0 is [UNK], "w255" is EOS)."""
-    from mlx_lm.utils import save_config, save_model
+    """`save` a tiny random model of `name` with a word-level tokenizer whose tokens are "w1".."w255"
+    (id 0 is [UNK], "w255" is EOS)."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    path = Path(path)
     config = {**TINY_CONFIGS[name], **overrides}
-    save_model(path, build(config))
-    save_config(dict(config), path / "config.json")
     vocab = {"[UNK]": 0, **{f"w{i}": i for i in range(1, config["vocab_size"])}}
     tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
     tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
     eos = f"w{config['vocab_size'] - 1}"
-    PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=eos, unk_token="[UNK]").save_pretrained(path)
-    return path
+    return save(path, config, PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=eos, unk_token="[UNK]"))

@@ -1,6 +1,6 @@
 """The GQA quantized-KV attention of mlx-lm (8-bit keys, 4-bit values), before and after mlxrewrite.
 
-Run: python examples/gqa_quantized_attention.py
+Run: mlxrewrite example gqa_quantized_attention
 Shows the audit of the original function, what the rewrite did (explain), the audit of the result, and
 the error of both against the dequantize-then-float reference.
 """

@@ -1,6 +1,6 @@
 """SDPA with masks like mlx-lm's batched cache builds: which ones mlxrewrite drops, which it keeps.
 
-Run: python examples/batched_mask_attention.py
+Run: mlxrewrite example batched_mask_attention
 A constant all-True (bool) or all-zero (additive) mask is dropped: the output equals mask=None. A causal
 mask, a partly-False mask and a mask built from an input are kept: the output is mx.compile's, bitwise.
 """
