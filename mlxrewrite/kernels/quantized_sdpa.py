@@ -39,6 +39,12 @@ def _use_cuda() -> bool:
     return _cuda_available() and mx.default_device() == mx.gpu
 
 
+@lru_cache(maxsize=8)
+def _lowest(dtype: mx.Dtype) -> float:
+    """mlx-lm's fill for masked scores: the dtype's finite minimum (a fully masked row averages V)."""
+    return float(mx.finfo(dtype).min)
+
+
 @lru_cache(maxsize=256)
 def _params(scale: float, fill: float, chunk: int) -> mx.array:
     """The kernel's float scalars, one cached array per distinct value set (no per-call array creation)."""
@@ -76,7 +82,7 @@ def quantized_sdpa(q: mx.array, k: Quantized, v: Quantized, *, scale: float, gro
     N = k[0].shape[2]
     chunk = split or chunk_size(N)
     if fill is None:
-        fill = float(mx.finfo(q.dtype).min)
+        fill = _lowest(q.dtype)
     if impl == "reference":
         return reference(q, k, v, scale=scale, group_size=group_size, bits=bits, mask=mask, fill=fill,
                          sinks=sinks, chunk=chunk)

@@ -24,7 +24,7 @@ import mlx.core as mx
 
 THREADS = 256
 ROWS_PER_BLOCK = 8  # n_rep * MBMAX <= this (or n_rep alone above 8): bounds the accumulators at 32 floats
-_V_REGION = 8192  # floats: one tile of dequantized V, reused for the end-of-chunk reduction
+_V_REGION = 9216  # floats: one tile of dequantized V (TK x 36 x D/32), reused for the end-of-chunk reduction
 
 HEADER = r"""
 namespace qsdpa {
@@ -41,6 +41,7 @@ template <int D> struct Geo {
   static constexpr int NPP = NPART <= 1 ? 1 : NPART <= 2 ? 2 : NPART <= 4 ? 4 : 8;  // lanes per key
   static constexpr int TK = THREADS / NPP;                // keys per tile
   static constexpr int QROW = 32 * NPP;                   // floats of one query row in shared memory
+  static constexpr int VROW = 36 * NPART;                 // floats of one V row: parts padded to 36 (banks)
 };
 
 // P.V: thread (ks, dg) owns DPT columns of every row over KPT consecutive keys of each tile. All of it
@@ -107,8 +108,8 @@ __device__ void split(
   constexpr int TK = G::TK, NPP = G::NPP, NPART = G::NPART;
 
   extern __shared__ float4 smem4[];
-  float* vsm = reinterpret_cast<float*>(smem4);           // [TK][D] dequantized V, later [KS][RB][D]
-  float* qsm = vsm + 8192;                                 // [RB][8][NPP][4] scaled q
+  float* vsm = reinterpret_cast<float*>(smem4);           // [TK][VROW] dequantized V, later [KS][RB][D]
+  float* qsm = vsm + 9216;                                 // [RB][8][NPP][4] scaled q
   float* ssm = qsm + RB * G::QROW;                         // [RB][TK] scores, then probabilities
   float* qsum = ssm + RB * TK;                             // [RB][NPP] sum of q over each part
   float* m_sm = qsum + RB * NPP;
@@ -191,7 +192,7 @@ __device__ void split(
     const bool kv_ok = p < NPART && n < n1;
     float kf[32];
     if (p < NPART) {  // V goes to shared memory (shared by all rows), K stays in registers
-      float4* dst = reinterpret_cast<float4*>(vsm + j * D + p * 32);
+      float4* dst = reinterpret_cast<float4*>(vsm + j * G::VROW + p * 36);
       if (kv_ok) {
         unpack<BITS>(vr, kf);
 #pragma unroll
@@ -212,20 +213,10 @@ __device__ void split(
     const float kscale = ksc, kbias = kbi;
     if (t0 + TK < n1) fetch(t0 + TK);  // next tile's loads fly while this one is computed
 
-    // scores: q . (s w + b) = s (q . w) + b sum(q), per 32-element part, then a fixed shuffle tree
+    // scores: q . (s w + b) = s (q . w) + b sum(q), per 32-element part, then a fixed shuffle tree.
+    // Two rows per pass: two independent FMA chains, each row's own sequence unchanged.
     const float4* q4 = reinterpret_cast<const float4*>(qsm);
-#pragma unroll
-    for (int r = 0; r < RB; ++r) {
-      if (r >= rv) break;  // uniform over the block
-      float s = 0.f;
-#pragma unroll
-      for (int i4 = 0; i4 < 8; ++i4) {
-        const float4 qv = q4[(r * 8 + i4) * NPP + p];
-        s = fmaf(qv.x, kf[4 * i4], s);
-        s = fmaf(qv.y, kf[4 * i4 + 1], s);
-        s = fmaf(qv.z, kf[4 * i4 + 2], s);
-        s = fmaf(qv.w, kf[4 * i4 + 3], s);
-      }
+    auto emit = [&](int r, float s) {
       s = fmaf(kbias, qsum[r * NPP + p], s * kscale);
 #pragma unroll
       for (int off = 1; off < NPP; off <<= 1) s += __shfl_xor_sync(0xffffffffu, s, off);
@@ -241,6 +232,25 @@ __device__ void split(
         }
         ssm[r * TK + j] = s;
       }
+    };
+#pragma unroll 1
+    for (int r = 0; r < rv; r += 2) {  // rv is uniform over the block
+      const int r1 = r + 1 < rv ? r + 1 : r;
+      float s0 = 0.f, s1 = 0.f;
+#pragma unroll
+      for (int i4 = 0; i4 < 8; ++i4) {
+        const float4 qa = q4[(r * 8 + i4) * NPP + p], qb = q4[(r1 * 8 + i4) * NPP + p];
+        s0 = fmaf(qa.x, kf[4 * i4], s0);
+        s1 = fmaf(qb.x, kf[4 * i4], s1);
+        s0 = fmaf(qa.y, kf[4 * i4 + 1], s0);
+        s1 = fmaf(qb.y, kf[4 * i4 + 1], s1);
+        s0 = fmaf(qa.z, kf[4 * i4 + 2], s0);
+        s1 = fmaf(qb.z, kf[4 * i4 + 2], s1);
+        s0 = fmaf(qa.w, kf[4 * i4 + 3], s0);
+        s1 = fmaf(qb.w, kf[4 * i4 + 3], s1);
+      }
+      emit(r, s0);
+      if (r1 != r) emit(r1, s1);
     }
     __syncthreads();
 
@@ -289,7 +299,8 @@ __device__ void split(
 #pragma unroll
         for (int k = 0; k < 4; ++k) {
           float v[P::DPT];
-          const float* vp = vsm + (j0 + jq + k) * D + pdg * P::DPT;
+          const int d0 = pdg * P::DPT;
+          const float* vp = vsm + (j0 + jq + k) * G::VROW + (d0 / 32) * 36 + d0 % 32;
           if constexpr (P::DPT == 4) {
             const float4 t = *reinterpret_cast<const float4*>(vp);
             v[0] = t.x; v[1] = t.y; v[2] = t.z; v[3] = t.w;
@@ -379,6 +390,15 @@ _KV_NAMES = ["kw", "ks", "kb", "vw", "vs", "vb"]
 MASK_NONE, MASK_BOOL, MASK_ADD, MASK_CAUSAL = 0, 1, 2, 3
 
 
+def _compact(source: str) -> str:
+    """The header without comments and indentation: MLX copies and hashes the whole source on every call."""
+    lines = (line.split("//")[0].strip() for line in source.splitlines())
+    return "\n".join(line for line in lines if line)
+
+
+_HEADER = _compact(HEADER)
+
+
 @lru_cache(maxsize=None)
 def _split_kernel(array_mask: bool, shared_memory: int) -> Any:
     """One kernel object per (mask input present, dynamic shared memory size): built on first CUDA use."""
@@ -386,7 +406,7 @@ def _split_kernel(array_mask: bool, shared_memory: int) -> Any:
     return mx.fast.cuda_kernel(
         name="qsdpa_split", input_names=names, output_names=["po", "pml"],
         source=_SPLIT_CALL.format(mask=_ARRAY_MASK if array_mask else _NO_MASK),
-        header=HEADER, ensure_row_contiguous=False, shared_memory=shared_memory)
+        header=_HEADER, ensure_row_contiguous=False, shared_memory=shared_memory)
 
 
 @lru_cache(maxsize=None)
@@ -396,7 +416,7 @@ def _combine_kernel(sinks: bool) -> Any:
     return mx.fast.cuda_kernel(
         name="qsdpa_combine", input_names=names, output_names=["out"],
         source=f"qsdpa::combine<T, ST, D, SINKS>(po, po_shape, pml, {arg}, out);",
-        header=HEADER, ensure_row_contiguous=False)
+        header=_HEADER, ensure_row_contiguous=False)
 
 
 def geometry(D: int, n_rep: int, M: int) -> tuple[int, int, int]:
