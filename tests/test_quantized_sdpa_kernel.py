@@ -116,3 +116,7 @@ def test_chunking_depends_on_n_only_and_rejects_bad_input():
         quantized_sdpa(q, k, v, scale=1.0, group_size=64, bits=4)  # packed width says 8 bits
     with pytest.raises(ValueError):
         quantized_sdpa(q, k, v, scale=1.0, group_size=64, bits=8, impl="metal")
+    with pytest.raises(ValueError):  # the kernel indexes the mask by N: a wrong length must not reach it
+        quantized_sdpa(q, k, v, scale=1.0, group_size=64, bits=8, mask=mx.ones((1, 9), dtype=mx.bool_))
+    with pytest.raises(ValueError):
+        quantized_sdpa(q, k, v, scale=1.0, group_size=64, bits=8, sinks=mx.zeros((2,)))

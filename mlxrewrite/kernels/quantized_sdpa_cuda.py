@@ -438,10 +438,9 @@ def shared_bytes(D: int, n_rep: int, M: int) -> int:
     return 4 * floats + 8 * rb
 
 
-@lru_cache(maxsize=4096)
 def plan(B: int, Hq: int, Hkv: int, M: int, D: int, N: int, chunk: int, bits: int, group_size: int,
          dtype: mx.Dtype, mask_kind: int, mask_dtype: mx.Dtype | None, sinks_dtype: mx.Dtype | None) -> tuple:
-    """Everything about a launch that depends only on shapes and dtypes, computed once per shape."""
+    """Everything about a launch that depends only on shapes and dtypes (the caller caches it per shape)."""
     n_rep = Hq // Hkv
     _, mbmax, mbe = geometry(D, n_rep, M)
     nc = -(-N // chunk)
