@@ -6,37 +6,8 @@ The CUDA kernel runs the same algorithm; bench/gpu_fused_attention.py checks it 
 import mlx.core as mx
 import pytest
 
+from bench.gpu_fused_attention import cache, dense
 from mlxrewrite.kernels import chunk_size, quantized_sdpa
-
-
-def _cache(B, Hkv, N, D, bits, gs, key, alloc=None):
-    """Quantized K and V as mlx-lm hands them: views `[..., :N, :]` of a larger buffer."""
-    n_alloc = alloc or N
-    kk, kv = mx.random.split(key)
-    k = mx.quantize(mx.random.normal((B, Hkv, n_alloc, D), key=kk), group_size=gs, bits=bits)
-    v = mx.quantize(mx.random.normal((B, Hkv, n_alloc, D), key=kv), group_size=gs, bits=bits)
-    return tuple(x[..., :N, :] for x in k), tuple(x[..., :N, :] for x in v)
-
-
-def _dense(q, k, v, *, scale, gs, bits, mask=None, fill=None, sinks=None):
-    """Dequantize, then plain float32 softmax attention with mlx-lm's mask semantics."""
-    B, Hq, M, D = q.shape
-    kd = mx.dequantize(*k, group_size=gs, bits=bits)
-    vd = mx.dequantize(*v, group_size=gs, bits=bits)
-    rep = Hq // kd.shape[1]
-    kd, vd = mx.repeat(kd, rep, axis=1), mx.repeat(vd, rep, axis=1)
-    s = (q * scale) @ kd.swapaxes(-1, -2)
-    if isinstance(mask, str):
-        N = kd.shape[2]
-        mask = mx.arange(N - M, N)[:, None] >= mx.arange(N)[None]
-    if mask is not None:
-        s = mx.where(mask, s, fill if fill is not None else mx.finfo(q.dtype).min) if mask.dtype == mx.bool_ else s + mask
-    if sinks is not None:
-        sk = mx.broadcast_to(sinks.reshape(1, Hq, 1, 1), (B, Hq, M, 1))
-        p = mx.softmax(mx.concatenate([sk, s], axis=-1), axis=-1, precise=True)[..., 1:]
-    else:
-        p = mx.softmax(s, axis=-1, precise=True)
-    return p @ vd
 
 
 def _close(a, b, tol=2e-5):
@@ -55,32 +26,31 @@ GRID = [  # B, Hq, Hkv, M, N, D, bits, gs, split
 @pytest.mark.parametrize("B,Hq,Hkv,M,N,D,bits,gs,split", GRID)
 @pytest.mark.parametrize("mask_kind", ["none", "bool", "additive", "causal"])
 def test_reference_matches_dense(B, Hq, Hkv, M, N, D, bits, gs, split, mask_kind):
-    key = mx.random.key(N * 7 + M)
-    kq, kc, km = mx.random.split(key, 3)
-    q = mx.random.normal((B, Hq, M, D), key=kq)
-    k, v = _cache(B, Hkv, N, D, bits, gs, kc, alloc=N + 37)
+    mx.random.seed(N * 7 + M)
+    q = mx.random.normal((B, Hq, M, D))
+    k, v = cache(B, Hkv, N, D, bits, gs, mx.float32)  # views of a 256-step buffer, as mlx-lm's cache
     mask = {
         "none": None,
         "causal": "causal",
-        "bool": mx.random.uniform(key=km, shape=(B, 1, M, N)) > 0.3,  # broadcast over heads
-        "additive": mx.random.normal((1, Hq, M, N), key=km) * 2.0,
+        "bool": mx.random.uniform(shape=(B, 1, M, N)) > 0.3,  # broadcast over heads
+        "additive": mx.random.normal((1, Hq, M, N)) * 2.0,
     }[mask_kind]
     scale = D**-0.5
     out = quantized_sdpa(q, k, v, scale=scale, group_size=gs, bits=bits, mask=mask, split=split, impl="reference")
     assert out.shape == (B, Hq, M, D) and out.dtype == q.dtype
-    _close(out, _dense(q, k, v, scale=scale, gs=gs, bits=bits, mask=mask))
+    _close(out, dense(q, k, v, scale=scale, gs=gs, bits=bits, mask=mask))
 
 
 def test_fully_masked_row_is_the_uniform_average_and_sinks_join_the_denominator():
-    kq, kc, ks = mx.random.split(mx.random.key(3), 3)
-    q = mx.random.normal((1, 4, 2, 64), key=kq)
-    k, v = _cache(1, 2, 700, 64, 8, 64, kc)
+    mx.random.seed(3)
+    q = mx.random.normal((1, 4, 2, 64))
+    k, v = cache(1, 2, 700, 64, 8, 64, mx.float32)
     mask = mx.ones((1, 1, 2, 700), dtype=mx.bool_)
     mask[..., 1, :] = False  # row 1 sees nothing: mlx-lm's finite fill gives the mean of V
-    sinks = mx.random.normal((4,), key=ks)
+    sinks = mx.random.normal((4,))
     kw = dict(scale=0.125, group_size=64, bits=8)
     out = quantized_sdpa(q, k, v, mask=mask, sinks=sinks, split=256, impl="reference", **kw)
-    _close(out, _dense(q, k, v, gs=64, bits=8, mask=mask, sinks=sinks, scale=0.125))
+    _close(out, dense(q, k, v, gs=64, bits=8, mask=mask, sinks=sinks, scale=0.125))
     plain = quantized_sdpa(q, k, v, mask=mask, split=256, impl="reference", **kw)
     vd = mx.dequantize(*v, group_size=64, bits=8)
     _close(plain[:, :, 1], mx.repeat(vd.mean(axis=2), 2, axis=1))
@@ -90,10 +60,10 @@ def test_fully_masked_row_is_the_uniform_average_and_sinks_join_the_denominator(
 def test_reference_rows_are_bitwise_m_invariant(Hq, Hkv, D, bits, mask_kind):
     """Row i of a verification pass of M rows equals decoding row i alone (bitwise), for M = 2..16."""
     N = 1000
-    kq, kc, km = mx.random.split(mx.random.key(11), 3)
-    k, v = _cache(1, Hkv, N, D, bits, 64, kc)
-    q16 = mx.random.normal((1, Hq, 16, D), key=kq)
-    full_mask = mx.random.uniform(key=km, shape=(1, 1, 16, N)) > 0.2
+    mx.random.seed(11)
+    k, v = cache(1, Hkv, N, D, bits, 64, mx.float32)
+    q16 = mx.random.normal((1, Hq, 16, D))
+    full_mask = mx.random.uniform(shape=(1, 1, 16, N)) > 0.2
     kw = dict(scale=D**-0.5, group_size=64, bits=bits, impl="reference")
     for M in (2, 5, 16):
         q = q16[:, :, :M]
@@ -111,8 +81,12 @@ def test_chunking_depends_on_n_only_and_rejects_bad_input():
     assert chunk_size(1) == chunk_size(16384) == 256
     assert chunk_size(32768) == 512 and chunk_size(131072) == 2048 and chunk_size(32769) % 256 == 0
     q = mx.zeros((1, 4, 1, 64))
-    k, v = _cache(1, 2, 10, 64, 8, 64, mx.random.key(0))
+    k, v = cache(1, 2, 10, 64, 8, 64, mx.float32)
     with pytest.raises(ValueError):
         quantized_sdpa(q, k, v, scale=1.0, group_size=64, bits=4)  # packed width says 8 bits
     with pytest.raises(ValueError):
         quantized_sdpa(q, k, v, scale=1.0, group_size=64, bits=8, impl="metal")
+    with pytest.raises(ValueError):  # the kernel indexes the mask by N: a wrong length must not reach it
+        quantized_sdpa(q, k, v, scale=1.0, group_size=64, bits=8, mask=mx.ones((1, 9), dtype=mx.bool_))
+    with pytest.raises(ValueError):
+        quantized_sdpa(q, k, v, scale=1.0, group_size=64, bits=8, sinks=mx.zeros((2,)))

@@ -19,6 +19,7 @@ from . import quantized_sdpa_cuda as cuda
 
 Quantized = Sequence[mx.array]  # (packed uint32 weights, scales, biases)
 Mask = mx.array | str | None
+Shape = tuple[int, ...]
 
 _TARGET_CHUNKS = 64
 _CHUNK_QUANTUM = 256  # a multiple of every tile size of the CUDA kernel (32, 64, 128 keys)
@@ -39,20 +40,44 @@ def _use_cuda() -> bool:
     return _cuda_available() and mx.default_device() == mx.gpu
 
 
+@lru_cache(maxsize=8)
+def _lowest(dtype: mx.Dtype) -> float:
+    """mlx-lm's fill for masked scores: the dtype's finite minimum (a fully masked row averages V)."""
+    return float(mx.finfo(dtype).min)
+
+
 @lru_cache(maxsize=256)
 def _params(scale: float, fill: float, chunk: int) -> mx.array:
     """The kernel's float scalars, one cached array per distinct value set (no per-call array creation)."""
     return mx.array([scale, fill, float(chunk)], dtype=mx.float32)
 
 
-def _check(q: mx.array, k: Quantized, v: Quantized, group_size: int, bits: int) -> None:
-    D = q.shape[-1]
+def _check(q: Shape, k: Shape, v: Shape, group_size: int, bits: int, mask: Shape | None = None,
+           sinks: Shape | None = None) -> None:
+    """Shapes the algorithm (and the kernel's indexing) relies on; raises ValueError otherwise."""
+    D = q[-1]
     if bits not in (4, 8) or group_size not in (32, 64, 128) or D % group_size or D % 32:
         raise ValueError(f"quantized_sdpa: unsupported bits={bits}, group_size={group_size}, head dim {D}")
-    if q.ndim != 4 or k[0].shape != v[0].shape or k[0].shape[-1] * 32 // bits != D:
-        raise ValueError(f"quantized_sdpa: shapes q {q.shape}, k {k[0].shape}, v {v[0].shape} do not fit bits={bits}")
-    if q.shape[1] % k[0].shape[1] or q.shape[0] != k[0].shape[0]:
-        raise ValueError(f"quantized_sdpa: {q.shape[1]} query heads over {k[0].shape[1]} kv heads")
+    if len(q) != 4 or len(k) != 4 or k != v or k[-1] * 32 // bits != D or q[1] % k[1] or q[0] != k[0]:
+        raise ValueError(f"quantized_sdpa: shapes q {q}, k {k}, v {v} do not fit bits={bits}")
+    full = (q[0], q[1], q[2], k[2])
+    if mask is not None and (len(mask) != 4 or any(m not in (1, f) for m, f in zip(mask, full))):
+        raise ValueError(f"quantized_sdpa: mask of shape {mask} does not broadcast to {full}")
+    if sinks is not None and sinks != (q[1],):
+        raise ValueError(f"quantized_sdpa: sinks of shape {sinks}, expected ({q[1]},)")
+
+
+@lru_cache(maxsize=4096)
+def _cuda_plan(q: Shape, k: Shape, v: Shape, dtype: mx.Dtype, group_size: int, bits: int, split: int | None,
+               kind: int, mask: Shape | None, mask_dtype: mx.Dtype | None, sinks: Shape | None,
+               sinks_dtype: mx.Dtype | None) -> tuple[tuple, int]:
+    """Validation and launch parameters, once per shape: a decode step then costs two kernel calls."""
+    _check(q, k, v, group_size, bits, mask, sinks)
+    chunk = split or chunk_size(k[2])
+    if chunk % _CHUNK_QUANTUM:
+        raise ValueError(f"quantized_sdpa: split must be a multiple of {_CHUNK_QUANTUM} on CUDA, not {chunk}")
+    B, Hq, M, D = q
+    return cuda.plan(B, Hq, k[1], M, D, k[2], chunk, bits, group_size, dtype, kind, mask_dtype, sinks_dtype), chunk
 
 
 def _as_4d(mask: mx.array) -> mx.array:
@@ -72,30 +97,28 @@ def quantized_sdpa(q: mx.array, k: Quantized, v: Quantized, *, scale: float, gro
     """
     if impl == "auto":
         impl = "cuda" if _use_cuda() else "reference"
-    _check(q, k, v, group_size, bits)
-    N = k[0].shape[2]
-    chunk = split or chunk_size(N)
     if fill is None:
-        fill = float(mx.finfo(q.dtype).min)
+        fill = _lowest(q.dtype)
     if impl == "reference":
+        mshape = None if mask is None or isinstance(mask, str) else _as_4d(mask).shape
+        _check(q.shape, k[0].shape, v[0].shape, group_size, bits, mshape, None if sinks is None else sinks.shape)
         return reference(q, k, v, scale=scale, group_size=group_size, bits=bits, mask=mask, fill=fill,
-                         sinks=sinks, chunk=chunk)
+                         sinks=sinks, chunk=split or chunk_size(k[0].shape[2]))
     if impl != "cuda":
         raise ValueError(f"quantized_sdpa: impl must be 'auto', 'cuda' or 'reference', not {impl!r}")
-    if chunk % _CHUNK_QUANTUM:
-        raise ValueError(f"quantized_sdpa: split must be a multiple of {_CHUNK_QUANTUM} on CUDA, not {chunk}")
-    if isinstance(mask, str):
+    if mask is None:
+        kind, mask_arr = cuda.MASK_NONE, None
+    elif isinstance(mask, str):
         if mask != "causal":
             raise ValueError(f"quantized_sdpa: unknown mask {mask!r}")
         kind, mask_arr = cuda.MASK_CAUSAL, None
-    elif mask is None:
-        kind, mask_arr = cuda.MASK_NONE, None
     else:
         mask_arr = _as_4d(mask)
         kind = cuda.MASK_BOOL if mask.dtype == mx.bool_ else cuda.MASK_ADD
-    B, Hq, M, D = q.shape
-    plan = cuda.plan(B, Hq, k[0].shape[1], M, D, N, chunk, bits, group_size, q.dtype, kind,
-                     None if mask_arr is None else mask_arr.dtype, None if sinks is None else sinks.dtype)
+    plan, chunk = _cuda_plan(
+        q.shape, k[0].shape, v[0].shape, q.dtype, group_size, bits, split, kind,
+        None if mask_arr is None else mask_arr.shape, None if mask_arr is None else mask_arr.dtype,
+        None if sinks is None else sinks.shape, None if sinks is None else sinks.dtype)
     return cuda.launch(plan, q, k, v, mask_arr, _params(float(scale), float(fill), chunk), sinks)
 
 

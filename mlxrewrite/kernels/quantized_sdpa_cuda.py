@@ -5,8 +5,9 @@ from HBM once (16-byte loads, the next tile's loads in flight while the current 
 every query row of that kv head in the block; it writes float32 (max, sum, unnormalised output) per row and
 chunk. `combine`: one block per query row merges the chunks in a fixed order and adds the sinks.
 
-M-invariance: a block holds the rows of `MB` query positions x all `n_rep` heads, with `MB` fixed by n_rep
-alone, and the chunk size depends on N alone, so every instruction that touches a row's numbers is the same
+M-invariance: the chunk size depends on N alone and every per-row choice (tile, shuffle tree, which keys a
+thread sums in P.V, the order the key subsets are added) depends on D and n_rep alone; M only sets how many
+rows a block holds (MBE positions x n_rep heads), so every instruction that touches a row's numbers is the same
 whatever M is (explicit fmaf everywhere, fixed reduction trees). A row decoded alone and the same row inside
 a verification pass of M = 2..16 give bitwise equal outputs.
 
@@ -22,8 +23,8 @@ from typing import Any, Sequence
 import mlx.core as mx
 
 THREADS = 256
-ROWS_PER_BLOCK = 16  # n_rep * MB <= this: bounds the per-thread accumulators at 32 floats
-_V_REGION = 8192  # floats: one tile of dequantized V, reused for the end-of-chunk reduction
+ROWS_PER_BLOCK = 8  # n_rep * MBMAX <= this (or n_rep alone above 8): bounds the accumulators at 32 floats
+_V_REGION = 9216  # floats: one tile of dequantized V (TK x 36 x D/32), reused for the end-of-chunk reduction
 
 HEADER = r"""
 namespace qsdpa {
@@ -33,20 +34,24 @@ using Strides = mlx::core::cu::Strides;
 
 constexpr int THREADS = 256;
 constexpr float NEG_INF = -cuda::std::numeric_limits<float>::infinity();
+constexpr float MAGIC = 8388608.f;  // 2^23: 0x4B000000 | u is the float 2^23 + u for u < 2^23
 
 template <int D> struct Geo {
   static constexpr int NPART = D / 32;                    // 32-element parts of a row
   static constexpr int NPP = NPART <= 1 ? 1 : NPART <= 2 ? 2 : NPART <= 4 ? 4 : 8;  // lanes per key
   static constexpr int TK = THREADS / NPP;                // keys per tile
   static constexpr int QROW = 32 * NPP;                   // floats of one query row in shared memory
+  static constexpr int VROW = 36 * NPART;                 // floats of one V row: parts padded to 36 (banks)
 };
 
-template <int D, int RB> struct PVGeo {
-  static constexpr int RS = (RB + 7) / 8;                 // row subgroups
-  static constexpr int RPT = (RB + RS - 1) / RS;          // rows per thread (<= 8)
-  static constexpr int NDG = D / 4;                       // float4 column groups
-  static constexpr int KS = THREADS / (NDG * RS);         // key subsets (fixed per D and RB, never per M)
-  static constexpr int ACTIVE = KS * RS * NDG;
+// P.V: thread (ks, dg) owns DPT columns of every row over KPT consecutive keys of each tile. All of it
+// depends on D and RBMAX (n_rep), never on M, so a row's summation order is the same whatever M is.
+template <int D, int RBMAX> struct PVGeo {
+  static constexpr int KPT = RBMAX <= 8 ? 8 : 16;
+  static constexpr int DPT = RBMAX <= 8 ? 4 : 2;
+  static constexpr int KS = Geo<D>::TK / KPT;
+  static constexpr int NDG = D / DPT;
+  static constexpr int ACTIVE = KS * NDG;
 };
 
 template <typename T> __device__ __forceinline__ float to_f(T x) { return static_cast<float>(x); }
@@ -61,18 +66,24 @@ __device__ __forceinline__ void load_raw(const uint32_t* row, int part, Raw<BITS
   for (int i = 0; i < BITS / 4; ++i) r.w[i] = __ldg(src + i);
 }
 
+// The 32 quantized integers as exact floats: one PRMT/LOP3 and one FADD each.
 template <int BITS>
-__device__ __forceinline__ void dequant(const Raw<BITS>& r, float s, float b, float (&out)[32]) {
-  constexpr int PER = 32 / BITS;             // elements per word
-  constexpr uint32_t MASKV = (1u << BITS) - 1u;
+__device__ __forceinline__ void unpack(const Raw<BITS>& r, float (&out)[32]) {
 #pragma unroll
   for (int i = 0; i < BITS / 4; ++i) {
     const uint32_t w4[4] = {r.w[i].x, r.w[i].y, r.w[i].z, r.w[i].w};
 #pragma unroll
-    for (int k = 0; k < 4; ++k)
+    for (int k = 0; k < 4; ++k) {
+      if constexpr (BITS == 8) {
 #pragma unroll
-      for (int e = 0; e < PER; ++e)
-        out[(i * 4 + k) * PER + e] = fmaf(static_cast<float>((w4[k] >> (BITS * e)) & MASKV), s, b);
+        for (int e = 0; e < 4; ++e)
+          out[(i * 4 + k) * 4 + e] = __int_as_float(__byte_perm(w4[k], 0x4B000000u, 0x7540 + e)) - MAGIC;
+      } else {
+#pragma unroll
+        for (int e = 0; e < 8; ++e)
+          out[(i * 4 + k) * 8 + e] = __int_as_float(((w4[k] >> (4 * e)) & 0xFu) | 0x4B000000u) - MAGIC;
+      }
+    }
   }
 }
 
@@ -81,7 +92,8 @@ __device__ __forceinline__ int64_t bidx(const Shape& sh, const Strides& st, int 
 }
 
 // MASK: 0 none, 1 bool (false -> fill), 2 additive, 3 causal (key n allowed iff n <= N - M + m).
-template <typename T, typename MT, int D, int BITS, int GS, int NREP, int MB, int MASK>
+// Rows of a block: r = mm * NREP + rep for MBE query positions (MBE = min(M, MBMAX)), all n_rep heads.
+template <typename T, typename MT, int D, int BITS, int GS, int NREP, int MBMAX, int MBE, int MASK>
 __device__ void split(
     const T* q, const Shape& q_shape, const Strides& q_st,
     const uint32_t* kw, const Shape& kw_shape, const Strides& kw_st,
@@ -91,23 +103,24 @@ __device__ void split(
     const MT* mask, const Shape& m_shape, const Strides& m_st,
     const float* params, float* po, float* pml) {
   using G = Geo<D>;
-  constexpr int RB = NREP * MB;
-  using P = PVGeo<D, RB>;
+  constexpr int RB = NREP * MBE;
+  using P = PVGeo<D, NREP * MBMAX>;
   constexpr int TK = G::TK, NPP = G::NPP, NPART = G::NPART;
 
   extern __shared__ float4 smem4[];
-  float* vsm = reinterpret_cast<float*>(smem4);           // [TK][D], later [KS][RB][D]
-  float* qsm = vsm + 8192;                                 // [RB][8][NPP][4]
-  float* ssm = qsm + RB * G::QROW;                         // [RB][TK]
-  float* m_sm = ssm + RB * TK;
+  float* vsm = reinterpret_cast<float*>(smem4);           // [TK][VROW] dequantized V, later [KS][RB][D]
+  float* qsm = vsm + 9216;                                 // [RB][8][NPP][4] scaled q
+  float* ssm = qsm + RB * G::QROW;                         // [RB][TK] scores, then probabilities
+  float* qsum = ssm + RB * TK;                             // [RB][NPP] sum of q over each part
+  float* m_sm = qsum + RB * NPP;
   float* l_sm = m_sm + RB;
   float* a_sm = l_sm + RB;
   int64_t* mrow = reinterpret_cast<int64_t*>(a_sm + RB + (RB & 1));  // [RB] mask row offsets
 
   const int tid = threadIdx.x;
   const int Hq = q_shape[1], M = q_shape[2];
-  const int Hkv = kw_shape[1], N = kw_shape[2];
-  const int nrg = (M + MB - 1) / MB;
+  const int N = kw_shape[2];
+  const int nrg = (M + MBE - 1) / MBE;
   const int c = blockIdx.x / nrg, rg = blockIdx.x % nrg;
   const int nc = gridDim.x / nrg;
   const int kvh = blockIdx.y, b = blockIdx.z;
@@ -116,19 +129,25 @@ __device__ void split(
   const int n0 = c * chunk, n1 = min(N, n0 + chunk);
   const bool bad = kw_st[3] != 1 || vw_st[3] != 1 || ks_st[3] != 1 || kb_st[3] != 1 || vs_st[3] != 1 ||
                    vb_st[3] != 1 || q_st[3] != 1;
-
-  // rows: r = rep * MB + mm -> query head kvh * NREP + rep, position rg * MB + mm
-  auto row_pos = [&](int r) { return rg * MB + r % MB; };
-  auto row_head = [&](int r) { return kvh * NREP + r / MB; };
+  const int rv = min(MBE, M - rg * MBE) * NREP;           // rows of this block that exist
+  auto row_pos = [&](int r) { return rg * MBE + r / NREP; };
+  auto row_head = [&](int r) { return kvh * NREP + r % NREP; };
 
   for (int i = tid; i < RB * G::QROW; i += THREADS) {
     const int r = i / G::QROW, rem = i % G::QROW;
     const int i4 = rem / (NPP * 4), p = (rem / 4) % NPP, e = rem % 4;
-    const int d = p * 32 + i4 * 4 + e, m = row_pos(r);
     float x = 0.f;
-    if (p < NPART && m < M)
-      x = to_f(q[b * q_st[0] + row_head(r) * q_st[1] + static_cast<int64_t>(m) * q_st[2] + d]) * scale;
+    if (p < NPART && r < rv)
+      x = to_f(q[b * q_st[0] + row_head(r) * q_st[1] + static_cast<int64_t>(row_pos(r)) * q_st[2] +
+                 p * 32 + i4 * 4 + e]) * scale;
     qsm[i] = x;
+  }
+  __syncthreads();
+  if (tid < RB * NPP) {
+    const int r = tid / NPP, p = tid % NPP;
+    float t = 0.f;
+    for (int i = 0; i < 32; ++i) t += qsm[r * G::QROW + ((i / 4) * NPP + p) * 4 + i % 4];
+    qsum[tid] = t;
   }
   if (tid < RB) {
     m_sm[tid] = NEG_INF; l_sm[tid] = 0.f; a_sm[tid] = 0.f;
@@ -160,54 +179,45 @@ __device__ void split(
 
   // PV slot
   const bool pv_on = tid < P::ACTIVE;
-  const int pks = tid / (P::RS * P::NDG), prs = (tid / P::NDG) % P::RS, pdg = tid % P::NDG;
-  float acc[P::RPT][4];
+  const int pks = tid / P::NDG, pdg = tid % P::NDG;
+  float acc[RB][P::DPT];
 #pragma unroll
-  for (int i = 0; i < P::RPT; ++i)
+  for (int i = 0; i < RB; ++i)
 #pragma unroll
-    for (int e = 0; e < 4; ++e) acc[i][e] = 0.f;
-
-  const int nvalid = min(MB, M - rg * MB);  // positions of this row group that exist
-  auto rvalid = [&](int r) { return r < RB && (r % MB) < nvalid; };
+    for (int e = 0; e < P::DPT; ++e) acc[i][e] = 0.f;
 
   for (int t0 = n0; t0 < n1; t0 += TK) {
     __syncthreads();  // previous tile's PV is done with vsm / ssm
     const int n = t0 + j;
     const bool kv_ok = p < NPART && n < n1;
+    float kf[32];
     if (p < NPART) {  // V goes to shared memory (shared by all rows), K stays in registers
-      float vf[32];
+      float4* dst = reinterpret_cast<float4*>(vsm + j * G::VROW + p * 36);
       if (kv_ok) {
-        dequant<BITS>(vr, vsc, vbi, vf);
+        unpack<BITS>(vr, kf);
+#pragma unroll
+        for (int e = 0; e < 8; ++e)
+          dst[e] = make_float4(fmaf(kf[4 * e], vsc, vbi), fmaf(kf[4 * e + 1], vsc, vbi),
+                               fmaf(kf[4 * e + 2], vsc, vbi), fmaf(kf[4 * e + 3], vsc, vbi));
       } else {
 #pragma unroll
-        for (int e = 0; e < 32; ++e) vf[e] = 0.f;
+        for (int e = 0; e < 8; ++e) dst[e] = make_float4(0.f, 0.f, 0.f, 0.f);
       }
-      float4* dst = reinterpret_cast<float4*>(vsm + j * D + p * 32);
-#pragma unroll
-      for (int e = 0; e < 8; ++e) dst[e] = make_float4(vf[4 * e], vf[4 * e + 1], vf[4 * e + 2], vf[4 * e + 3]);
     }
-    float kf[32];
     if (kv_ok) {
-      dequant<BITS>(kr, ksc, kbi, kf);
+      unpack<BITS>(kr, kf);
     } else {
 #pragma unroll
       for (int e = 0; e < 32; ++e) kf[e] = 0.f;
     }
+    const float kscale = ksc, kbias = kbi;
     if (t0 + TK < n1) fetch(t0 + TK);  // next tile's loads fly while this one is computed
 
+    // scores: q . (s w + b) = s (q . w) + b sum(q), per 32-element part, then a fixed shuffle tree.
+    // Two rows per pass: two independent FMA chains, each row's own sequence unchanged.
     const float4* q4 = reinterpret_cast<const float4*>(qsm);
-#pragma unroll 1
-    for (int r = 0; r < RB; ++r) {
-      if (!rvalid(r)) continue;  // uniform over the block
-      float s = 0.f;
-#pragma unroll
-      for (int i4 = 0; i4 < 8; ++i4) {
-        const float4 qv = q4[(r * 8 + i4) * NPP + p];
-        s = fmaf(qv.x, kf[4 * i4], s);
-        s = fmaf(qv.y, kf[4 * i4 + 1], s);
-        s = fmaf(qv.z, kf[4 * i4 + 2], s);
-        s = fmaf(qv.w, kf[4 * i4 + 3], s);
-      }
+    auto emit = [&](int r, float s) {
+      s = fmaf(kbias, qsum[r * NPP + p], s * kscale);
 #pragma unroll
       for (int off = 1; off < NPP; off <<= 1) s += __shfl_xor_sync(0xffffffffu, s, off);
       if (p == 0) {
@@ -222,13 +232,31 @@ __device__ void split(
         }
         ssm[r * TK + j] = s;
       }
+    };
+#pragma unroll 1
+    for (int r = 0; r < rv; r += 2) {  // rv is uniform over the block
+      const int r1 = r + 1 < rv ? r + 1 : r;
+      float s0 = 0.f, s1 = 0.f;
+#pragma unroll
+      for (int i4 = 0; i4 < 8; ++i4) {
+        const float4 qa = q4[(r * 8 + i4) * NPP + p], qb = q4[(r1 * 8 + i4) * NPP + p];
+        s0 = fmaf(qa.x, kf[4 * i4], s0);
+        s1 = fmaf(qb.x, kf[4 * i4], s1);
+        s0 = fmaf(qa.y, kf[4 * i4 + 1], s0);
+        s1 = fmaf(qb.y, kf[4 * i4 + 1], s1);
+        s0 = fmaf(qa.z, kf[4 * i4 + 2], s0);
+        s1 = fmaf(qb.z, kf[4 * i4 + 2], s1);
+        s0 = fmaf(qa.w, kf[4 * i4 + 3], s0);
+        s1 = fmaf(qb.w, kf[4 * i4 + 3], s1);
+      }
+      emit(r, s0);
+      if (r1 != r) emit(r1, s1);
     }
     __syncthreads();
 
     // online softmax: one warp per row, fixed reduction tree
     const int warp = tid / 32, lane = tid % 32;
-    for (int r = warp; r < RB; r += THREADS / 32) {
-      if (!rvalid(r)) continue;
+    for (int r = warp; r < rv; r += THREADS / 32) {
       constexpr int PL = TK / 32;
       float sv[PL], tmax = NEG_INF;
 #pragma unroll
@@ -254,24 +282,42 @@ __device__ void split(
 
     if (pv_on) {
 #pragma unroll
-      for (int i = 0; i < P::RPT; ++i) {
-        const int r = prs + i * P::RS;
-        const float a = rvalid(r) ? a_sm[r] : 0.f;
+      for (int r = 0; r < RB; ++r) {
+        const float a = r < rv ? a_sm[r] : 0.f;
 #pragma unroll
-        for (int e = 0; e < 4; ++e) acc[i][e] *= a;
+        for (int e = 0; e < P::DPT; ++e) acc[r][e] *= a;
       }
-      const float4* v4 = reinterpret_cast<const float4*>(vsm);
-      for (int jj = pks; jj < TK; jj += P::KS) {
-        const float4 v = v4[jj * P::NDG + pdg];
+      const int j0 = pks * P::KPT;
 #pragma unroll
-        for (int i = 0; i < P::RPT; ++i) {
-          const int r = prs + i * P::RS;
-          if (rvalid(r)) {
-            const float pj = ssm[r * TK + jj];
-            acc[i][0] = fmaf(pj, v.x, acc[i][0]);
-            acc[i][1] = fmaf(pj, v.y, acc[i][1]);
-            acc[i][2] = fmaf(pj, v.z, acc[i][2]);
-            acc[i][3] = fmaf(pj, v.w, acc[i][3]);
+      for (int jq = 0; jq < P::KPT; jq += 4) {
+        float4 pr[P::DPT == 4 ? RB : 1];
+        if constexpr (P::DPT == 4) {
+#pragma unroll
+          for (int r = 0; r < RB; ++r)
+            pr[r] = r < rv ? *reinterpret_cast<const float4*>(ssm + r * TK + j0 + jq) : make_float4(0.f, 0.f, 0.f, 0.f);
+        }
+#pragma unroll
+        for (int k = 0; k < 4; ++k) {
+          float v[P::DPT];
+          const int d0 = pdg * P::DPT;
+          const float* vp = vsm + (j0 + jq + k) * G::VROW + (d0 / 32) * 36 + d0 % 32;
+          if constexpr (P::DPT == 4) {
+            const float4 t = *reinterpret_cast<const float4*>(vp);
+            v[0] = t.x; v[1] = t.y; v[2] = t.z; v[3] = t.w;
+          } else {
+            const float2 t = *reinterpret_cast<const float2*>(vp);
+            v[0] = t.x; v[1] = t.y;
+          }
+#pragma unroll
+          for (int r = 0; r < RB; ++r) {
+            float pj;
+            if constexpr (P::DPT == 4) {
+              pj = k == 0 ? pr[r].x : k == 1 ? pr[r].y : k == 2 ? pr[r].z : pr[r].w;
+            } else {
+              pj = r < rv ? ssm[r * TK + j0 + jq + k] : 0.f;
+            }
+#pragma unroll
+            for (int e = 0; e < P::DPT; ++e) acc[r][e] = fmaf(pj, v[e], acc[r][e]);
           }
         }
       }
@@ -282,32 +328,31 @@ __device__ void split(
   __syncthreads();
   if (pv_on) {
 #pragma unroll
-    for (int i = 0; i < P::RPT; ++i) {
-      const int r = prs + i * P::RS;
-      if (r < RB)
-        reinterpret_cast<float4*>(vsm)[(pks * RB + r) * P::NDG + pdg] =
-            make_float4(acc[i][0], acc[i][1], acc[i][2], acc[i][3]);
-    }
+    for (int r = 0; r < RB; ++r)
+#pragma unroll
+      for (int e = 0; e < P::DPT; ++e) vsm[(pks * RB + r) * D + pdg * P::DPT + e] = acc[r][e];
   }
   __syncthreads();
-  for (int i = tid; i < RB * D; i += THREADS) {
+  for (int i = tid; i < rv * D; i += THREADS) {
     const int r = i / D, d = i % D;
-    if (!rvalid(r)) continue;
     float o = 0.f;
     for (int k = 0; k < P::KS; ++k) o += vsm[(k * RB + r) * D + d];
     const int64_t row = (static_cast<int64_t>(b) * Hq + row_head(r)) * M + row_pos(r);
     po[(row * nc + c) * D + d] = bad ? __int_as_float(0x7fc00000) : o;
   }
-  if (tid < RB && rvalid(tid)) {
+  if (tid < rv) {
     const int64_t row = (static_cast<int64_t>(b) * Hq + row_head(tid)) * M + row_pos(tid);
     pml[(row * nc + c) * 2] = m_sm[tid];
     pml[(row * nc + c) * 2 + 1] = l_sm[tid];
   }
 }
 
-// One block per query row (b, h, m); thread d. Chunks merged in index order.
+// One block per query row (b, h, m); thread d. Chunk weights once in shared memory, merged in index order.
 template <typename T, typename ST, int D, bool SINKS>
 __device__ void combine(const float* po, const Shape& po_shape, const float* pml, const ST* sinks, T* out) {
+  constexpr int MAXC = 256;
+  __shared__ float w_sm[MAXC];
+  __shared__ float l_sm[MAXC];
   const int Hq = po_shape[1], M = po_shape[2], nc = po_shape[3];
   const int64_t row = blockIdx.x;
   const int d = threadIdx.x;
@@ -318,10 +363,16 @@ __device__ void combine(const float* po, const Shape& po_shape, const float* pml
   if constexpr (SINKS) { sink = to_f(sinks[(row / M) % Hq]); mx = fmaxf(mx, sink); }
   float l = 0.f, o = 0.f;
   const float* pr = po + row * nc * D + d;
-  for (int c = 0; c < nc; ++c) {
-    const float w = expf(ml[2 * c] - mx);
-    l = fmaf(w, ml[2 * c + 1], l);
-    o = fmaf(w, pr[c * D], o);
+  for (int c0 = 0; c0 < nc; c0 += MAXC) {
+    const int cn = min(MAXC, nc - c0);
+    __syncthreads();
+    for (int c = d; c < cn; c += D) { w_sm[c] = expf(ml[2 * (c0 + c)] - mx); l_sm[c] = ml[2 * (c0 + c) + 1]; }
+    __syncthreads();
+#pragma unroll 8
+    for (int c = 0; c < cn; ++c) {
+      l = fmaf(w_sm[c], l_sm[c], l);
+      o = fmaf(w_sm[c], pr[(c0 + c) * D], o);
+    }
   }
   if constexpr (SINKS) l += expf(sink - mx);
   out[row * D + d] = static_cast<T>(o / l);
@@ -331,12 +382,21 @@ __device__ void combine(const float* po, const Shape& po_shape, const float* pml
 """
 
 _KV_ARGS = "kw, kw_shape, kw_strides, ks, ks_strides, kb, kb_strides, vw, vw_strides, vs, vs_strides, vb, vb_strides"
-_SPLIT_CALL = "qsdpa::split<T, MT, D, BITS, GS, NREP, MB, MASK>(q, q_shape, q_strides, " + _KV_ARGS + ", {mask}, params, po, pml);"
+_SPLIT_CALL = "qsdpa::split<T, MT, D, BITS, GS, NREP, MBMAX, MBE, MASK>(q, q_shape, q_strides, " + _KV_ARGS + ", {mask}, params, po, pml);"
 _ARRAY_MASK = "mask, mask_shape, mask_strides"
 _NO_MASK = "static_cast<const MT*>(nullptr), q_shape, q_strides"  # unused when MASK is 0 or 3
 _KV_NAMES = ["kw", "ks", "kb", "vw", "vs", "vb"]
 
 MASK_NONE, MASK_BOOL, MASK_ADD, MASK_CAUSAL = 0, 1, 2, 3
+
+
+def _compact(source: str) -> str:
+    """The header without comments and indentation: MLX copies and hashes the whole source on every call."""
+    lines = (line.split("//")[0].strip() for line in source.splitlines())
+    return "\n".join(line for line in lines if line)
+
+
+_HEADER = _compact(HEADER)
 
 
 @lru_cache(maxsize=None)
@@ -346,7 +406,7 @@ def _split_kernel(array_mask: bool, shared_memory: int) -> Any:
     return mx.fast.cuda_kernel(
         name="qsdpa_split", input_names=names, output_names=["po", "pml"],
         source=_SPLIT_CALL.format(mask=_ARRAY_MASK if array_mask else _NO_MASK),
-        header=HEADER, ensure_row_contiguous=False, shared_memory=shared_memory)
+        header=_HEADER, ensure_row_contiguous=False, shared_memory=shared_memory)
 
 
 @lru_cache(maxsize=None)
@@ -356,41 +416,44 @@ def _combine_kernel(sinks: bool) -> Any:
     return mx.fast.cuda_kernel(
         name="qsdpa_combine", input_names=names, output_names=["out"],
         source=f"qsdpa::combine<T, ST, D, SINKS>(po, po_shape, pml, {arg}, out);",
-        header=HEADER, ensure_row_contiguous=False)
+        header=_HEADER, ensure_row_contiguous=False)
 
 
-def geometry(D: int, n_rep: int) -> tuple[int, int]:
-    """(keys per tile, query positions per block) for a head dim and GQA factor; MB never depends on M."""
+def geometry(D: int, n_rep: int, M: int) -> tuple[int, int, int]:
+    """(keys per tile, MBMAX, MBE): a block serves MBE = min(M, MBMAX) query positions x n_rep heads.
+
+    Only MBE depends on M, and it only sets how many rows a block holds: no row's arithmetic changes.
+    """
     nparts = D // 32
     npp = 1 if nparts <= 1 else 2 if nparts <= 2 else 4 if nparts <= 4 else 8
-    return THREADS // npp, max(1, ROWS_PER_BLOCK // n_rep)
+    mbmax = max(1, ROWS_PER_BLOCK // n_rep)
+    return THREADS // npp, mbmax, min(M, mbmax)
 
 
-def shared_bytes(D: int, n_rep: int) -> int:
-    tk, mb = geometry(D, n_rep)
-    rb = n_rep * mb
+def shared_bytes(D: int, n_rep: int, M: int) -> int:
+    tk, _, mbe = geometry(D, n_rep, M)
+    rb = n_rep * mbe
     npp = THREADS // tk
-    floats = _V_REGION + rb * 32 * npp + rb * tk + 3 * rb + (rb & 1)
+    floats = _V_REGION + rb * 32 * npp + rb * tk + rb * npp + 3 * rb + (rb & 1)
     return 4 * floats + 8 * rb
 
 
-@lru_cache(maxsize=4096)
 def plan(B: int, Hq: int, Hkv: int, M: int, D: int, N: int, chunk: int, bits: int, group_size: int,
          dtype: mx.Dtype, mask_kind: int, mask_dtype: mx.Dtype | None, sinks_dtype: mx.Dtype | None) -> tuple:
-    """Everything about a launch that depends only on shapes and dtypes, computed once per shape."""
+    """Everything about a launch that depends only on shapes and dtypes (the caller caches it per shape)."""
     n_rep = Hq // Hkv
-    _, mb = geometry(D, n_rep)
+    _, mbmax, mbe = geometry(D, n_rep, M)
     nc = -(-N // chunk)
-    nrg = -(-M // mb)
+    nrg = -(-M // mbe)
     split = dict(
         output_shapes=[(B, Hq, M, nc, D), (B, Hq, M, nc, 2)], output_dtypes=[mx.float32, mx.float32],
         grid=(nrg * nc * THREADS, Hkv, B), threadgroup=(THREADS, 1, 1),
         template=[("T", dtype), ("MT", mask_dtype or dtype), ("D", D), ("BITS", bits), ("GS", group_size),
-                  ("NREP", n_rep), ("MB", mb), ("MASK", mask_kind)])
+                  ("NREP", n_rep), ("MBMAX", mbmax), ("MBE", mbe), ("MASK", mask_kind)])
     combine = dict(
         output_shapes=[(B, Hq, M, D)], output_dtypes=[dtype], grid=(B * Hq * M * D, 1, 1), threadgroup=(D, 1, 1),
         template=[("T", dtype), ("ST", sinks_dtype or dtype), ("D", D), ("SINKS", sinks_dtype is not None)])
-    k_split = _split_kernel(mask_kind in (MASK_BOOL, MASK_ADD), shared_bytes(D, n_rep))
+    k_split = _split_kernel(mask_kind in (MASK_BOOL, MASK_ADD), shared_bytes(D, n_rep, M))
     k_combine = _combine_kernel(sinks_dtype is not None)
     return k_split, split, k_combine, combine
 
