@@ -1,6 +1,6 @@
 """mlx-lm decode on the GPU with a quantized KV cache through the fused attention rule (issue 12's mlx_lm case).
 
-Run (GPU machine): python3 bench/gpu_fused_decode.py OUT_DIR [--small] [--prompts 4096,32768]
+Run (GPU machine): python3 bench/gpu_fused_decode.py OUT_DIR [--small] [--prompts=4096,32768] [--head-dim=128]
 For a 16-layer GQA Llama (16 q / 4 kv heads) and an MHA one (16 / 16), head_dim 128, fp16: prefill a float
 cache, then decode STEPS teacher-forced tokens and one 4-token verification step with
 - the float cache, unwrapped (the reference, and the speed to beat),
@@ -38,12 +38,13 @@ def option(name: str, default: str) -> str:
 
 
 PROMPTS = [int(p) for p in option("prompts", "64" if SMALL else "4096,32768").split(",")]
+HEAD_DIM = int(option("head-dim", "128"))
 
 
 def config(kv_heads: int) -> dict:
     return dict(model_type="llama", hidden_size=256 if SMALL else 2048, num_hidden_layers=2 if SMALL else 16,
                 intermediate_size=512 if SMALL else 8192, num_attention_heads=16, num_key_value_heads=kv_heads,
-                head_dim=128, rms_norm_eps=1e-5, vocab_size=1000 if SMALL else 32000, tie_word_embeddings=False)
+                head_dim=HEAD_DIM, rms_norm_eps=1e-5, vocab_size=1000 if SMALL else 32000, tie_word_embeddings=False)
 
 
 def build(kv_heads: int) -> llama.Model:
@@ -131,7 +132,7 @@ def main() -> None:
     meta = {"device": str(mx.default_device()), "device_info": _device_info(), "mlx": mx.__version__,
             "date": datetime.date.today().isoformat(), "steps": STEPS, "verify_tokens": VERIFY, "dtype": str(DTYPE),
             "config": config(4), "hbm_copy_tbs": HBM_COPY_TBS}
-    (out_dir / "gpu_fused_decode.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    (out_dir / f"gpu_fused_decode_d{HEAD_DIM}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
 
 
 def _device_info() -> dict:
