@@ -1,6 +1,7 @@
 """mlx-lm with a quantized KV cache on the GPU, MHA and GQA: as shipped vs wrapped (issue 14, the CUDA legalisation).
 
-Run (GPU machine): python -m bench.gpu_legalise [OUT_DIR] [--quick] [--budget-s S]   (OUT_DIR defaults to $OUT)
+Run (GPU machine): python -m bench.gpu_legalise [OUT_DIR] [--quick] [--budget-s S] [--prompts 4093]
+[--no-kernel-rows]   (OUT_DIR defaults to $OUT)
 Models: random Llamas, 16 layers, hidden 2048, 16 q heads with 16 (MHA) or 4 (GQA) kv heads, head dims 64 and
 128, float16 (float32 on CPU). Each prompt (aligned 4096, unaligned 4093) is prefilled in chunks of 2048 as
 `mlx_lm.generate` does with `kv_bits` and `quantized_kv_start=0` (the cache is quantized after the first chunk,
@@ -157,12 +158,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("out", nargs="?", default=os.environ.get("OUT"))
     parser.add_argument("--quick", action="store_true", help="tiny sizes (a CPU smoke test)")
     parser.add_argument("--budget-s", type=float, default=240.0)
+    parser.add_argument("--prompts", help="comma-separated prompt lengths instead of the grid's")
+    parser.add_argument("--no-kernel-rows", action="store_true", help="skip the per-call checks (run before)")
     args = parser.parse_args(argv)
     if not args.out:
         print("gpu_legalise: give OUT_DIR or set $OUT", file=sys.stderr)
         return 2
     grid, env = QUICK if args.quick else FULL, Env.detect()
-    rows = kernel_rows(grid, env.mx_dtype) + run(grid, env.mx_dtype, args.budget_s)
+    if args.prompts:
+        grid = {**grid, "prompts": [int(p) for p in args.prompts.split(",")]}
+    rows = ([] if args.no_kernel_rows else kernel_rows(grid, env.mx_dtype)) + run(grid, env.mx_dtype, args.budget_s)
     meta = {**dataclasses.asdict(env), "grid": grid, "group_size": GROUP,
             "doctor_profile": Backend.current().profile is not None}
     out = Path(args.out)

@@ -64,6 +64,13 @@ class Analysis:
     sources: dict[str, Source] | None = None  # a region rewrite's placeholders, from the region's inputs
     output: Source | None = None  # the region's result as a view of the rewrite's
     note: str = ""  # why a region is keyed by exact shapes
+    rule: Rule | None = None  # the rule that fired (regions: looked up once, not per call)
+
+    @property
+    def outcome(self) -> str:
+        """The count's label of a rewrite that ran."""
+        decision = self.decision
+        return f"{self.api}: {decision.rule} -> {decision.rewrite}"
 
     @property
     def decision(self) -> Decision | None:
@@ -155,6 +162,7 @@ class EagerRewriter:
             else:
                 self._regions.setdefault(rule.region.path, []).append(rule)
         self._region_analyses: dict[tuple, Analysis] = {}
+        self._runnable: dict[tuple, list[Rule]] = {}  # (region path, backend) -> its rules that may run there
         self._verdicts: dict[tuple, str] = {}  # (analysis, rewrite) -> "" checked fine, or why it is refused
         self._problems: list[str] = []  # rules that raised or returned a wrong result, each reported once
         self._analyses: list[Analysis] = []
@@ -281,7 +289,9 @@ class EagerRewriter:
 
     # ---- one region ------------------------------------------------------------------------------
     def handle_region(self, call: regions.RegionCall, forward_pass: ForwardPass) -> Any:
-        rules = [rule for rule in self._regions.get(call.path, ()) if rule.runs_on(forward_pass.backend)]
+        """One region call. This runs per attention layer per token, so the common case (an analysis that
+        holds, a rewrite already checked) is kept to dictionary lookups and the rewrite itself."""
+        rules = self._region_rules(call.path, forward_pass.backend)
         if not rules:
             return call.run_original()
         signature = _region_signature(call.real, rules)
@@ -289,10 +299,7 @@ class EagerRewriter:
             values, arrays, layout = signature.split(call.args, call.kwargs)
         except TypeError:  # arguments this fast path does not take apart: as written
             return call.run_original()
-        free = signature.free_dims(layout)
-        key = (call.path, layout, forward_pass.backend, tuple(
-            (a.dtype, a.shape if d is None else tuple(-1 if i == d % a.ndim else n for i, n in enumerate(a.shape)))
-            for a, d in zip(arrays, free)))
+        key = (call.path, layout, forward_pass.backend, signature.facts(layout, arrays))
         analysis = self._region_analyses.get(key) or self._region_analyses.get(key + (_exact(arrays),))
         if analysis is None:
             analysis = self._analyse_region(key, call, rules, values, arrays, forward_pass)
@@ -300,15 +307,29 @@ class EagerRewriter:
         if decision is None:
             self.count(f"{analysis.api}: left as is")
             return call.run_original()
-        rule = next(r for r in rules if r.name == decision.rule)
+        rule = analysis.rule
 
         def rewrite() -> Any:
             result = rule.apply(Bound(analysis.sources, [], arrays, analysis.site.params), decision)
             return materialise(analysis.output, [], arrays, result)
 
+        if self._verdicts.get((analysis.number, decision.rule, decision.rewrite)) == "":  # checked before: fine
+            try:
+                result = rewrite()
+                self._counts[analysis.outcome] += 1
+                return result
+            except Exception:  # noqa: BLE001 - _apply reports it and runs the region as written
+                pass
         return self._apply(analysis.api, analysis, decision, lambda: _checked_region(rule, decision, analysis, rewrite,
                                                                                      call.run_original),
                            rewrite, call.run_original)
+
+    def _region_rules(self, path: str, backend: Backend) -> list[Rule]:
+        """The rules of region `path` that may run on `backend` (read once per path and backend)."""
+        key = (path, backend)
+        if key not in self._runnable:
+            self._runnable[key] = [rule for rule in self._regions.get(path, ()) if rule.runs_on(backend)]
+        return self._runnable[key]
 
     def _analyse_region(self, key: tuple, call: regions.RegionCall, rules: list[Rule], arguments: tuple,
                         arrays: list[mx.array], forward_pass: ForwardPass) -> Analysis:
@@ -321,6 +342,8 @@ class EagerRewriter:
                 found = _decide_region(call, rules, arguments, forward_pass.backend)
                 analysis.graph, analysis.site, analysis.verdicts = found.graph, found.site, found.verdicts
                 analysis.sources, analysis.output = found.sources, found.output
+                decision = found.decision
+                analysis.rule = next((r for r in rules if decision and r.name == decision.rule), None)
                 if not self._free_claim_holds(call, rules, arguments, key[-1], found, forward_pass.backend):
                     analysis.note = "its decision changed with the dims the rule declares free: keyed by exact shapes"
                     key = key + (_exact(arrays),)
@@ -483,15 +506,21 @@ class _RegionSignature:
                 layout.append(("static", value))
         return values, arrays, tuple(layout)
 
-    def free_dims(self, layout: tuple) -> tuple:
+    def facts(self, layout: tuple, arrays: list[mx.array]) -> tuple:
+        """(dtype, shape with the free dim as -1) of each array: the part of the key the arrays give."""
+        free = self._free_by_layout.get(layout)
+        if free is None:
+            free = self._free_by_layout[layout] = self._free_dims(layout)
+        return tuple((a.dtype, a.shape) if d is None else (a.dtype, a.shape[:d % a.ndim] + (-1,) + a.shape[d % a.ndim + 1:])
+                     for a, d in zip(arrays, free))
+
+    def _free_dims(self, layout: tuple) -> tuple:
         """The free dim of each array leaf for this layout, or None."""
-        if layout not in self._free_by_layout:
-            free: list[int | None] = []
-            for name, entry in zip(self.names, layout):
-                if entry is _ARRAY or entry[0] in (tuple, list):
-                    free += [self.free.get(name)] * (1 if entry is _ARRAY else entry[1])
-            self._free_by_layout[layout] = tuple(free)
-        return self._free_by_layout[layout]
+        free: list[int | None] = []
+        for name, entry in zip(self.names, layout):
+            if entry is _ARRAY or entry[0] in (tuple, list):
+                free += [self.free.get(name)] * (1 if entry is _ARRAY else entry[1])
+        return tuple(free)
 
 
 _ARRAY = "array"

@@ -14,7 +14,6 @@ from __future__ import annotations
 import importlib
 import sys
 import threading
-from dataclasses import dataclass
 from typing import Any, Callable
 
 from . import intercept
@@ -23,15 +22,14 @@ _LOCK = threading.Lock()
 _REAL: dict[str, Callable] = {}  # path -> the function the dispatcher stands in for
 
 
-@dataclass(frozen=True)
 class RegionCall:
-    """One call of a region function: its arguments as passed, and where it was made."""
+    """One call of a region function: its arguments as passed, and where it was made (a plain slotted class:
+    one is made per call, on a decode step's path)."""
 
-    path: str
-    real: Callable
-    args: tuple
-    kwargs: dict[str, Any]
-    where: tuple[str, int] | None
+    __slots__ = ("path", "real", "args", "kwargs", "where")
+
+    def __init__(self, path: str, real: Callable, args: tuple, kwargs: dict[str, Any], where: tuple[str, int] | None):
+        self.path, self.real, self.args, self.kwargs, self.where = path, real, args, kwargs, where
 
     @property
     def api(self) -> str:
