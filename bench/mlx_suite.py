@@ -25,6 +25,7 @@ import importlib
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 import time
@@ -51,8 +52,9 @@ KNOWN = {  # (mode, test id) -> the documented difference (docs/limits.md, "As a
 
 # ---- routing (in the child) ---------------------------------------------------------------------------
 
-def compiled_namespace() -> types.ModuleType:
-    """`mlx.core` with the intercepted APIs and `compile` going through `mlxrewrite.compile`."""
+def compiled_namespace(routers: list) -> types.ModuleType:
+    """`mlx.core` with the intercepted APIs and `compile` going through `mlxrewrite.compile` (each
+    `mlxrewrite.compile`d function is appended to `routers`, to say afterwards what ran through them)."""
     import mlx.core as mx
 
     import mlxrewrite
@@ -65,10 +67,12 @@ def compiled_namespace() -> types.ModuleType:
     core.fast = fast
     for name, spec in intercept.APIS.items():
         target = core if spec.module is mx else fast
-        setattr(target, spec.attr, _through_compile(mlxrewrite, spec))
+        routers.append(_through_compile(mlxrewrite, spec))
+        setattr(target, spec.attr, routers[-1])
 
     def compile_(fun: Callable, inputs: Any = None, outputs: Any = None, shapeless: bool = False) -> Callable:
-        return mlxrewrite.compile(fun, inputs=inputs, outputs=outputs, shapeless=shapeless)
+        routers.append(mlxrewrite.compile(fun, inputs=inputs, outputs=outputs, shapeless=shapeless))
+        return routers[-1]
 
     core.compile = compile_
     return core
@@ -81,10 +85,13 @@ def _through_compile(mlxrewrite: types.ModuleType, spec: Any) -> Callable:
     return mlxrewrite.compile(call)
 
 
-def route(module: types.ModuleType, suite: unittest.TestSuite, mode: str) -> None:
+def route(module: types.ModuleType, suite: unittest.TestSuite, mode: str) -> Callable[[], dict]:
+    """Route the module's calls as `mode` says; returns what tells afterwards how much was routed."""
     if mode == "compile":
-        module.mx = compiled_namespace()
-    elif mode == "eager":
+        routers: list = []
+        module.mx = compiled_namespace(routers)
+        return lambda: _compiled_report(routers)
+    if mode == "eager":
         from mlxrewrite import intercept
         from mlxrewrite.eager import EagerRewriter
 
@@ -94,6 +101,18 @@ def route(module: types.ModuleType, suite: unittest.TestSuite, mode: str) -> Non
             method = getattr(test, test._testMethodName)
             setattr(test, test._testMethodName,
                     lambda method=method: rewriter.run(method, (), {}, patch_mlx=False))
+        return lambda: {"call traces": rewriter.traces, "calls": rewriter.calls}
+    return dict
+
+
+def _compiled_report(routers: list) -> dict:
+    """How many functions went through mlxrewrite.compile, their traces and the rewrites that fired."""
+    fired: dict[str, int] = {}
+    for router in routers:  # explain() lists every call site of every signature: "... at f:12: rule -> fold: why"
+        for what in re.findall(r" at \S+: ([\w-]+ -> \w+): ", router.explain()):
+            fired[what] = fired.get(what, 0) + 1
+    return {"compiled functions": len(routers), "traces": sum(r.traces for r in routers),
+            "rewritten call sites": fired}
 
 
 def _tests(suite: unittest.TestSuite) -> list[unittest.TestCase]:
@@ -140,11 +159,11 @@ def child(mode: str, name: str) -> dict:
 
     module = importlib.import_module(name)
     suite = unittest.defaultTestLoader.loadTestsFromModule(module)
-    route(module, suite, mode)
+    routed = route(module, suite, mode)
     result = Collect()
     start = time.perf_counter()
     suite.run(result)
-    return {"seconds": round(time.perf_counter() - start, 1), "outcomes": result.outcomes}
+    return {"seconds": round(time.perf_counter() - start, 1), "routed": routed(), "outcomes": result.outcomes}
 
 
 # ---- comparing (in the parent) ------------------------------------------------------------------------
@@ -173,6 +192,7 @@ def compare(results: dict[str, dict[str, dict]]) -> dict:
             new = {test: o for test, o in outcomes.items() if o[0] in ("fail", "error") and base.get(test, [""])[0] == "pass"}
             known = {test: [*o, KNOWN[mode, test]] for test, o in new.items() if (mode, test) in KNOWN}
             summary[name][mode] = {**counts, "seconds": result["seconds"], "crash": result.get("crash"),
+                                   "routed": result.get("routed", {}),
                                    "new_failures": {t: o for t, o in new.items() if t not in known}, "known": known}
     return summary
 
@@ -191,6 +211,10 @@ def markdown(record: dict) -> str:
                          f"{s['seconds']} | {new} | {len(s['known'])} |")
             details += [f"- {mode}: `{test}`: {why}" for test, (_, why) in s["new_failures"].items()]
             known += [f"- {mode}: `{test}` ({why}): {reason}" for test, (_, why, reason) in s["known"].items()]
+    lines += ["", "What was routed (compile: functions through mlxrewrite.compile, their traces, rewritten call "
+              "sites; eager: call traces and outcomes):"]
+    lines += [f"- {name} {mode}: {json.dumps(s['routed'])}" for name, by_mode in record["summary"].items()
+              for mode, s in by_mode.items() if mode != "baseline"]
     lines += ["", "New failures:" if details else "No new failures."] + details
     lines += ["", "Known differences (docs/limits.md):"] + known if known else []
     return "\n".join(lines) + "\n"
