@@ -10,19 +10,14 @@ from __future__ import annotations
 
 import argparse
 import collections
-import datetime
-import json
 import os
-import platform
 import sys
 import time
-from pathlib import Path
 
 os.environ.setdefault("MLXREWRITE_PROFILE", "off")  # the source-derived policy, as in the test suite
 
-import mlx.core as mx  # noqa: E402
-
 from bench import fuzz  # noqa: E402
+from bench.record import header, write  # noqa: E402
 
 
 def run_family(family: str, count: int, seed: int) -> dict:
@@ -68,18 +63,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--out", default="bench/results/fuzz_long_cpu", help="path without extension")
     args = parser.parse_args(argv)
-    record = {"device": f"{mx.default_device()} ({platform.processor() or platform.machine()})", "mlx": mx.__version__,
-              "date": datetime.date.today().isoformat(), "count": args.count, "seed": args.seed,
+    record = {**header(), "count": args.count, "seed": args.seed,
               "families": {family: run_family(family, args.count, args.seed) for family in ("qmm", "sdpa")}}
-    out = Path(args.out)
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.with_suffix(".json").write_text(json.dumps(record, indent=1) + "\n")
-        out.with_suffix(".md").write_text(markdown(record))
-    except OSError as error:
-        print(f"fuzz_long: cannot write {out}: {error}", file=sys.stderr)
+    if not write(args.out, record, markdown(record), "fuzz_long"):
         return 2
-    print(markdown(record))
     return int(any(r["failed"] for r in record["families"].values()))
 
 

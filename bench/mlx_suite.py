@@ -20,11 +20,9 @@ listed apart. Exit status 1 when there is any other, 2 on a usage error.
 from __future__ import annotations
 
 import argparse
-import datetime
 import importlib
 import json
 import os
-import platform
 import re
 import subprocess
 import sys
@@ -237,21 +235,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mlx_suite: unknown mode or file {', '.join(unknown)}; modes: {', '.join(MODES)}; "
               f"files: {', '.join(FILES)}", file=sys.stderr)
         return 2
-    import mlx.core as mx
+    from bench.record import header, write
 
     results = {name: {mode: run_child(mode, name, args.timeout_s) for mode in modes} for name in files}
-    record = {"device": f"{mx.default_device()} ({platform.processor() or platform.machine()})", "mlx": mx.__version__,
-              "date": datetime.date.today().isoformat(), "upstream": (UPSTREAM / "COMMIT").read_text().strip(),
-              "summary": compare(results), "outcomes": results}
-    out = Path(args.out)
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.with_suffix(".json").write_text(json.dumps(record, indent=1) + "\n")
-        out.with_suffix(".md").write_text(markdown(record))
-    except OSError as error:
-        print(f"mlx_suite: cannot write {out}: {error}", file=sys.stderr)
+    record = {**header(), "upstream": (UPSTREAM / "COMMIT").read_text().strip(), "summary": compare(results),
+              "outcomes": results}
+    if not write(args.out, record, markdown(record), "mlx_suite"):
         return 2
-    print(markdown(record))
     new = any(s["new_failures"] or s["crash"] for by_mode in record["summary"].values() for s in by_mode.values())
     return int(new)
 
