@@ -99,10 +99,11 @@ class Outcome:
 # ---- drawing cases ------------------------------------------------------------------------------------
 
 def _n(rng: random.Random, large: bool) -> int:
-    """A KV length: small, around powers of two (aligned and not), or anything up to 3000."""
-    top = 3000 if large else 600
-    return rng.choice([rng.randint(1, 64), rng.choice([128, 256, 512, 1024, 2048]) + rng.choice([-1, 0, 1, 17]),
-                       rng.randint(1, top)]) if large else rng.choice([rng.randint(1, 64), rng.randint(1, top)])
+    """A KV length: small, anything up to 600 (3000 in large runs), or near a power of two (large runs)."""
+    options = [rng.randint(1, 64), rng.randint(1, 3000 if large else 600)]
+    if large:
+        options.append(rng.choice([128, 256, 512, 1024, 2048]) + rng.choice([-1, 0, 1, 17]))
+    return rng.choice(options)
 
 
 def draw_qmm(rng: random.Random, large: bool = False) -> QmmCase:

@@ -10,19 +10,14 @@ from __future__ import annotations
 
 import argparse
 import collections
-import datetime
-import json
 import os
-import platform
 import sys
 import time
-from pathlib import Path
 
 os.environ.setdefault("MLXREWRITE_PROFILE", "off")  # the source-derived policy, as in the test suite
 
-import mlx.core as mx  # noqa: E402
-
 from bench import fuzz  # noqa: E402
+from bench.record import header, write  # noqa: E402
 
 
 def run_family(family: str, count: int, seed: int) -> dict:
@@ -30,12 +25,15 @@ def run_family(family: str, count: int, seed: int) -> dict:
     outcomes = [fuzz.run(case) for case in fuzz.cases(count, seed, family, large=True)]
     failed = [o for o in outcomes if not o.ok]
     crashed = [o for o in failed if o.error is not None]
-    worst = {dtype: max((o.err_reference for o in outcomes if o.case.dtype == dtype and o.err_reference is not None),
-                        default=None) for dtype in fuzz.DTYPES}
+    def worst(err: str) -> dict:
+        return {dtype: max((getattr(o, err) for o in outcomes if o.case.dtype == dtype and getattr(o, err) is not None),
+                           default=None) for dtype in fuzz.DTYPES}
+
     return {
         "cases": count, "failed": len(failed), "crashed": len(crashed), "seconds": round(time.perf_counter() - start, 1),
         "rewrites": dict(collections.Counter(o.fired for o in outcomes)),
-        "max_err_vs_reference": worst, "tolerance": fuzz.TOLERANCE,
+        "max_err_vs_reference": worst("err_reference"), "max_err_vs_plain": worst("err_plain"),
+        "tolerance": fuzz.TOLERANCE,
         "failures": [fuzz.describe(o) for o in failed],
     }
 
@@ -44,12 +42,16 @@ def markdown(record: dict) -> str:
     lines = [f"# Long differential fuzz ({record['device']}, MLX {record['mlx']}, {record['date']})", "",
              f"`python -m bench.fuzz_long --count {record['count']} --seed {record['seed']}`; cases from "
              "`bench/fuzz.py` with KV lengths up to 3000.", "",
-             "| family | cases | failed | crashed | seconds | rewrites that ran | max rel. err vs reference (f32 / f16 / bf16) |",
-             "|---|---|---|---|---|---|---|"]
+             "Errors are max |out - expected| / max |expected| (f32 / f16 / bf16); tolerances "
+             + " / ".join(f"{t:g}" for t in fuzz.TOLERANCE.values()) + ".", "",
+             "| family | cases | failed | crashed | seconds | rewrites that ran | max err vs reference | max err vs plain |",
+             "|---|---|---|---|---|---|---|---|"]
     for family, r in record["families"].items():
-        errs = " / ".join("-" if e is None else f"{e:.1e}" for e in r["max_err_vs_reference"].values())
+        errs = [" / ".join("-" if e is None else f"{e:.1e}" for e in r[key].values())
+                for key in ("max_err_vs_reference", "max_err_vs_plain")]
         fired = ", ".join(f"{k} {v}" for k, v in sorted(r["rewrites"].items()))
-        lines.append(f"| {family} | {r['cases']} | {r['failed']} | {r['crashed']} | {r['seconds']} | {fired} | {errs} |")
+        lines.append(f"| {family} | {r['cases']} | {r['failed']} | {r['crashed']} | {r['seconds']} | {fired} | "
+                     f"{errs[0]} | {errs[1]} |")
     failures = [f for r in record["families"].values() for f in r["failures"]]
     lines += ["", "Failures:" if failures else "No failures."] + [f"- {f}" for f in failures]
     return "\n".join(lines) + "\n"
@@ -61,18 +63,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--out", default="bench/results/fuzz_long_cpu", help="path without extension")
     args = parser.parse_args(argv)
-    record = {"device": f"{mx.default_device()} ({platform.processor() or platform.machine()})", "mlx": mx.__version__,
-              "date": datetime.date.today().isoformat(), "count": args.count, "seed": args.seed,
+    record = {**header(), "count": args.count, "seed": args.seed,
               "families": {family: run_family(family, args.count, args.seed) for family in ("qmm", "sdpa")}}
-    out = Path(args.out)
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.with_suffix(".json").write_text(json.dumps(record, indent=1) + "\n")
-        out.with_suffix(".md").write_text(markdown(record))
-    except OSError as error:
-        print(f"fuzz_long: cannot write {out}: {error}", file=sys.stderr)
+    if not write(args.out, record, markdown(record), "fuzz_long"):
         return 2
-    print(markdown(record))
     return int(any(r["failed"] for r in record["families"].values()))
 
 
