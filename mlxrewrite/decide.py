@@ -9,7 +9,6 @@ verdicts of the call rules of its API, up to the first that fires. Declines are 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
 
 from . import log
 from .bindings import FromCall, Source, Unreachable, resolve

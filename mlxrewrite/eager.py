@@ -41,7 +41,7 @@ from .facts import ArrayEnv, Facts
 from .graph import Graph, dtype_name
 from .policy import Backend
 from .rule import Bound, Decision, Decline, Rule, Verdict, first_decision, select_rules
-from .signature import SignatureError, flatten_call
+from .signature import flatten_call
 from .trace import CallSite, trace_call
 
 

@@ -8,7 +8,7 @@ a call whose rewrite raises or returns another shape or dtype than the call as w
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import mlx.core as mx
 

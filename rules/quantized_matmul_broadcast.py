@@ -64,7 +64,6 @@ def guard(facts: Facts) -> Decision | Decline:
     weights = tuple(k for k in WEIGHTS if facts.present(k))
     batch, zero = facts.derive("broadcast weight dims", _broadcast_dims, *_layout_questions(weights))
     params = {k: facts.param(k) for k in ("group_size", "bits", "mode", "transpose")}
-    dtype = dtype_name(facts.dtype("x"))
     backend = facts.backend
     (m,) = facts.dims("x", -2)
     slack = facts.derive("slack", _slack, Read("backend"), Read("dtype", "x"), Read("shape", "x"), Read("shape", "w"),

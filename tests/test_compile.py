@@ -1,6 +1,5 @@
 """Semantics of mlxrewrite.compile: arguments, retracing, captured state, fallbacks, rules, threads."""
 
-import importlib.util
 import threading
 import warnings
 

@@ -1,6 +1,5 @@
 """mlxrewrite.eager: the rules applied call by call, decisions reused while the facts their guards read hold."""
 
-import importlib.util
 import warnings
 
 import mlx.core as mx

@@ -2,14 +2,12 @@
 a mask updated in place, a rewrite of the wrong shape or dtype, a mask that is a tracer, a rule that
 raises (issue 15, items 4-8)."""
 
-import importlib.util
 import warnings
 
 import mlx.core as mx
 import pytest
 
 import mlxrewrite
-from mlxrewrite.examples import gqa_quantized_attention as gqa
 from mlxrewrite import CallPattern, Decision, FallbackWarning, Rule
 from mlxrewrite.eager import EagerFallbackWarning
 from mlxrewrite.guard import RuleError

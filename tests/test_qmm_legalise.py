@@ -25,7 +25,7 @@ from mlxrewrite.facts import ArrayEnv
 from mlxrewrite.graph import dtype_name
 from mlxrewrite.layout import array_strides, is_dense, is_row_contiguous
 from mlxrewrite.mlx_lm.tiny import tiny
-from mlxrewrite.policy import Backend, qmm_mkn, quantization
+from mlxrewrite.policy import Backend, qmm_mkn
 from mlxrewrite.rules import qmm_dispatch
 from mlxrewrite.rules import quantized_matmul_legalise as qml
 from mlxrewrite.rules.fused_quantized_attention import NAME as FUSED

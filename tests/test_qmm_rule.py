@@ -1,6 +1,5 @@
 """quantized-matmul-broadcast-weights: matching, the rewrites (fold, copy, dequantize), numerics, audit, graphs."""
 
-import importlib.util
 
 import mlx.core as mx
 import pytest
