@@ -21,8 +21,8 @@ import numpy as np
 from .graph import Graph, dtype_name
 from .layout import broadcast_strides
 from .policy import Backend
-from .decide import decide_site
-from .rule import Rule, select_rules
+from .decide import decide_graph, decide_site
+from .rule import Decline, Rule, select_rules
 from .trace import trace
 
 SCHEMA_VERSION = 1
@@ -98,6 +98,7 @@ class Step:
     graph: Graph
     call_sites: int
     findings: list[Finding]
+    declines: list[str] = field(default_factory=list)  # "rule X did not fire at file:line: why", every rule
 
     def summary(self) -> str:
         return _summary(len(self.findings), self.call_sites)
@@ -153,6 +154,13 @@ class Report:
         notes = ([CPU_NOTE] if self.backend == "cpu" and any(f.severity == "error" for f in self.findings) else [])
         notes += self.notes
         return "\n".join(lines + self._evidence_lines() + [line for note in notes for line in wrapped(f"note: {note}", "")])
+
+    def explain_declines(self) -> str:
+        """Why each rule that did not fire at a call site declined there (`mlxrewrite audit --declines`)."""
+        lines = []
+        for step in self.steps:
+            lines += [f"{step.name}: {line}" if len(self.steps) > 1 else line for line in step.declines]
+        return "\n".join(lines) or "no rule declined anywhere"
 
     def _evidence_lines(self) -> list[str]:
         """Each fired rule's evidence once, and where this audit ran."""
@@ -250,7 +258,10 @@ def audit_graph(graph: Graph, rules: list[Rule] | None = None, backend: Backend 
     backend = backend or Backend.current()
     sites = graph.calls if depends_on is None else _sites_depending_on(graph, set(depends_on))
     findings = [finding for site in sites if (finding := _first_finding(site, graph, rules, backend, step))]
-    return Report([Step(step, graph, len(sites), findings)], backend.kind)
+    declines = [f"{v.rule} did not fire at {short_location(v.where)}: {v.reason}"
+                for entry in decide_graph(rules, graph, backend, list(sites), path="audit")
+                for v in entry.verdicts if isinstance(v, Decline)]
+    return Report([Step(step, graph, len(sites), findings, declines)], backend.kind)
 
 
 def _sites_depending_on(graph: Graph, inputs: set[str]) -> list:

@@ -139,6 +139,8 @@ def audit_command(args: argparse.Namespace) -> int:
     report = Report.combine([_audit_case(case) for case in cases], target)
     report.notes = notes if report.findings else []
     print(report.to_json() if args.json else report)
+    if args.declines and not args.json:
+        print(report.explain_declines())
     if pictures:
         _write_pictures(pictures, cases, report)
     return 0 if report.clean else 1
@@ -153,6 +155,8 @@ def _add_audit_parser(sub) -> None:
     audit.add_argument("--inputs", default="example_inputs", metavar="BUILDER",
                        help="zero-argument function beside FUNC returning its arguments: a tuple, or (args, kwargs)")
     audit.add_argument("--json", action="store_true", help="machine-readable output (schema in docs/audit.md)")
+    audit.add_argument("--declines", action="store_true", help="also say why each rule that did not fire at a call "
+                                                                "declined there")
     for fmt in ("dot", "svg", "png"):
         audit.add_argument(f"--{fmt}", metavar="FILE", help=f"write a {fmt.upper()} picture: hazards in red, "
                            "the rewritten graph beside it")

@@ -376,3 +376,11 @@ def test_assert_no_hazards_fails_readably():
     for part in (f"[error] {QMM} at", f"test_audit.py:{_line('# <- gqa hazard')}", "why:", "fix:", "'fold'",
                  "evidence"):
         assert part in message, part
+
+
+def test_declines_say_why_a_rule_did_not_fire(capsys):
+    """`audit --declines`: each rule that did not fire at a call says why (here: the fused kernel on CPU)."""
+    assert main(["audit", "mlxrewrite/examples/gqa_quantized_attention.py:attention", "--declines"]) == 1
+    out = capsys.readouterr().out
+    assert "fused-quantized-attention did not fire at mlxrewrite/examples/gqa_quantized_attention.py:23: " \
+           "the fused kernel is not verified on cpu" in out
