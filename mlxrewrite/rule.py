@@ -114,9 +114,10 @@ class Rule:
     runs_on: Callable[[Any], bool] = field(default=lambda backend: True, repr=False)
 
     def __post_init__(self) -> None:
-        if len({p.anchor_api for p in self.patterns}) != 1 or self.api not in intercept.APIS:
-            raise ValueError(f"rule {self.name}: its patterns must end in one intercepted API; known: "
-                             f"{sorted(intercept.APIS)}")
+        apis = {p.anchor_api for p in self.patterns}
+        if len(apis) != 1 or self.api not in intercept.APIS:
+            raise ValueError(f"rule {self.name}: API {', '.join(map(repr, sorted(apis)))} is not intercepted (its "
+                             f"patterns must end in one of {sorted(intercept.APIS)})")
         if self.severity not in ("error", "warning"):
             raise ValueError(f"rule {self.name}: severity must be 'error' or 'warning', got {self.severity!r}")
         if not self.rewrites or not callable(self.guard):

@@ -569,3 +569,9 @@ def test_threads_share_one_trace():
     assert all(r is not None and mx.allclose(r, expected, atol=1e-5).item() for r in results)
     text = rewritten.explain()
     assert text.count("quantized-matmul-broadcast-weights -> fold") == 2 and "!" not in text, text
+
+
+def test_a_rule_on_an_api_that_is_not_intercepted_is_refused_at_construction():
+    with pytest.raises(ValueError, match="'matmul' is not intercepted"):
+        Rule("r", "warning", "h", CallPattern("matmul"), lambda facts: Decline("r", "x"),
+             {"none": lambda call, d: call.run_original()})
