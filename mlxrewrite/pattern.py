@@ -195,11 +195,5 @@ def _leaking_value(pattern: Graph, graph: Graph, state: _State, anchor: Node) ->
     return None
 
 
-def describe(pattern: CallPattern | GraphPattern) -> str:
-    if isinstance(pattern, CallPattern):
-        return f"call {pattern.api}"
-    return f"subgraph {pattern.name or pattern.fn.__name__} ({' -> '.join(n.op for n in pattern.graph.nodes)})"
-
-
 Pattern = CallPattern | GraphPattern
-__all__ = ["CallPattern", "FailedMatch", "GraphPattern", "Match", "Pattern", "describe"]
+__all__ = ["CallPattern", "FailedMatch", "GraphPattern", "Match", "Pattern"]
