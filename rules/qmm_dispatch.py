@@ -112,7 +112,7 @@ def cuda_qmm_overreads(backend: Backend, dtype: str, rows: int, k: int, params: 
             f"and w when K={k} spans fewer than 3 tiles")
 
 
-@functools.lru_cache(maxsize=None)  # eager mode's site_key asks per call, with one arch string per process
+@functools.lru_cache(maxsize=None)  # eager mode's derived facts ask per call, with one arch string per process
 def _compute_capability(arch: str) -> int | None:
     """The major compute capability in MLX's CUDA architecture string ("sm_90" -> 9); None if unknown."""
     match = re.fullmatch(r"sm_(\d+?)(\d)a?", arch)

@@ -1,6 +1,6 @@
 """mlxrewrite doctor: verdicts against a fake backend with known faults (wrong, unsupported, JIT errors for
 one head dim, lost contexts, crashed and hung processes), the rules routing around them, the time budget,
-profile caching and invalidation, eager-mode site keys, the command line."""
+profile caching and invalidation, eager-mode recorded facts, the command line."""
 
 import dataclasses
 import json

@@ -27,7 +27,7 @@ def gqa_scores_inputs(d=128, d_cache=128, n=256):
     return (q, *mx.quantize(mx.random.normal((1, 2, n, d_cache), key=mx.random.key(2)), group_size=64, bits=8))
 
 
-# ---- item 4: one failing call does not poison its site key ----------------------------------------
+# ---- item 4: one failing call does not poison the calls of its kind ----------------------------------------
 
 def test_a_call_mlx_rejects_does_not_poison_later_valid_calls():
     fn = mlxrewrite.eager(scores)
