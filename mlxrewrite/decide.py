@@ -30,11 +30,11 @@ class SiteVerdicts:
     match: Match | None = None
     sources: dict[str, Source] | None = None  # where the match's placeholders come from at run time
     covered_by: int | None = None  # index of the anchor site whose subgraph rewrite makes this call dead
-    problem: str | None = None  # a rule raised here: no rule fires at this call
+    problem: str | None = None  # a rule raised here (it declines; the rules after it decide)
 
     @property
     def decision(self) -> Decision | None:
-        return None if self.covered_by is not None or self.problem else first_decision(self.verdicts)
+        return None if self.covered_by is not None else first_decision(self.verdicts)
 
 
 def call_facts(site: CallSite, graph: Graph, backend: Backend, eager: bool = False, **env) -> Facts:
@@ -64,8 +64,6 @@ def decide_graph(rules: list[Rule], graph: Graph, backend: Backend, sites: list[
                 entry.verdicts.append(Decline(rule.name, f"pattern does not match: {match.reason}", entry.site.where()))
                 continue
             verdict = _decide(rule, match_facts(match, entry.site, graph, backend), entry)
-            if verdict is None:
-                break
             if isinstance(verdict, Decision):
                 try:
                     entry.sources = recover(graph, match, sites[:index + 1]) if from_calls else \
@@ -86,8 +84,6 @@ def decide_graph(rules: list[Rule], graph: Graph, backend: Backend, sites: list[
             continue
         for rule in (r for r in rules if not r.is_subgraph and r.api == entry.site.api):
             verdict = _decide(rule, call_facts(entry.site, graph, backend), entry)
-            if verdict is None:
-                break
             entry.verdicts.append(verdict)
             if isinstance(verdict, Decision):
                 break
@@ -97,13 +93,14 @@ def decide_graph(rules: list[Rule], graph: Graph, backend: Backend, sites: list[
     return results
 
 
-def _decide(rule: Rule, facts: Facts, entry: SiteVerdicts) -> Verdict | None:
-    """The rule's verdict; None where the rule raised (its bug: `entry.problem` says so, and no rule fires)."""
+def _decide(rule: Rule, facts: Facts, entry: SiteVerdicts) -> Verdict:
+    """The rule's verdict; a rule that raises declines (its bug: `entry.problem` names it), so the rules after
+    it still decide and a buggy rule cannot keep a hazard unfixed."""
     try:
         return rule.decide(facts, entry.site.where())
-    except Exception as error:  # noqa: BLE001 - any bug in a rule: the call runs as written, the rule is named
+    except Exception as error:  # noqa: BLE001 - any bug in a rule
         entry.problem = f"rule {rule.name} raised {type(error).__name__} in its guard: {error}"
-        return None
+        return Decline(rule.name, entry.problem, entry.site.where())
 
 
 def _first_match(rule: Rule, graph: Graph, anchor) -> Match | FailedMatch:

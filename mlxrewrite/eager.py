@@ -272,11 +272,10 @@ class EagerRewriter:
                                    value_check=env.value_check, arrays=call.operands)
                 try:
                     verdict = rule.decide(facts, analysis.where)
-                except Exception as error:  # noqa: BLE001 - a rule's bug: no rule fires on calls of this kind
-                    analysis.verdicts = [(None, _Always())]
-                    analysis.error = guard.rule_failure(rule, "its guard", error)
-                    _fallback(f"{analysis.error}; calls of this kind at {analysis.where} run as written")
-                    break
+                except Exception as error:  # noqa: BLE001 - a rule's bug: it declines here, the next rules decide
+                    problem = guard.rule_failure(rule, "its guard", error)
+                    self._report(f"{problem} at {analysis.where}")
+                    verdict, facts = Decline(rule.name, problem, analysis.where), _ExactShapes(call)
                 log.verdict(verdict, "eager")
                 analysis.verdicts.append((verdict, facts))
                 if isinstance(verdict, Decision):
@@ -575,16 +574,6 @@ def _checked_region(rule: Rule, decision: Decision, analysis: Analysis, rewrite:
         return original(), (f"rule {rule.name} rewrite {decision.rewrite!r} returned {got} where the region gives "
                             f"{traced.type_str}")
     return result, None
-
-
-class _Always(Facts):
-    """The facts of a kind of call whose rule raised: every call of the kind (none fires there)."""
-
-    def __init__(self) -> None:
-        super().__init__(None)
-
-    def still_holds(self, env: ArrayEnv) -> bool:
-        return True
 
 
 class _ExactShapes(Facts):

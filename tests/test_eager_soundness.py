@@ -165,3 +165,4 @@ def test_a_raising_rule_runs_as_written_in_compile_or_raises_when_strict(where, 
     assert mx.allclose(out, scores(*args), atol=1e-5).item()
     with pytest.raises(RuleError, match="rule raising raised"):
         mlxrewrite.compile(scores, strict=True, **options)(*args)
+
