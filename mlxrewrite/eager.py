@@ -162,7 +162,7 @@ class EagerRewriter:
             else:
                 self._regions.setdefault(rule.region.path, []).append(rule)
         self._region_analyses: dict[tuple, Analysis] = {}
-        self._runnable: dict[tuple, list[Rule]] = {}  # (region path, backend) -> its rules that may run there
+        self._runnable: dict[tuple, tuple] = {}  # (region path, backend) -> (its rules that may run there, signature)
         self._verdicts: dict[tuple, str] = {}  # (analysis, rewrite) -> "" checked fine, or why it is refused
         self._problems: list[str] = []  # rules that raised or returned a wrong result, each reported once
         self._analyses: list[Analysis] = []
@@ -290,10 +290,9 @@ class EagerRewriter:
     def handle_region(self, call: regions.RegionCall, forward_pass: ForwardPass) -> Any:
         """One region call. This runs per attention layer per token, so the common case (an analysis that
         holds, a rewrite already checked) is kept to dictionary lookups and the rewrite itself."""
-        rules = self._region_rules(call.path, forward_pass.backend)
+        rules, signature = self._region_rules(call, forward_pass.backend)
         if not rules:
             return call.run_original()
-        signature = _region_signature(call.real, rules)
         try:
             values, arrays, layout = signature.split(call.args, call.kwargs)
         except TypeError:  # arguments this fast path does not take apart: as written
@@ -323,11 +322,13 @@ class EagerRewriter:
                                                                                      call.run_original),
                            rewrite, call.run_original)
 
-    def _region_rules(self, path: str, backend: Backend) -> list[Rule]:
-        """The rules of region `path` that may run on `backend` (read once per path and backend)."""
-        key = (path, backend)
+    def _region_rules(self, call: regions.RegionCall, backend: Backend) -> tuple[list[Rule], "_RegionSignature | None"]:
+        """The rules of the call's region that may run on `backend`, and the region's signature for them
+        (made once per region and backend, not per call)."""
+        key = (call.path, backend)
         if key not in self._runnable:
-            self._runnable[key] = [rule for rule in self._regions.get(path, ()) if rule.runs_on(backend)]
+            rules = [rule for rule in self._regions.get(call.path, ()) if rule.runs_on(backend)]
+            self._runnable[key] = (rules, _region_signature(call.real, rules) if rules else None)
         return self._runnable[key]
 
     def _analyse_region(self, key: tuple, call: regions.RegionCall, rules: list[Rule], arguments: tuple,
@@ -523,20 +524,14 @@ class _RegionSignature:
 
 
 _ARRAY = "array"
-_REGION_SIGNATURES: dict[tuple, _RegionSignature] = {}
-
-
 def _region_signature(fn: Callable, rules: list[Rule]) -> _RegionSignature:
-    key = (fn, tuple(rule.name for rule in rules))
-    if key not in _REGION_SIGNATURES:
-        parameters = inspect.signature(fn).parameters.values()
-        free: dict[str, int] = {}
-        for rule in rules:
-            free.update(rule.region.free)
-        _REGION_SIGNATURES[key] = _RegionSignature(
-            tuple(p.name for p in parameters),
-            {p.name: p.default for p in parameters if p.default is not inspect.Parameter.empty}, free)
-    return _REGION_SIGNATURES[key]
+    """The parameters of region function `fn`, and the dims `rules` declare free."""
+    parameters = inspect.signature(fn).parameters.values()
+    free: dict[str, int] = {}
+    for rule in rules:
+        free.update(rule.region.free)
+    return _RegionSignature(tuple(p.name for p in parameters),
+                            {p.name: p.default for p in parameters if p.default is not inspect.Parameter.empty}, free)
 
 
 def _fallback(message: str) -> None:
