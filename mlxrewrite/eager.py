@@ -65,6 +65,10 @@ class Analysis:
     output: Source | None = None  # the region's result as a view of the rewrite's
     note: str = ""  # why a region is keyed by exact shapes
     rule: Rule | None = None  # the rule that fired (regions: looked up once, not per call)
+    # regions: the checked rewrite as one callable of (argument values, arrays), and its count's label, set
+    # once its first result passed; per call the region then costs its key and this call
+    fast: Callable[[tuple, list], Any] | None = None
+    label: str = ""
 
     @property
     def outcome(self) -> str:
@@ -107,6 +111,7 @@ class ForwardPass:
         self.rewriter = rewriter
         self.backend = rewriter.backend()
         self.observer = observer
+        self.regions: dict[str, _RegionTable] = {}  # region path -> its table for this pass's backend
         checker = rewriter.check_values
         self.value_check = (lambda array: checker(array, self)) if callable(checker) else \
             (self.check if checker else None)
@@ -161,8 +166,7 @@ class EagerRewriter:
                 self.notes.append(f"{rule.name} is not applied in eager mode: {why}")
             else:
                 self._regions.setdefault(rule.region.path, []).append(rule)
-        self._region_analyses: dict[tuple, Analysis] = {}
-        self._runnable: dict[tuple, tuple] = {}  # (region path, backend) -> (its rules that may run there, signature)
+        self._region_tables: dict[tuple, _RegionTable] = {}  # (region path, backend) -> rules, signature, analyses
         self._verdicts: dict[tuple, str] = {}  # (analysis, rewrite) -> "" checked fine, or why it is refused
         self._problems: list[str] = []  # rules that raised or returned a wrong result, each reported once
         self._analyses: list[Analysis] = []
@@ -289,50 +293,90 @@ class EagerRewriter:
     # ---- one region ------------------------------------------------------------------------------
     def handle_region(self, call: regions.RegionCall, forward_pass: ForwardPass) -> Any:
         """One region call. This runs per attention layer per token, so the common case (an analysis that
-        holds, a rewrite already checked) is kept to dictionary lookups and the rewrite itself."""
-        rules, signature = self._region_rules(call, forward_pass.backend)
-        if not rules:
+        holds, a rewrite already checked) is kept to the key's lookup and the rewrite itself: the rule's
+        direct form where it has one (verified against the bound rewrite), else the bound rewrite."""
+        table = forward_pass.regions.get(call.path) or self._region_table(call, forward_pass)
+        if not table.rules:
             return call.run_original()
         try:
-            values, arrays, layout = signature.split(call.args, call.kwargs)
-        except TypeError:  # arguments this fast path does not take apart: as written
+            values, arrays, key = table.signature.split(call.args, call.kwargs)
+            analysis = table.analyses.get(key) or table.analyses.get((key, _exact(arrays)))
+        except TypeError:  # arguments this fast path does not take apart (or an unhashable one): as written
             return call.run_original()
-        key = (call.path, layout, forward_pass.backend, signature.facts(layout, arrays))
-        analysis = self._region_analyses.get(key) or self._region_analyses.get(key + (_exact(arrays),))
         if analysis is None:
-            analysis = self._analyse_region(key, call, rules, values, arrays, forward_pass)
+            analysis = self._analyse_region(table, key, call, values, arrays, forward_pass)
+        if analysis.fast is not None:
+            try:
+                result = analysis.fast(values, arrays)
+                self._counts[analysis.label] += 1
+                return result
+            except Exception:  # noqa: BLE001 - the slow path below reports it and runs the region as written
+                analysis.fast = None
         decision = analysis.decision
         if decision is None:
             self.count(f"{analysis.api}: left as is")
             return call.run_original()
         rule = analysis.rule
 
-        def rewrite() -> Any:
+        def bound(values: tuple, arrays: list[mx.array]) -> Any:
             result = rule.apply(Bound(analysis.sources, [], arrays, analysis.site.params), decision)
             return materialise(analysis.output, [], arrays, result)
 
-        if self._verdicts.get((analysis.number, decision.rule, decision.rewrite)) == "":  # checked before: fine
-            try:
-                result = rewrite()
-                self._counts[analysis.outcome] += 1
-                return result
-            except Exception:  # noqa: BLE001 - _apply reports it and runs the region as written
-                pass
-        return self._apply(analysis.api, analysis, decision, lambda: _checked_region(rule, decision, analysis, rewrite,
-                                                                                     call.run_original),
-                           rewrite, call.run_original)
+        result = self._apply(analysis.api, analysis, decision,
+                             lambda: _checked_region(rule, decision, analysis, lambda: bound(values, arrays),
+                                                     call.run_original),
+                             lambda: bound(values, arrays), call.run_original)
+        if self._verdicts.get((analysis.number, decision.rule, decision.rewrite)) == "":  # checked: fine
+            analysis.label = analysis.outcome
+            analysis.fast, result = self._direct(rule, decision, analysis, bound, values, arrays, result)
+        return result
 
-    def _region_rules(self, call: regions.RegionCall, backend: Backend) -> tuple[list[Rule], "_RegionSignature | None"]:
-        """The rules of the call's region that may run on `backend`, and the region's signature for them
-        (made once per region and backend, not per call)."""
-        key = (call.path, backend)
-        if key not in self._runnable:
+    def _direct(self, rule: Rule, decision: Decision, analysis: Analysis, bound: Callable, values: tuple,
+                arrays: list[mx.array], result: Any) -> tuple[Callable, Any]:
+        """The region's fast rewrite: the rule's direct form (its rewrite on the function's own arguments,
+        skipping the replay of the ops before the pattern) once its first result equals the bound rewrite's
+        bitwise, else the bound rewrite. Where values cannot be compared now (under a transformation) the
+        bound rewrite runs and the direct form waits for a later call."""
+        direct = rule.region.direct
+        if direct is None:
+            return bound, result
+
+        def fast(values: tuple, arrays: list[mx.array]) -> Any:
+            out = direct(decision, *values)
+            return bound(values, arrays) if out is None else out
+
+        try:
+            out = direct(decision, *values)
+            if out is None:
+                return fast, result
+            agree = mx.array_equal(out, result).item()
+        except Exception as error:  # noqa: BLE001 - a tracer (undecidable now) or the direct form's bug
+            if guard.is_transformation_error(error):
+                return None, result
+            self._report(f"{guard.rule_failure(rule, 'its direct form', error)} at {analysis.where}; "
+                         f"its bound rewrite runs")
+            return bound, result
+        if not agree:
+            self._report(f"rule {rule.name}'s direct form differs from its bound rewrite at {analysis.where}; "
+                         f"the bound rewrite runs")
+            return bound, result
+        return fast, out
+
+    def _region_table(self, call: regions.RegionCall, forward_pass: ForwardPass) -> "_RegionTable":
+        """The rules of the call's region that may run on the pass's backend, the region's signature for them
+        and their analyses: made once per region and backend, looked up once per forward pass."""
+        backend = forward_pass.backend
+        table = self._region_tables.get((call.path, backend))
+        if table is None:
             rules = [rule for rule in self._regions.get(call.path, ()) if rule.runs_on(backend)]
-            self._runnable[key] = (rules, _region_signature(call.real, rules) if rules else None)
-        return self._runnable[key]
+            table = _RegionTable(rules, _region_signature(call.real, rules) if rules else None)
+            self._region_tables[(call.path, backend)] = table
+        forward_pass.regions[call.path] = table
+        return table
 
-    def _analyse_region(self, key: tuple, call: regions.RegionCall, rules: list[Rule], arguments: tuple,
+    def _analyse_region(self, table: "_RegionTable", key: tuple, call: regions.RegionCall, arguments: tuple,
                         arrays: list[mx.array], forward_pass: ForwardPass) -> Analysis:
+        rules = table.rules
         with self._lock:
             number = len(self._analyses) + 1
             name = call.path.rsplit(":", 1)[-1]
@@ -344,16 +388,16 @@ class EagerRewriter:
                 analysis.sources, analysis.output = found.sources, found.output
                 decision = found.decision
                 analysis.rule = next((r for r in rules if decision and r.name == decision.rule), None)
-                if not self._free_claim_holds(call, rules, arguments, key[-1], found, forward_pass.backend):
+                if not self._free_claim_holds(call, rules, arguments, _array_facts(key), found, forward_pass.backend):
                     analysis.note = "its decision changed with the dims the rule declares free: keyed by exact shapes"
-                    key = key + (_exact(arrays),)
+                    key = (key, _exact(arrays))
             except Exception as error:  # noqa: BLE001 - any failure means "run as written, reported once"
                 analysis.graph = analysis.site = analysis.sources = None
                 analysis.verdicts = []
                 analysis.error = f"{type(error).__name__}: {error}"
                 _fallback(f"cannot analyse {analysis.api} at {analysis.where}; it runs as written: {analysis.error}")
             self._analyses.append(analysis)
-            self._region_analyses[key] = analysis
+            table.analyses[key] = analysis
             log.channel("traces").info("eager trace #%d: %s at %s (%s): a new region kind%s", number, analysis.api,
                                        analysis.where, analysis.operands, f" ({analysis.note})" if analysis.note else "")
             return analysis
@@ -476,54 +520,73 @@ def _exact(arrays: list[mx.array]) -> tuple:
     return tuple(a.shape for a in arrays)
 
 
-@dataclass
-class _RegionSignature:
-    """A region function's parameters, read once, to take a call apart in a few microseconds: inspect's
-    `bind` and optree cost more than the rest of a fused call."""
+_MISSING = object()
 
-    names: tuple[str, ...]
-    defaults: dict[str, Any]
-    free: dict[str, int]  # parameter -> the dim the rules declare free in each of its arrays
-    _free_by_layout: dict[tuple, tuple] = field(default_factory=dict)
+
+class _RegionSignature:
+    """A region function's parameters, read once, to take a call apart and key it in a few microseconds
+    (inspect's `bind` and optree cost more than the rest of a fused call)."""
+
+    def __init__(self, names: tuple[str, ...], defaults: dict[str, Any], free: dict[str, int]):
+        self.names = names
+        self._tail = tuple((name, defaults.get(name, _MISSING)) for name in names)
+        self._allowed = tuple(frozenset(names[n:]) for n in range(len(names) + 1))
+        self._free = tuple(free.get(name) for name in names)  # the dim each argument's arrays leave free
 
     def split(self, args: tuple, kwargs: dict) -> tuple[tuple, list[mx.array], tuple]:
-        """(every parameter's value in order, the arrays in flatten order, the layout: what is an array, a
-        tuple of arrays, or a static value, and the static values). TypeError: not arguments it takes apart."""
-        if len(args) > len(self.names) or not set(kwargs) <= set(self.names[len(args):]):
+        """(every parameter's value in order, the arrays in flatten order, the key: per argument an array's
+        (dtype, shape with its free dim as -1), a tuple of such for a tuple of arrays, or a static value).
+        TypeError: not arguments it takes apart."""
+        n = len(args)
+        if n > len(self.names) or (kwargs and not kwargs.keys() <= self._allowed[n]):
             raise TypeError("arguments do not fit the region's parameters")
-        values = args + tuple(kwargs[n] if n in kwargs else self.defaults[n] for n in self.names[len(args):])
+        values = args + tuple([kwargs[name] if default is _MISSING else kwargs.get(name, default)
+                               for name, default in self._tail[n:]]) if n < len(self.names) else args
         arrays: list[mx.array] = []
-        layout = []
-        for value in values:
-            if isinstance(value, mx.array):
+        key = []
+        for value, free in zip(values, self._free):
+            kind = type(value)
+            if kind is mx.array:
                 arrays.append(value)
-                layout.append(_ARRAY)
-            elif isinstance(value, (tuple, list)) and value and all(isinstance(a, mx.array) for a in value):
+                key.append((value.dtype, value.shape) if free is None else _array_key(value, free))
+            elif (kind is tuple or kind is list) and value and all(type(a) is mx.array for a in value):
                 arrays.extend(value)
-                layout.append((type(value), len(value)))
+                key.append((kind, tuple([(a.dtype, a.shape) if free is None else _array_key(a, free)
+                                         for a in value])))
             else:
-                hash(value)  # a static value joins the key: it must be hashable
-                layout.append(("static", value))
-        return values, arrays, tuple(layout)
-
-    def facts(self, layout: tuple, arrays: list[mx.array]) -> tuple:
-        """(dtype, shape with the free dim as -1) of each array: the part of the key the arrays give."""
-        free = self._free_by_layout.get(layout)
-        if free is None:
-            free = self._free_by_layout[layout] = self._free_dims(layout)
-        return tuple((a.dtype, a.shape) if d is None else (a.dtype, a.shape[:d % a.ndim] + (-1,) + a.shape[d % a.ndim + 1:])
-                     for a, d in zip(arrays, free))
-
-    def _free_dims(self, layout: tuple) -> tuple:
-        """The free dim of each array leaf for this layout, or None."""
-        free: list[int | None] = []
-        for name, entry in zip(self.names, layout):
-            if entry is _ARRAY or entry[0] in (tuple, list):
-                free += [self.free.get(name)] * (1 if entry is _ARRAY else entry[1])
-        return tuple(free)
+                key.append(("static", value))
+        return values, arrays, tuple(key)
 
 
-_ARRAY = "array"
+_FREE = (-1,)
+
+
+def _array_key(a: mx.array, free: int) -> tuple:
+    """(dtype, shape with dim `free` as -1)."""
+    shape = a.shape
+    return a.dtype, shape[:free] + _FREE + (shape[free + 1:] if free != -1 else ())
+
+
+def _array_facts(key: tuple) -> list[tuple]:
+    """The (dtype, shape) entries of a region key, in the arrays' flatten order."""
+    facts: list[tuple] = []
+    for entry in key:
+        if entry[0] in (tuple, list):
+            facts += entry[1]
+        elif entry[0] != "static":
+            facts.append(entry)
+    return facts
+
+
+@dataclass
+class _RegionTable:
+    """A region's rules on one backend, its signature, and its analyses by key."""
+
+    rules: list[Rule]
+    signature: _RegionSignature | None
+    analyses: dict[tuple, Analysis] = field(default_factory=dict)
+
+
 def _region_signature(fn: Callable, rules: list[Rule]) -> _RegionSignature:
     """The parameters of region function `fn`, and the dims `rules` declare free."""
     parameters = inspect.signature(fn).parameters.values()

@@ -88,6 +88,11 @@ class Region:
 
     path: str  # "module:function"
     free: dict[str, int] = field(default_factory=dict)  # argument name -> dim of each of its arrays
+    # The rewrite written on the function's own arguments: `direct(decision, *arguments)` (every parameter in
+    # order, defaults filled in) -> the region's result, or None where it does not serve this call. Eager
+    # mode's fast path: it skips replaying the ops between the arguments and the pattern. Its first result per
+    # analysis must equal the bound rewrite's bitwise, else the bound rewrite runs (reported).
+    direct: Callable[..., Any] | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True)

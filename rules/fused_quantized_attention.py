@@ -179,6 +179,21 @@ def fused(bound: Bound, decision: Decision) -> mx.array:
     return out.reshape(q.shape) if q.ndim == 5 else out
 
 
+def direct(decision: Decision, queries: mx.array, q_keys: tuple, q_values: tuple, scale: float, mask, group_size: int,
+           bits: int) -> mx.array | None:
+    """`fused` on the arguments of mlx-lm's function itself (eager mode's fast path): the kernel scales the
+    query as mlx-lm does and takes its 4-axis query and cache views as they are, so no op is replayed. A
+    mask whose view on the heads only the traced graph tells (neither (L, N) nor (B, 1, L, N)), and a query
+    whose dtype is not the scales' (mlx-lm's matmul then promotes it after scaling), are left to `fused` (None)."""
+    if isinstance(mask, mx.array) and not (mask.ndim == 2 or (mask.ndim == 4 and mask.shape[1] == 1)):
+        return None
+    if queries.dtype != q_keys[1].dtype:
+        return None
+    p = decision.params
+    return quantized_sdpa(queries, q_keys, q_values, scale=scale, group_size=p["group_size"], bits=p["bits"],
+                          mask=mask, fill=p["fill"])
+
+
 def _kv_heads(a: mx.array) -> mx.array:
     """(B, kv, N, .): a GQA operand written as (B, kv, 1, N, .) by the caller (compile mode hands over the
     caller's operand) loses its repeat dim (a view)."""
@@ -204,5 +219,5 @@ RULE = Rule(
     doc=__doc__,
     runs_on=verified,
     region=Region("mlx_lm.models.base:quantized_scaled_dot_product_attention",
-                  free={"q_keys": -2, "q_values": -2, "mask": -1}),
+                  free={"q_keys": -2, "q_values": -2, "mask": -1}, direct=direct),
 )

@@ -4,6 +4,8 @@ reproduces the graph, and its result matches float32 attention over the dequanti
 The kernel is CUDA-only; on CPU the rule runs (simulated CUDA backend) through `quantized_sdpa`'s reference,
 the same algorithm in MLX ops (tests/test_quantized_sdpa_kernel.py checks that against the definition)."""
 
+import dataclasses
+
 import mlx.core as mx
 import pytest
 from mlx_lm.models import base
@@ -11,6 +13,7 @@ from mlx_lm.models.cache import QuantizedKVCache
 
 import mlxrewrite
 import mlxrewrite.mlx_lm as mrl
+from mlxrewrite.eager import EagerFallbackWarning
 from mlxrewrite.mlx_lm.tiny import tiny
 from mlxrewrite.policy import Backend
 from mlxrewrite.rules import fused_quantized_attention as fused
@@ -23,9 +26,9 @@ def cuda(monkeypatch):
     monkeypatch.setattr(Backend, "current", classmethod(lambda cls: Backend("cuda", "sm_90")))
 
 
-def cache_of(b, heads, n, d, bits, group, seed):
+def cache_of(b, heads, n, d, bits, group, seed, dtype=mx.float32):
     mx.random.seed(seed)
-    k, v = mx.random.normal((b, heads, n, d)), mx.random.normal((b, heads, n, d))
+    k, v = mx.random.normal((b, heads, n, d)).astype(dtype), mx.random.normal((b, heads, n, d)).astype(dtype)
     kq, vq = mx.quantize(k, group, bits), mx.quantize(v, group, bits)
     mx.eval(kq, vq)
     return kq, vq, mx.dequantize(*kq, group, bits), mx.dequantize(*vq, group, bits)
@@ -144,3 +147,53 @@ def test_eager_region_fuses_mlx_lm_decode_without_retracing(cuda, kv_heads, bits
         assert not [key for key in rewriter.calls if key.startswith("quantized_matmul")]  # no unfused call left
     finally:
         mrl.unwrap(model)
+
+
+def _with_direct(direct):
+    """The fused rule with another direct form (None: the bound rewrite alone)."""
+    return dataclasses.replace(fused.RULE, region=dataclasses.replace(fused.RULE.region, direct=direct))
+
+
+def _attention(rule, q, kq, vq, mask):
+    run = mlxrewrite.eager(lambda q: base.quantized_scaled_dot_product_attention(
+        q, kq, vq, scale=SCALE, mask=mask, group_size=64, bits=8), rules=[rule])
+    return run, run(q)
+
+
+@pytest.mark.parametrize("mask_kind", ["none", "causal", "bool", "bool 2d", "3d", "promoted query"])
+def test_eager_direct_form_gives_the_bound_rewrites_numbers(cuda, mask_kind):
+    """mlx-lm's own arguments straight to the kernel (query scaled in its dtype as mlx-lm does) equal the
+    rewrite bound from the traced graph bitwise, and serve every call after the first; a mask whose view on
+    the heads only the graph tells (3 axes), and a float16 query over float32 scales, are left to the bound rewrite."""
+    promoted = mask_kind == "promoted query"
+    kq, vq, kd, vd = cache_of(1, 2, 300, 64, 8, 64, seed=6, dtype=mx.float32 if promoted else mx.float16)
+    q = mx.random.normal((1, 8, 3, 64)).astype(mx.float16) * 3.3  # a scale that rounds: 3.3 * 0.125 in float16
+    mask = {"none": None, "causal": "causal", "bool": mx.random.uniform(shape=(1, 1, 3, 300)) > 0.3,
+            "bool 2d": mx.random.uniform(shape=(3, 300)) > 0.3,
+            "3d": mx.random.uniform(shape=(1, 3, 300)) > 0.3, "promoted query": None}[mask_kind]
+    served = []
+
+    def spy(decision, *arguments):
+        out = fused.direct(decision, *arguments)
+        served.append(out is not None)
+        return out
+
+    _, bound = _attention(_with_direct(None), q, kq, vq, mask)
+    run, first = _attention(_with_direct(spy), q, kq, vq, mask)
+    again = run(q)
+    assert "fused-quantized-attention -> fused" in run.rewriter.explain()
+    assert mx.array_equal(first, bound).item() and mx.array_equal(again, bound).item()
+    assert served == [mask_kind not in ("3d", "promoted query")] * 2
+    expected = reference(q.astype(mx.float32), kd.astype(mx.float32), vd.astype(mx.float32), mask)
+    assert mx.allclose(first.astype(mx.float32), expected, atol=2e-2).item()
+
+
+def test_a_direct_form_that_differs_from_the_bound_rewrite_is_refused(cuda):
+    kq, vq, _, _ = cache_of(1, 2, 300, 64, 8, 64, seed=7)
+    q = mx.random.normal((1, 8, 1, 64))
+    _, bound = _attention(_with_direct(None), q, kq, vq, None)
+    wrong = _with_direct(lambda decision, queries, *rest: mx.zeros_like(queries))
+    with pytest.warns(EagerFallbackWarning, match="direct form differs from its bound rewrite"):
+        run, first = _attention(wrong, q, kq, vq, None)
+    assert mx.array_equal(first, bound).item() and mx.array_equal(run(q), bound).item()
+    assert "direct form differs" in run.rewriter.explain()

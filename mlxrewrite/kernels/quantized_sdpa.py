@@ -1,8 +1,8 @@
 """Fused attention over a quantized KV cache: `quantized_sdpa`, and the same algorithm in MLX ops.
 
-Semantics are those of mlx-lm's `quantized_scaled_dot_product_attention` (scores = q . dequant(k) * scale,
-a bool mask sets `fill`, an additive mask is added, softmax, p . dequant(v)) with every intermediate in
-float32, plus attention sinks. The algorithm is flash-decoding: N is cut into chunks whose size depends on
+Semantics are those of mlx-lm's `quantized_scaled_dot_product_attention` (q * scale in q's dtype, as mlx-lm
+scales it; scores = that . dequant(k); a bool mask sets `fill`, an additive mask is added; softmax;
+p . dequant(v)) with every intermediate after the scaling in float32, plus attention sinks. The algorithm is flash-decoding: N is cut into chunks whose size depends on
 N alone, each chunk gets a float32 (max, sum, unnormalised output) per query row, and the chunks are merged
 in index order. `reference` writes that algorithm in MLX ops so the CPU tests can check it; the CUDA kernel
 (quantized_sdpa_cuda) runs it on the GPU.
@@ -71,7 +71,7 @@ def _check(q: Shape, k: Shape, v: Shape, group_size: int, bits: int, mask: Shape
 def _cuda_plan(q: Shape, k: Shape, v: Shape, dtype: mx.Dtype, group_size: int, bits: int, split: int | None,
                kind: int, mask: Shape | None, mask_dtype: mx.Dtype | None, sinks: Shape | None,
                sinks_dtype: mx.Dtype | None) -> tuple[tuple, int]:
-    """Validation and launch parameters, once per shape: a decode step then costs two kernel calls."""
+    """Validation and launch parameters, once per shape: a decode step then costs one kernel call."""
     _check(q, k, v, group_size, bits, mask, sinks)
     chunk = split or chunk_size(k[2])
     if chunk % _CHUNK_QUANTUM:
@@ -143,7 +143,7 @@ def reference(q: mx.array, k: Quantized, v: Quantized, *, scale: float, group_si
         x = mx.pad(x, [(0, 0), (0, 0), (0, pad), (0, 0)])
         return x.reshape(B, Hkv, 1, nc, chunk, D)
 
-    qf = (q.astype(mx.float32) * scale).reshape(B, Hkv, n_rep * M, 1, 1, D)
+    qf = (q * scale).astype(mx.float32).reshape(B, Hkv, n_rep * M, 1, 1, D)  # scaled in q's dtype, as mlx-lm
     s = (qf * dq(k)).sum(-1)  # (B, Hkv, R, nc, chunk)
     if isinstance(mask, str):
         mask = _causal(M, N)

@@ -1,15 +1,19 @@
-"""CUDA flash-decoding kernels for quantized-KV attention, run through `mx.fast.cuda_kernel`.
+"""CUDA flash-decoding kernel for quantized-KV attention, run through `mx.fast.cuda_kernel`.
 
-Two launches. `split`: one block per (chunk of N, kv head, row group, batch) streams its packed K/V tiles
-from HBM once (16-byte loads, the next tile's loads in flight while the current one is computed) and serves
-every query row of that kv head in the block; it writes float32 (max, sum, unnormalised output) per row and
-chunk. `combine`: one block per query row merges the chunks in a fixed order and adds the sinks.
+One launch. One block per (chunk of N, kv head, row group, batch) streams its packed K/V tiles from HBM
+once (16-byte loads, the next tile's loads in flight while the current one is computed) and serves every
+query row of that kv head in the block; it writes float32 (max, sum, unnormalised output) per row and chunk.
+The last block of a row group to finish (an atomic counter per row group, zeroed by MLX at each launch)
+merges the chunks in index order, adds the sinks and writes the output: no second launch.
 
 M-invariance: the chunk size depends on N alone and every per-row choice (tile, shuffle tree, which keys a
-thread sums in P.V, the order the key subsets are added) depends on D and n_rep alone; M only sets how many
-rows a block holds (MBE positions x n_rep heads), so every instruction that touches a row's numbers is the same
-whatever M is (explicit fmaf everywhere, fixed reduction trees). A row decoded alone and the same row inside
-a verification pass of M = 2..16 give bitwise equal outputs.
+thread sums in P.V, the order the key subsets and the chunks are added) depends on D and n_rep alone; M
+only sets how many rows a block holds (MBE positions x n_rep heads), so every instruction that touches a
+row's numbers is the same whatever M is (explicit fmaf everywhere, fixed reduction trees). A row decoded
+alone and the same row inside a verification pass of M = 2..16 give bitwise equal outputs.
+
+The query is scaled as mlx-lm scales it (`queries * scale` in the query's dtype, then float32), so the
+kernel takes the unscaled query of mlx-lm's function and gives the numbers of its scaled one.
 
 K/V arrive as strided views of mlx-lm's cache buffer (`ensure_row_contiguous=False`); only their last axis
 must be contiguous, which the kernel checks (a violation writes NaN rather than a wrong number).
@@ -93,15 +97,16 @@ __device__ __forceinline__ int64_t bidx(const Shape& sh, const Strides& st, int 
 
 // MASK: 0 none, 1 bool (false -> fill), 2 additive, 3 causal (key n allowed iff n <= N - M + m).
 // Rows of a block: r = mm * NREP + rep for MBE query positions (MBE = min(M, MBMAX)), all n_rep heads.
-template <typename T, typename MT, int D, int BITS, int GS, int NREP, int MBMAX, int MBE, int MASK>
+template <typename T, typename MT, typename ST, int D, int BITS, int GS, int NREP, int MBMAX, int MBE, int MASK,
+          bool SINKS>
 __device__ void split(
     const T* q, const Shape& q_shape, const Strides& q_st,
     const uint32_t* kw, const Shape& kw_shape, const Strides& kw_st,
     const T* ks, const Strides& ks_st, const T* kb, const Strides& kb_st,
     const uint32_t* vw, const Strides& vw_st,
     const T* vs, const Strides& vs_st, const T* vb, const Strides& vb_st,
-    const MT* mask, const Shape& m_shape, const Strides& m_st,
-    const float* params, float* po, float* pml) {
+    const MT* mask, const Shape& m_shape, const Strides& m_st, const ST* sinks,
+    const float* params, T* out, float* work) {
   using G = Geo<D>;
   constexpr int RB = NREP * MBE;
   using P = PVGeo<D, NREP * MBMAX>;
@@ -124,7 +129,12 @@ __device__ void split(
   const int c = blockIdx.x / nrg, rg = blockIdx.x % nrg;
   const int nc = gridDim.x / nrg;
   const int kvh = blockIdx.y, b = blockIdx.z;
-  const float scale = params[0], fill = params[1];
+  // work (zeroed by MLX): per row and chunk (max, sum), then the unnormalised outputs, then the counters
+  const int64_t rows_nc = static_cast<int64_t>(q_shape[0]) * Hq * M * nc;
+  float* pml = work;
+  float* po = work + 2 * rows_nc;
+  int* done = reinterpret_cast<int*>(po + rows_nc * D);
+  const float scale = to_f(static_cast<T>(params[0])), fill = params[1];  // the scale in T, as mlx-lm's
   const int chunk = static_cast<int>(params[2]);
   const int n0 = c * chunk, n1 = min(N, n0 + chunk);
   const bool bad = kw_st[3] != 1 || vw_st[3] != 1 || ks_st[3] != 1 || kb_st[3] != 1 || vs_st[3] != 1 ||
@@ -138,8 +148,8 @@ __device__ void split(
     const int i4 = rem / (NPP * 4), p = (rem / 4) % NPP, e = rem % 4;
     float x = 0.f;
     if (p < NPART && r < rv)
-      x = to_f(q[b * q_st[0] + row_head(r) * q_st[1] + static_cast<int64_t>(row_pos(r)) * q_st[2] +
-                 p * 32 + i4 * 4 + e]) * scale;
+      x = to_f(static_cast<T>(to_f(q[b * q_st[0] + row_head(r) * q_st[1] + static_cast<int64_t>(row_pos(r)) * q_st[2] +
+                                   p * 32 + i4 * 4 + e]) * scale));  // exact product, rounded once in T
     qsm[i] = x;
   }
   __syncthreads();
@@ -345,47 +355,49 @@ __device__ void split(
     pml[(row * nc + c) * 2] = m_sm[tid];
     pml[(row * nc + c) * 2 + 1] = l_sm[tid];
   }
-}
 
-// One block per query row (b, h, m); thread d. Chunk weights once in shared memory, merged in index order.
-template <typename T, typename ST, int D, bool SINKS>
-__device__ void combine(const float* po, const Shape& po_shape, const float* pml, const ST* sinks, T* out) {
-  constexpr int MAXC = 256;
-  __shared__ float w_sm[MAXC];
-  __shared__ float l_sm[MAXC];
-  const int Hq = po_shape[1], M = po_shape[2], nc = po_shape[3];
-  const int64_t row = blockIdx.x;
-  const int d = threadIdx.x;
-  const float* ml = pml + row * nc * 2;
-  float mx = NEG_INF;
-  for (int c = 0; c < nc; ++c) mx = fmaxf(mx, ml[2 * c]);
-  float sink = NEG_INF;
-  if constexpr (SINKS) { sink = to_f(sinks[(row / M) % Hq]); mx = fmaxf(mx, sink); }
-  float l = 0.f, o = 0.f;
-  const float* pr = po + row * nc * D + d;
-  for (int c0 = 0; c0 < nc; c0 += MAXC) {
-    const int cn = min(MAXC, nc - c0);
-    __syncthreads();
-    for (int c = d; c < cn; c += D) { w_sm[c] = expf(ml[2 * (c0 + c)] - mx); l_sm[c] = ml[2 * (c0 + c) + 1]; }
-    __syncthreads();
-#pragma unroll 8
-    for (int c = 0; c < cn; ++c) {
-      l = fmaf(w_sm[c], l_sm[c], l);
-      o = fmaf(w_sm[c], pr[(c0 + c) * D], o);
+  // the last chunk of this row group to finish merges all of them, in chunk order
+  __shared__ int last;
+  __threadfence();
+  __syncthreads();
+  if (tid == 0) last = atomicAdd(done + (static_cast<int64_t>(b) * gridDim.y + kvh) * nrg + rg, 1) == nc - 1;
+  __syncthreads();
+  if (!last) return;
+  __threadfence();
+  constexpr int RPP = THREADS / D;  // rows merged per pass
+  const int rl = tid / D, d = tid % D;
+  for (int r0 = 0; r0 < rv; r0 += RPP) {
+    const int r = r0 + rl;
+    if (rl >= RPP || r >= rv) continue;
+    const int64_t row = (static_cast<int64_t>(b) * Hq + row_head(r)) * M + row_pos(r);
+    const float* ml = pml + row * nc * 2;
+    const float* pr = po + row * nc * D + d;
+    float top = NEG_INF;
+    for (int k = 0; k < nc; ++k) top = fmaxf(top, __ldcg(ml + 2 * k));
+    float sink = NEG_INF;
+    if constexpr (SINKS) { sink = to_f(sinks[row_head(r)]); top = fmaxf(top, sink); }
+    float l = 0.f, o = 0.f;
+    for (int k = 0; k < nc; ++k) {
+      const float w = expf(__ldcg(ml + 2 * k) - top);
+      l = fmaf(w, __ldcg(ml + 2 * k + 1), l);
+      o = fmaf(w, __ldcg(pr + k * D), o);
     }
+    if constexpr (SINKS) l += expf(sink - top);
+    out[row * D + d] = static_cast<T>(o / l);
   }
-  if constexpr (SINKS) l += expf(sink - mx);
-  out[row * D + d] = static_cast<T>(o / l);
 }
 
 }  // namespace qsdpa
 """
 
 _KV_ARGS = "kw, kw_shape, kw_strides, ks, ks_strides, kb, kb_strides, vw, vw_strides, vs, vs_strides, vb, vb_strides"
-_SPLIT_CALL = "qsdpa::split<T, MT, D, BITS, GS, NREP, MBMAX, MBE, MASK>(q, q_shape, q_strides, " + _KV_ARGS + ", {mask}, params, po, pml);"
+_CALL = ("qsdpa::split<T, MT, ST, D, BITS, GS, NREP, MBMAX, MBE, MASK, SINKS>(q, q_shape, q_strides, " + _KV_ARGS
+         + ", {mask}, {sinks}, params, out, work);")
 _ARRAY_MASK = "mask, mask_shape, mask_strides"
 _NO_MASK = "static_cast<const MT*>(nullptr), q_shape, q_strides"  # unused when MASK is 0 or 3
 _KV_NAMES = ["kw", "ks", "kb", "vw", "vs", "vb"]
+_CUDA_TYPES = {mx.float16: ("__half", "f16"), mx.bfloat16: ("__nv_bfloat16", "bf16"), mx.float32: ("float", "f32"),
+               mx.bool_: ("bool", "b")}
 
 MASK_NONE, MASK_BOOL, MASK_ADD, MASK_CAUSAL = 0, 1, 2, 3
 
@@ -400,23 +412,22 @@ _HEADER = _compact(HEADER)
 
 
 @lru_cache(maxsize=None)
-def _split_kernel(array_mask: bool, shared_memory: int) -> Any:
-    """One kernel object per (mask input present, dynamic shared memory size): built on first CUDA use."""
-    names = ["q"] + _KV_NAMES + (["mask"] if array_mask else []) + ["params"]
+def _kernel(constants: tuple, array_mask: bool, sinks: bool, shared_memory: int) -> Any:
+    """One kernel object per instantiation, its template arguments written into the source: MLX formats
+    template arguments anew on every call, constants in the source cost nothing per call."""
+    names = ["q"] + _KV_NAMES + (["mask"] if array_mask else []) + (["sinks"] if sinks else []) + ["params"]
+    lines = []
+    for name, value in constants:
+        if isinstance(value, mx.Dtype):
+            lines.append(f"using {name} = {_CUDA_TYPES[value][0]};")
+        else:
+            lines.append(f"constexpr {'bool' if isinstance(value, bool) else 'int'} {name} = {str(value).lower()};")
+    call = _CALL.format(mask=_ARRAY_MASK if array_mask else _NO_MASK,
+                        sinks="sinks" if sinks else "static_cast<const ST*>(nullptr)")
+    tag = "_".join(_CUDA_TYPES[v][1] if isinstance(v, mx.Dtype) else str(int(v)) for _, v in constants)
     return mx.fast.cuda_kernel(
-        name="qsdpa_split", input_names=names, output_names=["po", "pml"],
-        source=_SPLIT_CALL.format(mask=_ARRAY_MASK if array_mask else _NO_MASK),
+        name=f"qsdpa_{tag}", input_names=names, output_names=["out", "work"], source="\n".join(lines + [call]),
         header=_HEADER, ensure_row_contiguous=False, shared_memory=shared_memory)
-
-
-@lru_cache(maxsize=None)
-def _combine_kernel(sinks: bool) -> Any:
-    names = ["po", "pml"] + (["sinks"] if sinks else [])
-    arg = "sinks" if sinks else "static_cast<const ST*>(nullptr)"
-    return mx.fast.cuda_kernel(
-        name="qsdpa_combine", input_names=names, output_names=["out"],
-        source=f"qsdpa::combine<T, ST, D, SINKS>(po, po_shape, pml, {arg}, out);",
-        header=_HEADER, ensure_row_contiguous=False)
 
 
 def geometry(D: int, n_rep: int, M: int) -> tuple[int, int, int]:
@@ -445,23 +456,20 @@ def plan(B: int, Hq: int, Hkv: int, M: int, D: int, N: int, chunk: int, bits: in
     _, mbmax, mbe = geometry(D, n_rep, M)
     nc = -(-N // chunk)
     nrg = -(-M // mbe)
-    split = dict(
-        output_shapes=[(B, Hq, M, nc, D), (B, Hq, M, nc, 2)], output_dtypes=[mx.float32, mx.float32],
-        grid=(nrg * nc * THREADS, Hkv, B), threadgroup=(THREADS, 1, 1),
-        template=[("T", dtype), ("MT", mask_dtype or dtype), ("D", D), ("BITS", bits), ("GS", group_size),
-                  ("NREP", n_rep), ("MBMAX", mbmax), ("MBE", mbe), ("MASK", mask_kind)])
-    combine = dict(
-        output_shapes=[(B, Hq, M, D)], output_dtypes=[dtype], grid=(B * Hq * M * D, 1, 1), threadgroup=(D, 1, 1),
-        template=[("T", dtype), ("ST", sinks_dtype or dtype), ("D", D), ("SINKS", sinks_dtype is not None)])
-    k_split = _split_kernel(mask_kind in (MASK_BOOL, MASK_ADD), shared_bytes(D, n_rep, M))
-    k_combine = _combine_kernel(sinks_dtype is not None)
-    return k_split, split, k_combine, combine
+    rows_nc = B * Hq * M * nc
+    launch_args = dict(
+        output_shapes=[(B, Hq, M, D), (rows_nc * (D + 2) + B * Hkv * nrg,)], output_dtypes=[dtype, mx.float32],
+        init_value=0, grid=(nrg * nc * THREADS, Hkv, B), threadgroup=(THREADS, 1, 1))
+    constants = (("T", dtype), ("MT", mask_dtype or dtype), ("ST", sinks_dtype or dtype), ("D", D), ("BITS", bits),
+                 ("GS", group_size), ("NREP", n_rep), ("MBMAX", mbmax), ("MBE", mbe), ("MASK", mask_kind),
+                 ("SINKS", sinks_dtype is not None))
+    kernel = _kernel(constants, mask_kind in (MASK_BOOL, MASK_ADD), sinks_dtype is not None, shared_bytes(D, n_rep, M))
+    return kernel, launch_args
 
 
 def launch(plan_: tuple, q: mx.array, k: Sequence[mx.array], v: Sequence[mx.array], mask: mx.array | None,
            params: mx.array, sinks: mx.array | None) -> mx.array:
-    """Two launches; K/V, q and mask are passed as the views they are (no copies)."""
-    k_split, split, k_combine, combine = plan_
-    inputs = [q, *k, *v] + ([mask] if mask is not None else []) + [params]
-    po, pml = k_split(inputs=inputs, **split)
-    return k_combine(inputs=[po, pml] + ([sinks] if sinks is not None else []), **combine)[0]
+    """One launch; K/V, q and mask are passed as the views they are (no copies)."""
+    kernel, launch_args = plan_
+    inputs = [q, *k, *v] + ([mask] if mask is not None else []) + ([sinks] if sinks is not None else []) + [params]
+    return kernel(inputs=inputs, **launch_args)[0]

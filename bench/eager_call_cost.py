@@ -1,0 +1,110 @@
+"""The Python cost of one call where a rule fires in eager mode (issue 12: goal <= 10 us per fired call).
+
+Run: python -m bench.eager_call_cost [OUT_DIR]   (any machine; on CUDA the real kernel runs)
+Host time per call, graph building only (no evaluation), of mlx-lm's `quantized_scaled_dot_product_attention`
+on a decode-step query (B=1, 16 q / 4 kv heads, head dim 128, float16, an 8-bit cache of 4093 keys, sliced
+from a larger buffer as mlx-lm's cache hands it over), calls interleaved over many rounds:
+- `fused call`: the call inside an eager forward pass, where the fused rule fires;
+- `kernel alone`: `quantized_sdpa` called directly with the same arguments (what the rewrite runs);
+- `float SDPA`: `mx.fast.scaled_dot_product_attention` over a float16 cache of the same length (what a
+  float cache's attention costs the host);
+- `mlx-lm unfused` (CPU only; on CUDA it raises): the function as shipped.
+Ours per fired call = fused call - kernel alone. On CPU the rule is told it runs on CUDA and the kernel is
+a stub returning a cached array (the CPU reference is many ops), so the difference is the dispatch alone.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import mlx.core as mx
+from mlx_lm.models import base
+
+import mlxrewrite
+from mlxrewrite.policy import Backend
+from mlxrewrite.rules import fused_quantized_attention as fused
+
+CALLS, ROUNDS = 50, 200
+B, HQ, HKV, D, N, DTYPE = 1, 16, 4, 128, 4093, mx.float16
+
+
+def _cache(bits: int = 8) -> tuple[tuple, tuple, mx.array, mx.array]:
+    buffer = mx.random.normal((B, HKV, N + 3, D)).astype(DTYPE)
+    k = tuple(a[..., :N, :] for a in mx.quantize(buffer, 64, bits))
+    v = tuple(a[..., :N, :] for a in mx.quantize(buffer * 0.5, 64, bits))
+    mx.eval(k, v)
+    return k, v, buffer[..., :N, :], (buffer * 0.5)[..., :N, :]
+
+
+def _per_call(fn: Callable[[], mx.array]) -> Callable[[], float]:
+    def sample() -> float:
+        start = time.perf_counter()
+        for _ in range(CALLS):
+            out = fn()
+        elapsed = (time.perf_counter() - start) / CALLS * 1e6
+        mx.eval(out)
+        return elapsed
+    return sample
+
+
+def main() -> None:
+    out_dir = Path(next((a for a in sys.argv[1:] if not a.startswith("--")), "."))
+    on_cuda = mx.default_device() == mx.gpu and mx.cuda.is_available()
+    if not on_cuda:  # the rule's dispatch alone: CUDA facts, a stub kernel
+        Backend.current = classmethod(lambda cls: Backend("cuda", "sm_90"))
+        outputs: dict = {}
+
+        def stub(q: mx.array, k: tuple, v: tuple, **kwargs) -> mx.array:
+            if (q.shape, q.dtype) not in outputs:
+                outputs[q.shape, q.dtype] = mx.zeros(q.shape, q.dtype)
+            return outputs[q.shape, q.dtype]
+
+        fused.quantized_sdpa = stub
+    kernel = fused.quantized_sdpa
+    k, v, kf, vf = _cache()
+    q = mx.random.normal((B, HQ, 1, D)).astype(DTYPE)
+    scale = D**-0.5
+    attention = mlxrewrite.eager(lambda q: [base.quantized_scaled_dot_product_attention(
+        q, k, v, scale=scale, mask=None, group_size=64, bits=8) for _ in range(CALLS)][-1])
+    mx.eval(attention(q))
+
+    def fused_call() -> float:
+        start = time.perf_counter()
+        out = attention(q)  # CALLS region calls in one forward pass
+        elapsed = (time.perf_counter() - start) / CALLS * 1e6
+        mx.eval(out)
+        return elapsed
+
+    samples = {
+        "fused call": fused_call,
+        "kernel alone": _per_call(lambda: kernel(q, k, v, scale=scale, group_size=64, bits=8, mask=None, fill=None)),
+        "float SDPA": _per_call(lambda: mx.fast.scaled_dot_product_attention(q, kf, vf, scale=scale, mask=None)),
+    }
+    if not on_cuda:
+        samples["mlx-lm unfused"] = _per_call(lambda: base.quantized_scaled_dot_product_attention(
+            q, k, v, scale=scale, mask=None, group_size=64, bits=8))
+    times: dict[str, list[float]] = {name: [] for name in samples}
+    for _ in range(ROUNDS):
+        for name, sample in samples.items():
+            times[name].append(sample())
+    us = {name: round(sorted(t)[len(t) // 2], 2) for name, t in times.items()}
+    calls = attention.rewriter.calls
+    assert any("fused-quantized-attention -> fused" in key for key in calls), calls
+    result = {"device": str(mx.default_device()), "kernel": "CUDA" if on_cuda else "stub", "mlx": mx.__version__,
+              "date": datetime.date.today().isoformat(), "median_us_per_call": us,
+              "ours_per_fired_call_us": round(us["fused call"] - us["kernel alone"], 2), "goal_us": 10,
+              "shape": {"B": B, "Hq": HQ, "Hkv": HKV, "D": D, "N": N, "dtype": str(DTYPE)}}
+    print(json.dumps(result))
+    if "--explain" in sys.argv:
+        print(attention.rewriter.explain())
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / f"eager_call_cost_{'cuda' if on_cuda else 'cpu'}.json").write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
