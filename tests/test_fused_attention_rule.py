@@ -12,7 +12,7 @@ from mlx_lm.models.cache import QuantizedKVCache
 import mlxrewrite
 import mlxrewrite.mlx_lm as mrl
 from mlxrewrite.mlx_lm.tiny import tiny
-from mlxrewrite.policy import Backend
+from mlxrewrite.backend import Backend
 from mlxrewrite.rules import fused_quantized_attention as fused
 
 SCALE = 0.125
