@@ -23,12 +23,13 @@ from typing import Callable
 import mlx.core as mx
 
 import mlxrewrite
+from mlxrewrite.examples import gqa_quantized_attention as gqa
 from bench.common import Env, Goal, Result, Table, failure, failures, fmt, fmt_ratio, fmt_span, fmt_time, forced, \
     max_abs_err, measure, progress, ratio, rewrites_chosen
 from bench.isolated import Worker, stage
 from bench.plots import line_panels
 
-B, N_KV, N_REP, GROUP = 1, 8, 4, 64  # Llama-3-8B-like heads: 32 query heads over 8 kv heads
+B, N_KV, N_REP, GROUP = gqa.B, 8, gqa.N_REP, 64  # Llama-3-8B-like heads: 32 query heads over 8 kv heads
 FULL = {"N": [2048, 4096, 8192, 16384, 32768], "M": [1, 2, 4, 8, 16], "bits": [4, 8], "D": [64, 128, 256],
         "iters": 30}
 # The default on a GPU. On a fresh H100 most of a row's time is MLX compiling (NVRTC) the quantized kernels
@@ -44,31 +45,15 @@ PROGRESS = ("bits", "D", "N", "M", "rewrite_chosen", "rewritten/as_shipped", "re
 TARGET = "bench.case_gqa:measure_row"  # what the child process runs per row (bench/isolated.py)
 
 
-def make_gqa(bits: int) -> Callable:
-    """mlx-lm's quantized_scaled_dot_product_attention for pre-scaled queries, K and V at `bits`."""
-    def gqa(queries, k_w, k_s, k_b, v_w, v_s, v_b):
-        b, h, m, d = queries.shape
-        q = queries.reshape(b, N_KV, N_REP, m, d)
-        keys = [mx.expand_dims(a, -3) for a in (k_w, k_s, k_b)]
-        values = [mx.expand_dims(a, -3) for a in (v_w, v_s, v_b)]
-        scores = mx.quantized_matmul(q, *keys, transpose=True, group_size=GROUP, bits=bits)
-        scores = mx.softmax(scores, axis=-1, precise=True)
-        return mx.quantized_matmul(scores, *values, transpose=False, group_size=GROUP, bits=bits).reshape(b, h, m, d)
-    return gqa
-
-
 def float_attention(queries: mx.array, keys: mx.array, values: mx.array) -> mx.array:
     return mx.fast.scaled_dot_product_attention(queries, keys, values, scale=1.0)
 
 
 def inputs(n: int, m: int, d: int, bits: int, dtype: mx.Dtype) -> tuple[tuple, tuple, mx.array]:
     """(quantized-call arguments, float operands over the dequantized cache, float32 reference), evaluated."""
-    mx.random.seed(0)
-    keys, values = (mx.random.normal((B, N_KV, n, d)).astype(dtype) for _ in range(2))
-    queries = (mx.random.normal((B, N_KV * N_REP, m, d)) * d**-0.5).astype(dtype)
-    k_q, v_q = (mx.quantize(a, group_size=GROUP, bits=bits) for a in (keys, values))
+    args = gqa.example_inputs(n, m, d=d, n_kv=N_KV, key_bits=bits, value_bits=bits, group_size=GROUP, dtype=dtype)
+    queries, k_q, v_q = args[0], args[1:4], args[4:]
     k_d, v_d = (mx.dequantize(*a, group_size=GROUP, bits=bits) for a in (k_q, v_q))
-    args = (queries, *k_q, *v_q)
     reference = float_attention(*(a.astype(mx.float32) for a in (queries, k_d, v_d)))
     mx.eval(args, k_d, v_d, reference)
     return args, (queries, k_d, v_d), reference
@@ -77,11 +62,12 @@ def inputs(n: int, m: int, d: int, bits: int, dtype: mx.Dtype) -> tuple[tuple, t
 def variants(bits: int) -> dict[str, Callable]:
     """"rewritten" is the policy's choice (the fused kernel where it was verified); "unfused" the same without
     it (MLX's own quantized kernels); fold and copy are forced, unfused."""
-    gqa = make_gqa(bits)
-    return {"as_shipped": mx.compile(gqa), "rewritten": mlxrewrite.compile(gqa),
-            "unfused": mlxrewrite.compile(gqa, disable=FUSED),
-            "fold": mlxrewrite.compile(gqa, rules=[forced("fold")], disable=FUSED),
-            "copy": mlxrewrite.compile(gqa, rules=[forced("copy")], disable=FUSED), "float": mx.compile(float_attention)}
+    attention = gqa.make_attention(key_bits=bits, value_bits=bits, group_size=GROUP)
+    return {"as_shipped": mx.compile(attention), "rewritten": mlxrewrite.compile(attention),
+            "unfused": mlxrewrite.compile(attention, disable=FUSED),
+            "fold": mlxrewrite.compile(attention, rules=[forced("fold")], disable=FUSED),
+            "copy": mlxrewrite.compile(attention, rules=[forced("copy")], disable=FUSED),
+            "float": mx.compile(float_attention)}
 
 
 def measure_row(n: int, m: int, d: int, bits: int, dtype: str, iters: int, skip: tuple[str, ...] = ()) -> dict:

@@ -24,7 +24,7 @@ from typing import Any, Callable
 import mlx.core as mx
 
 import mlxrewrite
-from mlxrewrite.policy import Backend, device_backend
+from mlxrewrite.backend import Backend, device_backend
 from mlxrewrite.rule import Rule
 from mlxrewrite.rules import quantized_matmul_broadcast as qmm_rule
 

@@ -15,10 +15,9 @@ import time
 import mlx.core as mx
 
 import mlxrewrite
+from mlxrewrite.examples.gqa_quantized_attention import B, D, GROUP, N_KV, N_REP, attention as gqa
 from mlxrewrite.rule import Rule
 from mlxrewrite.rules import quantized_matmul_broadcast as qmm_rule
-
-B, N_KV, N_REP, D, GROUP = 1, 4, 4, 256, 64
 
 
 def timed(fn, *args, iters: int = 30) -> float:
@@ -30,16 +29,6 @@ def timed(fn, *args, iters: int = 30) -> float:
         mx.eval(fn(*args))
         samples.append(time.perf_counter() - start)
     return sorted(samples)[len(samples) // 2] * 1e6
-
-
-def gqa(queries, k_w, k_s, k_b, v_w, v_s, v_b):
-    b, h, m, d = queries.shape
-    q = queries.reshape(b, N_KV, N_REP, m, d)
-    keys = [mx.expand_dims(a, -3) for a in (k_w, k_s, k_b)]
-    values = [mx.expand_dims(a, -3) for a in (v_w, v_s, v_b)]
-    scores = mx.softmax(mx.quantized_matmul(q, *keys, transpose=True, group_size=GROUP, bits=8), axis=-1,
-                        precise=True)
-    return mx.quantized_matmul(scores, *values, transpose=False, group_size=GROUP, bits=4).reshape(b, h, m, d)
 
 
 def forced(rewrite: str) -> Rule:

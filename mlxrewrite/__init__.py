@@ -48,10 +48,14 @@ __all__ = [
 
 
 def _rules_from_checkout() -> None:
-    """In a plain checkout (nothing installed), `mlxrewrite.rules` is the repository's `rules/` directory,
-    as the build's package-dir mapping makes it for an install."""
-    rules = Path(__file__).resolve().parent.parent / "rules" / "__init__.py"
-    if importlib.util.find_spec(f"{__name__}.rules") is None and rules.is_file():
+    """In a checkout, `mlxrewrite.rules` is the repository's `rules/` directory, as the build's package-dir
+    mapping makes it for an install. That holds whatever else is installed: an editable install of another
+    checkout (a git worktree run with PYTHONPATH) must not pair this package with that checkout's rules."""
+    here = Path(__file__).resolve().parent
+    rules = here.parent / "rules" / "__init__.py"
+    found = importlib.util.find_spec(f"{__name__}.rules")
+    installed = found is not None and here in Path(found.origin or "").resolve().parents  # a wheel: mlxrewrite/rules
+    if not installed and rules.is_file():
         spec = importlib.util.spec_from_file_location(f"{__name__}.rules", rules,
                                                       submodule_search_locations=[str(rules.parent)])
         sys.modules[spec.name] = module = importlib.util.module_from_spec(spec)

@@ -20,7 +20,7 @@ import numpy as np
 
 from .graph import Graph, dtype_name
 from .layout import broadcast_strides
-from .policy import Backend
+from .backend import Backend
 from .decide import decide_graph, decide_site
 from .rule import Decline, Rule, select_rules
 from .trace import trace

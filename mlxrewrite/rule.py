@@ -11,6 +11,8 @@
 - `rewrites[name](matched, decision) -> mx.array`: receives what it matched (tinygrad's way): the
   intercepted `Call` for a call pattern (operands, params, `run_original`), a `Bound` for a subgraph
   (the placeholders' arrays).
+- `probes` (optional): the module with the rule's `mlxrewrite doctor` probes; its guard then reads what they
+  measured through `Backend.profile` (the rule's own section of it).
 The rule's module docstring says the hazard, the evidence, the rewrite and when it must not fire.
 """
 
@@ -117,6 +119,9 @@ class Rule:
     # Where the rewrites may run at all (a kernel verified on this backend); eager mode skips the rule's regions
     # elsewhere, at no cost. The guard still decides; it must decline wherever this says no.
     runs_on: Callable[[Any], bool] = field(default=lambda backend: True, repr=False)
+    # What `mlxrewrite doctor` measures for this rule: a module path, imported by the doctor only, whose
+    # `grid(backend, name)` says what to probe and `report(profile, footnotes)` renders it (docs/doctor.md)
+    probes: str | None = None
 
     def __post_init__(self) -> None:
         apis = {p.anchor_api for p in self.patterns}

@@ -31,7 +31,7 @@ import mlx.core as mx
 from mlxrewrite.facts import Facts, Read
 from mlxrewrite.kernels import quantized_sdpa
 from mlxrewrite.pattern import GraphPattern
-from mlxrewrite.policy import Backend
+from mlxrewrite.backend import Backend
 from mlxrewrite.rule import Bound, Decision, Decline, Region, Rule
 
 NAME = "fused-quantized-attention"

@@ -1,7 +1,12 @@
-"""Where MLX's CUDA backend sends a quantized_matmul, and which of its kernels are defective: facts shared by the
-two quantized_matmul rules (quantized_matmul_broadcast, quantized_matmul_legalise). Not a rule.
+"""Where MLX's Metal and CUDA backends send a quantized_matmul, and which of the kernels are wrong: facts shared by
+the two quantized_matmul rules (quantized_matmul_broadcast, quantized_matmul_legalise) and their doctor probes.
+Not a rule. This is the safe default, used wherever `mlxrewrite doctor` measured nothing (qmm_profile.py).
 
-Source: MLX at the newest stored snapshot (commit 846d17622, the 0.32.2 version bump; `mlx/backend/cuda/
+Metal (`QuantizedMatmul::eval_gpu`, v0.32.1): the vector kernels (qmv/qvm) run when M < `vector_limit`, which is 4
+for transpose=False and `get_qmv_batch_limit(K, N, device)` for transpose=True (`_QMV_LIMITS`); they misread
+stride-0 weight batches. CPU is correct for every M (measured).
+
+CUDA source: MLX at the newest stored snapshot (commit 846d17622, the 0.32.2 version bump; `mlx/backend/cuda/
 quantized/` is unchanged there since v0.32.1, and v0.32.4's tree is not stored), checked against what an H100
 ran with MLX 0.32.4 (bench/results/). `QuantizedMatmul::eval_gpu` (quantized/quantized.cpp) asks each
 kernel's `supports_*` (quantized/qmm/qmm.cu) and takes, in this order, the first that accepts:
@@ -36,9 +41,62 @@ import functools
 import re
 from typing import Any, Mapping
 
-from mlxrewrite.policy import Backend, quantization
+from mlxrewrite.backend import Backend
 
+# get_qmv_batch_limit(K, N): (small: K,N <= 2048; mid: <= 4096; large), by (generation floor, 'd' class)
+_QMV_LIMITS = [  # (min generation, size class test, (small, mid, large)), checked in this order
+    (17, "not d", (33, 25, 13)),
+    (15, "not d", (13, 15, 13)),
+    (13, "d", (32, 18, 12)),
+    (13, "any", (14, 10, 6)),
+    (0, "d", (32, 18, 12)),
+    (0, "any", (18, 12, 10)),
+]
+MAX_QMV_LIMIT = 33
 QMV_SM90_LIMIT = 16384  # qmm_sm90 gives way to qmv for M == B == 1 only while N and K are at most this
+
+
+def quantization(params: Mapping[str, Any]) -> tuple[str, int, int]:
+    """(mode, bits, group_size) of a quantized call, with MLX's defaults filled in."""
+    mode = params.get("mode") or "affine"
+    bits = params.get("bits") or (8 if mode == "mxfp8" else 4)
+    group_size = params.get("group_size") or {"affine": 64, "nvfp4": 16}.get(mode, 32)
+    return mode, bits, group_size
+
+
+def qmm_mkn(x_shape: tuple, w_shape: tuple, params: Mapping[str, Any]) -> tuple[int, int, int]:
+    """M, K, N of quantized_matmul(x, w, ...): w is (N, K) packed when transposed, else (K, N) packed."""
+    bits = quantization(params)[1]
+    n = w_shape[-2] if params["transpose"] else w_shape[-1] * 32 // bits
+    return x_shape[-2], x_shape[-1], n
+
+
+def metal_vector_limit(k: int, n: int, transpose: bool, arch: str) -> int:
+    """MLX's Metal threshold: M below this runs the vector kernel (the one that misreads stride-0 batches)."""
+    if not transpose:
+        return 4
+    size = 0 if k <= 2048 and n <= 2048 else 1 if k <= 4096 and n <= 4096 else 2
+    match = re.search(r"g(\d+)([a-z])", arch)
+    if not match:
+        return MAX_QMV_LIMIT  # unknown chip: assume the largest limit MLX uses anywhere
+    gen, size_class = int(match.group(1)), match.group(2)
+    for min_gen, class_test, limits in _QMV_LIMITS:
+        class_ok = class_test == "any" or (size_class == "d") == (class_test == "d")
+        if gen >= min_gen and class_ok:
+            return limits[size]
+    return MAX_QMV_LIMIT
+
+
+def qmm_hazard_applies(backend: Backend, m: int, k: int, n: int, transpose: bool) -> tuple[bool, str]:
+    """Does MLX's kernel for this call read stride-0 weight batches wrongly? (answer, reason)."""
+    if backend.kind == "metal":
+        limit = metal_vector_limit(k, n, transpose, backend.arch)
+        if m < limit:
+            return True, f"Metal vector kernel runs for M={m} < {limit} (get_qmv_batch_limit)"
+        return False, f"Metal matrix kernel runs for M={m} >= {limit}; it handles broadcast batches"
+    if backend.kind == "cuda":
+        return True, "CUDA kernels use matrix 0 for every batch of a broadcast weight (any M)"
+    return True, "CPU is correct, but the rewrite keeps CPU and GPU graphs alike and is faster"
 
 
 def dispatch_rows(n: int) -> int:

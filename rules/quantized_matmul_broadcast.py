@@ -26,7 +26,7 @@ which killed an H100 process ("unspecified launch failure"; compute-sanitizer na
 x and weights they pass get 1 KiB of zeros after their last element (one copy of the weights where fold would
 not copy them). The numbers are unchanged: the kernel never uses what it reads there.
 
-Which one (`policy.qmm_route`, docs/doctor.md): where MLX's CUDA kernel for the call's K and group size is
+Which one (`qmm_route`, docs/doctor.md): where MLX's CUDA kernel for the call's K and group size is
 wrong for every layout (`qmm_sm90` at group_size >= K, H100), dequantize; where `mlxrewrite doctor` measured
 the call's bucket on this device and MLX version, the fastest rewrite that was correct there, then
 dequantize; elsewhere fold (copy when fold cannot apply).
@@ -39,19 +39,22 @@ a profile measured that bucket wrong. A profile never stops the rule where the s
 from __future__ import annotations
 
 import math
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Mapping
 
 import mlx.core as mx
 import numpy as np
 
+from mlxrewrite.backend import NOT_MEASURED, Backend, Measured
 from mlxrewrite.facts import Facts, Read
 from mlxrewrite.graph import dtype_name
 from mlxrewrite.intercept import Call
 from mlxrewrite.layout import broadcast_strides, stride0_batch_dims
 from mlxrewrite.pattern import CallPattern
-from mlxrewrite.policy import Backend, qmm_route
 from mlxrewrite.rule import Decision, Decline, Rule
-from mlxrewrite.rules.qmm_dispatch import cuda_qmm_overreads, needs_dense_weights
+
+from .qmm_dispatch import cuda_qmm_overreads, cuda_qmm_wrong, needs_dense_weights, qmm_hazard_applies, qmm_mkn
+from .qmm_profile import ORIGINAL, SOURCE_WAYS, QmmBucket, measured
 
 NAME = "quantized-matmul-broadcast-weights"
 WEIGHTS = ("w", "scales", "biases")
@@ -207,6 +210,51 @@ def dequantize(call: Call, decision: Decision) -> mx.array:
     return _to_batch(x @ (mx.swapaxes(w, -1, -2) if p["transpose"] else w), batch)
 
 
+# ---- the decision --------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class QmmRoute:
+    """How to run one broadcast quantized_matmul call: ways in order of preference, and why. Hashable and
+    free of exact KV lengths, so eager mode keys its cached decisions on it (equal routes, equal decisions)."""
+
+    ways: tuple[str, ...]  # ORIGINAL (leave the call) or rewrite names; always holds one that is not "fold"
+    why: str
+
+    def choose(self, foldable: bool) -> str | None:
+        """The first way that applies (fold needs every weight operand broadcast on the same dims); None:
+        leave the call as written."""
+        way = next(w for w in self.ways if foldable or w != "fold")
+        return None if way == ORIGINAL else way
+
+
+def qmm_route(backend: Backend, dtype: str, x_shape: tuple, w_shape: tuple, params: Mapping[str, Any]) -> QmmRoute:
+    """The source-derived hazard, refined by the profile where it measured the call's bucket.
+
+    A measurement may only add caution and pick among correct rewrites: the call is left as written only
+    where the source facts call the kernel right and the profile measured it right too (leaving a call
+    alone is the one choice whose correctness rests on a bucket's probes standing for all its shapes, and
+    on CPU the rule rewrites on purpose, so that CPU audits show what GPUs need). Elsewhere it takes the
+    fastest rewrite measured correct, then dequantize. Where the bucket was not measured: fold, or copy, less
+    the rewrites that failed in the bucket's kernel family (then dequantize)."""
+    hazardous, why = qmm_hazard_applies(backend, *qmm_mkn(x_shape, w_shape, params), bool(params["transpose"]))
+    rows = math.prod(x_shape[:-1]) * math.prod(w_shape[:-2])  # > 1 exactly where M times the batch count is
+    wrong = cuda_qmm_wrong(backend, dtype, rows, x_shape[-1], params)
+    if wrong:  # no measurement of a bucket stands against a kernel that is wrong for every layout
+        return QmmRoute(("dequantize",), f"{why}; {wrong}")
+    profile = measured(backend.profile, NAME)
+    if profile is None:
+        return QmmRoute(SOURCE_WAYS if hazardous else (ORIGINAL,), why)
+    bucket = QmmBucket.of(dtype, x_shape, w_shape, params)
+    ways, measurement = profile.hazard_ways(bucket)
+    verdict = profile.verdicts.get(bucket)
+    shipped = verdict.ways[ORIGINAL] if verdict is not None else Measured(NOT_MEASURED)
+    # measured: it must have been right; not measured: the source facts stand unless a probe found it wrong
+    shipped_right = shipped.ok if verdict is not None and verdict.complete else not shipped.failed
+    if not hazardous and shipped_right:
+        return QmmRoute((ORIGINAL,), f"{why}; {measurement}")
+    return QmmRoute(ways, f"{why}; {measurement}")
+
+
 RULE = Rule(
     name=NAME,
     severity="error",
@@ -217,4 +265,5 @@ RULE = Rule(
     rewrites={"fold": fold, "copy": copy, "dequantize": dequantize},
     doc=__doc__,
     needs={"x": 3, "w": 3},  # rank-2 x or w: MLX does not broadcast (linear layers pass straight through)
+    probes="mlxrewrite.rules.qmm_probes",
 )

@@ -47,15 +47,16 @@ from typing import Any, Mapping, NamedTuple
 
 import mlx.core as mx
 
+from mlxrewrite.backend import Backend
 from mlxrewrite.facts import Facts, Read
 from mlxrewrite.graph import dtype_name
 from mlxrewrite.intercept import Call
 from mlxrewrite.pattern import CallPattern
-from mlxrewrite.policy import ORIGINAL, Backend, QmmBucket, qmm_mkn, quantization
 from mlxrewrite.rule import Decision, Decline, Rule
 
-from .qmm_dispatch import cuda_qmm_kernel, cuda_qmm_overreads, cuda_qmm_wrong, dispatch_rows
-from .quantized_matmul_broadcast import WEIGHTS, dequantize
+from .qmm_dispatch import cuda_qmm_kernel, cuda_qmm_overreads, cuda_qmm_wrong, dispatch_rows, qmm_mkn, quantization
+from .qmm_profile import ORIGINAL, QmmBucket, measured
+from .quantized_matmul_broadcast import NAME as BROADCAST, WEIGHTS, dequantize
 
 NAME = "quantized-matmul-cuda-legalise"
 PARAMS = ("group_size", "bits", "mode", "transpose")
@@ -117,10 +118,11 @@ def _dequantize_params(batch: tuple) -> dict[str, Any]:
 def _measured_failed(backend: Backend, dtype: str, x_shape: tuple, w_shape: tuple, params: Mapping[str, Any],
                      batch: tuple) -> Route | None:
     """The doctor hook for CPU and Metal: dequantize where a profile measured the call's bucket failing."""
-    if backend.profile is None or len(w_shape) <= 2:  # the doctor probes batched weights only
+    profile = measured(backend.profile, BROADCAST)  # the doctor probes the broadcast rule's calls
+    if profile is None or len(w_shape) <= 2:  # ... on batched weights only
         return None
     bucket = QmmBucket.of(dtype, x_shape, w_shape, params)
-    verdict = backend.profile.qmm.get(bucket)
+    verdict = profile.verdicts.get(bucket)
     if verdict is None or not verdict.ways[ORIGINAL].failed:
         return None
     return Route("dequantize", f"`mlxrewrite doctor` measured {bucket.label()} as shipped: "

@@ -70,4 +70,5 @@ RULE = Rule(
     rewrites={"drop_mask": drop_mask},
     doc=__doc__,
     needs={"mask": 0},
+    probes="mlxrewrite.rules.sdpa_probes",  # reported only: how much slower the masked path is here
 )

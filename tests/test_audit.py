@@ -382,5 +382,5 @@ def test_declines_say_why_a_rule_did_not_fire(capsys):
     """`audit --declines`: each rule that did not fire at a call says why (here: the fused kernel on CPU)."""
     assert main(["audit", "mlxrewrite/examples/gqa_quantized_attention.py:attention", "--declines"]) == 1
     out = capsys.readouterr().out
-    assert "fused-quantized-attention did not fire at mlxrewrite/examples/gqa_quantized_attention.py:23: " \
+    assert "fused-quantized-attention did not fire at mlxrewrite/examples/gqa_quantized_attention.py:35: " \
            "the fused kernel is not verified on cpu" in out

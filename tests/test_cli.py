@@ -90,7 +90,7 @@ def test_audit_text_shows_the_strides_the_kernel_sees(capsys):
     assert cli.main(["audit", EXAMPLE]) == 1
     text = capsys.readouterr().out
     assert "w: uint32[1, 4, 1, 2048, 64], seen as [1, 4, 4, 2048, 64] strides [524288, 131072, 0*, 64, 1]" in text
-    assert "at mlxrewrite/examples/gqa_quantized_attention.py:21" in text or "gqa_quantized_attention.py:21" in text
+    assert "at mlxrewrite/examples/gqa_quantized_attention.py:33" in text or "gqa_quantized_attention.py:33" in text
     assert "note: on cpu, MLX computes these calls right" in text
     assert max(map(len, text.splitlines())) <= 110
 

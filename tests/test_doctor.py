@@ -13,17 +13,20 @@ import pytest
 
 import mlxrewrite
 import mlxrewrite.doctor
-from mlxrewrite import cli, doctor, policy
-from mlxrewrite.policy import (NOT_MEASURED, ORIGINAL, Backend, Measured, Profile, QmmBucket, QmmVerdict,
-                               ProfileWarning)
+from mlxrewrite import cli, doctor
+from mlxrewrite.backend import (NOT_MEASURED, Backend, Bucket, Measured, Profile, ProfileWarning, device_backend,
+                                profile_path)
 from mlxrewrite.decide import call_facts, decide_site
 from mlxrewrite.eager import trace_one_call
+from mlxrewrite.examples.gqa_quantized_attention import broadcast_cache
 from mlxrewrite.facts import ArrayEnv
+from mlxrewrite.rules import qmm_probes, qmm_profile, sdpa_noop_mask, sdpa_probes
 from mlxrewrite.rules import quantized_matmul_broadcast as qmb
+from mlxrewrite.rules.qmm_profile import ORIGINAL, QMM_REWRITES, QmmBucket, QmmVerdict
 
-# Small and fast on CPU: d=64, rows 256 (aligned) and 255 (not), M buckets 1, 2-3, 4-7
-GRID = doctor.Grid("test", ("float32",), (4,), m_buckets=3, rows=(256, 255), d=(64,), iters=1,
-                   sdpa=((64, 1, 256),), gather_m=(1,))
+# Small and fast on CPU: d=64, rows 256 (aligned) and 255 (not), M buckets 1, 2-3, 4-7; one SDPA shape
+GRID = qmm_probes.Grid("test", ("float32",), (4,), m_buckets=3, rows=(256, 255), d=(64,), iters=1, gather_m=(1,))
+SDPA = sdpa_probes.Grid("test", "float32", ((64, 1, 256),), iters=1)
 NO_IMPLEMENTATION = "[quantized_matmul] No implementation for problem shape"
 JIT_ERROR = ('Failed to compile kernel: /tmp/site/nvidia/cu13/include/mma.h(55): catastrophic error: cannot open '
              'source file "crt/mma.h"')  # what the H100 raised for folded d=64 calls (its CUDA headers are missing)
@@ -83,16 +86,16 @@ class FakeKernels(doctor.Kernels):
         return super().gather_qmm(x, w, scales, biases, **params)
 
 
-def expected_statuses(grid: doctor.Grid, wrong: Fault, unsupported: Fault) -> dict[QmmBucket, dict[str, str]]:
+def expected_statuses(grid: qmm_probes.Grid, wrong: Fault, unsupported: Fault) -> dict[QmmBucket, dict[str, str]]:
     """What each way must measure, from the faults and the kernel call each way makes: as shipped calls with
     broadcast weights, fold with dense weights and N_REP * M rows of x, copy with dense weights, dequantize
     with no quantized kernel at all."""
     calls = {ORIGINAL: lambda p: Problem(True, p.m, p.rows, p.d, False),
-             "fold": lambda p: Problem(False, doctor.N_REP * p.m, p.rows, p.d, True),
+             "fold": lambda p: Problem(False, qmm_probes.N_REP * p.m, p.rows, p.d, True),
              "copy": lambda p: Problem(False, p.m, p.rows, p.d, False)}
     flags: dict[QmmBucket, dict[str, set]] = {}
-    for probe in grid.qmm_probes():
-        ways = flags.setdefault(probe.bucket, {name: set() for name in (ORIGINAL, *policy.QMM_REWRITES)})
+    for probe in grid.probes():
+        ways = flags.setdefault(probe.bucket, {name: set() for name in (ORIGINAL, *QMM_REWRITES)})
         for name, call in calls.items():
             if unsupported(call(probe)):
                 ways[name].add("unsupported")
@@ -102,8 +105,25 @@ def expected_statuses(grid: doctor.Grid, wrong: Fault, unsupported: Fault) -> di
                      for name, found in ways.items()} for bucket, ways in flags.items()}
 
 
+def qmm(profile: Profile) -> dict[QmmBucket, QmmVerdict]:
+    """What the profile measured of the broadcast rule's buckets, as the rules read it."""
+    return qmm_profile.measured(profile, qmb.NAME).verdicts
+
+
 def measured_statuses(profile: Profile) -> dict[QmmBucket, dict[str, str]]:
-    return {bucket: {name: m.status for name, m in v.ways.items()} for bucket, v in profile.qmm.items()}
+    return {bucket: {name: m.status for name, m in v.ways.items()} for bucket, v in qmm(profile).items()}
+
+
+def reported(profile: Profile) -> list[str]:
+    """The statuses of what is only reported: SDPA's masked call per shape, then gather_qmm per shape."""
+    return ([b.ways["mask"].status for b in profile.rules[sdpa_noop_mask.NAME]]
+            + [b.ways["gather_qmm"].status for b in profile.rules[qmm_probes.GATHER]])
+
+
+def with_verdicts(*verdicts: QmmVerdict, kind: str = "cuda") -> Profile:
+    """A profile holding these verdicts of the broadcast rule's buckets, as the doctor writes them."""
+    buckets = tuple(Bucket(dataclasses.asdict(v.bucket), v.probes, v.ways) for v in verdicts)
+    return Profile("x", kind, mx.__version__, "now", {qmb.NAME: buckets})
 
 
 # A Metal-like fault (vector kernel for M < 4 wrong from M = 2) and a CUDA-like one (wrong for every M;
@@ -129,8 +149,8 @@ def profile_file(tmp_path, monkeypatch):
 
 
 def measure(wrong: Fault = NEVER, unsupported: Fault = NEVER, error: str = NO_IMPLEMENTATION,
-            grid: doctor.Grid = GRID, **options) -> Profile:
-    return doctor.run(grid=grid, kernels=FakeKernels(wrong, unsupported, error), progress=False, **options)
+            grid: qmm_probes.Grid = GRID, **options) -> Profile:
+    return doctor.run(grids=(grid, SDPA), kernels=FakeKernels(wrong, unsupported, error), progress=False, **options)
 
 
 _PROFILES: dict = {}
@@ -155,8 +175,8 @@ def test_verdicts_are_exactly_the_injected_faults(name, wrong, unsupported):
     expected = expected_statuses(GRID, wrong, unsupported)
     assert len(expected) == 2 * 2 * 3  # alignments (256, 255) x transposes x M buckets
     assert measured_statuses(profile) == expected
-    for verdict in profile.qmm.values():
-        assert verdict.probes == len([p for p in GRID.qmm_probes() if p.bucket == verdict.bucket])
+    for verdict in qmm(profile).values():
+        assert verdict.probes == len([p for p in GRID.probes() if p.bucket == verdict.bucket])
         for name_, m in verdict.ways.items():
             if m.status == "ok":
                 assert m.max_error < doctor.TOLERANCE["float32"] and m.us > 0
@@ -168,23 +188,24 @@ def test_verdicts_are_exactly_the_injected_faults(name, wrong, unsupported):
 
 def test_sdpa_and_gather_qmm_are_reported():
     healthy = cached_measure("healthy", NEVER, NEVER)
-    (sdpa,) = healthy.notes["sdpa"]
-    assert sdpa["status"] == "equal" and sdpa["max_diff"] < 1e-5 and sdpa["mask_over_none"] > 0
-    assert [g["status"] for g in healthy.notes["gather_qmm"]] == ["ok"]
-    faulty = doctor.run(grid=dataclasses.replace(GRID, m_buckets=0), progress=False, save=False,
+    (sdpa,) = healthy.rules[sdpa_noop_mask.NAME]
+    none, mask = sdpa.ways["none"], sdpa.ways["mask"]
+    assert mask.ok and mask.max_error < 1e-5 and mask.us / none.us > 0
+    assert reported(healthy) == ["ok", "ok"] and "| float32 | 64 | 1 | 256 | equal |" in doctor.render(healthy)
+    faulty = doctor.run(grids=(dataclasses.replace(GRID, m_buckets=0), SDPA), progress=False, save=False,
                         kernels=FakeKernels(sdpa_mask_off=True, gather_fails=True))
-    assert faulty.qmm == {}
-    assert faulty.notes["sdpa"][0]["status"] == "differ"
-    assert faulty.notes["gather_qmm"][0]["status"] == "unsupported"
-    assert "No implementation" in faulty.notes["gather_qmm"][0]["error"]
+    assert qmb.NAME not in faulty.rules  # no quantized_matmul bucket in the grid
+    assert reported(faulty) == ["wrong", "unsupported"] and "| 256 | differ |" in doctor.render(faulty)
+    (gather,) = faulty.rules[qmm_probes.GATHER]
+    assert "No implementation" in gather.ways["gather_qmm"].error
 
 
 def test_no_budget_records_every_bucket_as_not_measured():
-    profile = doctor.run(grid=GRID, kernels=FakeKernels(), progress=False, save=False, budget_s=0)
-    assert set(profile.qmm) == {p.bucket for p in GRID.qmm_probes()}
-    assert {m.status for v in profile.qmm.values() for m in v.ways.values()} == {NOT_MEASURED}
-    assert profile.notes["unmeasured_buckets"] == len(profile.qmm) and "time budget" in profile.notes["stopped"]
-    assert [r["status"] for r in profile.notes["sdpa"] + profile.notes["gather_qmm"]] == [NOT_MEASURED] * 2
+    profile = measure(save=False, budget_s=0)
+    assert set(qmm(profile)) == {p.bucket for p in GRID.probes()}
+    assert {m.status for v in qmm(profile).values() for m in v.ways.values()} == {NOT_MEASURED}
+    assert profile.notes["unmeasured_buckets"] == len(qmm(profile)) and "time budget" in profile.notes["stopped"]
+    assert reported(profile) == [NOT_MEASURED] * 2
     fn, args, _ = gqa_call(m=2, rows=256)
     assert decide(fn, args, with_profile(profile)).rewrite == "fold"  # the source policy
 
@@ -215,34 +236,34 @@ class SlowKernels(FakeKernels):
 
 def test_time_budget_measures_the_most_important_buckets_first_and_marks_the_rest():
     clock = Clock()
-    profile = doctor.run(grid=GRID, kernels=SlowKernels(clock), progress=False, save=False, budget_s=40,
+    profile = doctor.run(grids=(GRID, SDPA), kernels=SlowKernels(clock), progress=False, save=False, budget_s=40,
                          clock=clock)
-    by_priority = list(dict.fromkeys(p.bucket for p in GRID.qmm_probes()))
-    complete = [profile.qmm[b].complete for b in by_priority]
+    by_priority = list(dict.fromkeys(p.bucket for p in GRID.probes()))
+    complete = [qmm(profile)[b].complete for b in by_priority]
     assert complete == sorted(complete, reverse=True), complete  # a prefix, in priority order
-    assert all(profile.qmm[b].complete for b in by_priority if b.m == "1")  # decoding first
-    assert any(all(m.status == NOT_MEASURED for m in profile.qmm[b].ways.values()) for b in by_priority)
+    assert all(qmm(profile)[b].complete for b in by_priority if b.m == "1")  # decoding first
+    assert any(all(m.status == NOT_MEASURED for m in qmm(profile)[b].ways.values()) for b in by_priority)
     assert "time budget (40 s) spent" in profile.notes["stopped"] and profile.notes["unmeasured_buckets"] > 0
-    last = GRID.qmm_probes()[-1]
-    assert profile.qmm[last.bucket].ways["fold"].status == NOT_MEASURED
-    route = policy.qmm_route(with_profile(profile), last.dtype, last.x_shape, last.w_shape, last.params)
+    last = GRID.probes()[-1]
+    assert qmm(profile)[last.bucket].ways["fold"].status == NOT_MEASURED
+    route = qmb.qmm_route(with_profile(profile), last.dtype, last.x_shape, last.w_shape, last.params)
     assert route.ways == ("fold", "copy") and "not measured by `mlxrewrite doctor`" in route.why
     assert "Not measured (the time budget ran out first)" in doctor.render(profile)
 
 
 def test_probes_cover_each_bucket_at_both_ends_in_priority_order():
-    probes = doctor.grid_for(Backend("cuda")).qmm_probes()
+    probes = qmm_probes.grid(Backend("cuda"), "gpu").probes()
     by_bucket: dict = {}
     for probe in probes:
         by_bucket.setdefault(probe.bucket, set()).add(probe.m)
     heads = (128, 64, 256)
     assert {b.d for b in by_bucket} == set(heads)
-    assert len(by_bucket) == (2 * 2 * len(heads) * 2 * len(policy.M_BUCKETS) * len(policy.ROW_CLASSES)
-                              * len(policy.ALIGNMENTS))
+    assert len(by_bucket) == (2 * 2 * len(heads) * 2 * len(qmm_profile.M_BUCKETS) * len(qmm_profile.ROW_CLASSES)
+                              * len(qmm_profile.ALIGNMENTS))
     for bucket, seen in by_bucket.items():
-        low, high = policy.M_BUCKETS[policy.M_LABELS.index(bucket.m)]
-        assert seen == {low, high or doctor.LARGE_M}, bucket
-    rows = doctor.probe_rows(len(policy.ROW_CLASSES))
+        low, high = qmm_profile.M_BUCKETS[qmm_profile.M_LABELS.index(bucket.m)]
+        assert seen == {low, high or qmm_probes.LARGE_M}, bucket
+    rows = qmm_probes.probe_rows(len(qmm_profile.ROW_CLASSES))
     assert rows == (2048, 2040, 2047, 4096, 4088, 4095, 16384, 16376, 16383)
     # what a decode loop crosses first: M = 1 at short KV lengths, both dtypes, both bits, d 128 and 64, both
     # transposes, every alignment; head dim 256 last; prefill M after decode and speculative M
@@ -250,8 +271,8 @@ def test_probes_cover_each_bucket_at_both_ends_in_priority_order():
     assert {p.m for p in probes[:48]} == {1} and {p.bucket.rows for p in probes[:48]} == {"<=2048"}
     assert len(first) == 48 and {d for *_, d, _t, _r in first} == {128, 64}
     assert [p.d for p in probes].index(256) == sum(p.d != 256 for p in probes)
-    decode = [i for i, p in enumerate(probes) if p.d != 256 and p.m <= doctor.DECODE_M]
-    assert max(decode) < min(i for i, p in enumerate(probes) if p.d != 256 and p.m > doctor.DECODE_M)
+    decode = [i for i, p in enumerate(probes) if p.d != 256 and p.m <= qmm_probes.DECODE_M]
+    assert max(decode) < min(i for i, p in enumerate(probes) if p.d != 256 and p.m > qmm_probes.DECODE_M)
 
 
 # ---- the rules consult the profile -----------------------------------------------------------------------
@@ -263,8 +284,7 @@ def gqa_call(m: int, rows: int, transpose: bool = True, d: int = 64):
     x = mx.random.normal((1, 2, 4, m, d if transpose else rows))
 
     def fn(x, w, s, b):
-        ws = [mx.expand_dims(a, -3) for a in (w, s, b)]
-        return mx.quantized_matmul(x, *ws, transpose=transpose, group_size=64, bits=4)
+        return mx.quantized_matmul(x, *broadcast_cache(w, s, b), transpose=transpose, group_size=64, bits=4)
 
     deq = mx.expand_dims(mx.dequantize(*q, group_size=64, bits=4), -3)
     return fn, (x, *q), x @ (mx.swapaxes(deq, -1, -2) if transpose else deq)
@@ -276,7 +296,7 @@ PARAMS = {"group_size": 64, "bits": 4, "mode": "affine"}
 def as_call(args, transpose: bool) -> mlxrewrite.intercept.Call:
     """The intercepted call `gqa_call`'s function makes (what eager mode keys and rewrites)."""
     x, *q = args
-    operands = dict(zip(("x", "w", "scales", "biases"), (x, *[mx.expand_dims(a, -3) for a in q])))
+    operands = dict(zip(("x", "w", "scales", "biases"), (x, *broadcast_cache(*q))))
     return mlxrewrite.intercept.Call("quantized_matmul", operands, {"transpose": transpose, **PARAMS}, None)
 
 
@@ -291,7 +311,7 @@ def decide(fn, args, backend):
 
 
 def with_profile(profile: Profile, **changes) -> Backend:
-    return dataclasses.replace(policy.device_backend(), profile=profile, **changes)
+    return dataclasses.replace(device_backend(), profile=profile, **changes)
 
 
 def test_rule_routes_around_unsupported_shapes_with_dequantize():
@@ -302,7 +322,7 @@ def test_rule_routes_around_unsupported_shapes_with_dequantize():
     assert "measured by `mlxrewrite doctor`" in decision.reason and "as shipped wrong" in decision.reason
     assert mx.allclose(qmb.RULE.apply(as_call(args, True), decision), ref, atol=1e-4).item()
     fn, args, _ = gqa_call(m=2, rows=256)
-    assert decide(fn, args, with_profile(profile)).rewrite == profile.qmm[bucket_of(args, True)].ranked[0]
+    assert decide(fn, args, with_profile(profile)).rewrite == qmm(profile)[bucket_of(args, True)].ranked[0]
 
 
 def test_compiled_function_uses_the_cached_profile(profile_file):
@@ -320,7 +340,7 @@ def test_measured_fault_overrides_source_facts_that_call_the_kernel_right():
     too: the call is left alone. Measured wrong: the rule rewrites it anyway."""
     fn, args, _ = gqa_call(m=5, rows=256, transpose=False)
     metal = dict(kind="metal", arch="applegpu_g13s")
-    assert decide(fn, args, dataclasses.replace(policy.device_backend(), **metal)) is None  # no profile
+    assert decide(fn, args, dataclasses.replace(device_backend(), **metal)) is None  # no profile
     right = cached_measure("metal", METAL_WRONG, NEVER)
     assert decide(fn, args, with_profile(right, **metal)) is None
     wrong = cached_measure("cuda", CUDA_WRONG, UNALIGNED_UNSUPPORTED)
@@ -335,7 +355,7 @@ def test_measured_right_never_relaxes_a_source_hazard():
     healthy = cached_measure("healthy", NEVER, NEVER)
     for m in (1, 2, 5):
         fn, args, _ = gqa_call(m=m, rows=256)
-        fastest = healthy.qmm[bucket_of(args, True)].ranked[0]
+        fastest = qmm(healthy)[bucket_of(args, True)].ranked[0]
         for kind, arch in (("cpu", ""), ("cuda", "sm_80")):  # (sm_90 and unknown: see test_qmm_rule's sm90 test)
             assert decide(fn, args, with_profile(healthy, kind=kind, arch=arch)).rewrite == fastest
 
@@ -353,11 +373,11 @@ def test_ranking_is_by_time_among_correct_rewrites():
     verdict = QmmVerdict(bucket, 4, ways)
     assert verdict.ranked == ("copy", "fold")
     assert verdict.preference == ("copy", "fold", "dequantize")  # dequantize: last resort, never dropped
-    route = policy.qmm_route(Backend("cuda", profile=Profile("x", "cuda", mx.__version__, "now", {bucket: verdict})),
-                             "float16", (1, 2, 4, 2, 128), (1, 2, 1, 2048, 16), {"transpose": True, "bits": 4})
+    route = qmb.qmm_route(Backend("cuda", profile=with_verdicts(verdict)), "float16", (1, 2, 4, 2, 128),
+                          (1, 2, 1, 2048, 16), {"transpose": True, "bits": 4})
     assert route.ways == ("copy", "fold", "dequantize")
     assert route.choose(foldable=True) == "copy" and route.choose(foldable=False) == "copy"
-    assert policy.QmmRoute(("fold", "dequantize"), "").choose(foldable=False) == "dequantize"
+    assert qmb.QmmRoute(("fold", "dequantize"), "").choose(foldable=False) == "dequantize"
 
 
 def test_jit_error_at_one_head_dim_steers_that_head_dim_away_from_fold():
@@ -365,8 +385,8 @@ def test_jit_error_at_one_head_dim_steers_that_head_dim_away_from_fold():
     it per head dim; d=64 calls get copy, measured or not (its kernel family failed), d=128 calls still fold."""
     grid = dataclasses.replace(GRID, d=(64, 128), m_buckets=2)
     profile = measure(unsupported=lambda p: p.folded and p.d == 64, error=JIT_ERROR, grid=grid, save=False)
-    assert {b.d for b in profile.qmm} == {64, 128}
-    for bucket, verdict in profile.qmm.items():
+    assert {b.d for b in qmm(profile)} == {64, 128}
+    for bucket, verdict in qmm(profile).items():
         fold = verdict.ways["fold"]
         assert verdict.complete and (fold.ok if bucket.d == 128 else fold.status == "unsupported"), bucket
         assert bucket.d == 128 or fold.error.startswith(JIT_ERROR)
@@ -374,12 +394,12 @@ def test_jit_error_at_one_head_dim_steers_that_head_dim_away_from_fold():
     backend = with_profile(profile, arch="sm_80")  # sm_90 dequantizes d=64 anyway (cuda_qmm_wrong)
     for m, rows, measured in ((1, 256, True), (2, 255, True), (5, 4100, False)):  # M 4-7, rows >4096: not probed
         fn, args, ref = gqa_call(m, rows, d=64)
-        assert (bucket_of(args, True) in profile.qmm) is measured
+        assert (bucket_of(args, True) in qmm(profile)) is measured
         decision = decide(fn, args, backend)
         assert decision.rewrite == "copy" if not measured else decision.rewrite in ("copy", "dequantize")
         assert mx.allclose(qmb.RULE.apply(as_call(args, True), decision), ref, atol=1e-4).item()
         fn, args, _ = gqa_call(m, rows, d=128)
-        route = policy.qmm_route(backend, "float32", args[0].shape, args[1].shape, {"transpose": True, **PARAMS})
+        route = qmb.qmm_route(backend, "float32", args[0].shape, args[1].shape, {"transpose": True, **PARAMS})
         assert route.ways[0] == "fold" if not measured else "fold" in route.ways
     fn, args, _ = gqa_call(5, 4100, d=64)
     assert "fold failed in measured buckets of its kernel family" in decide(fn, args, backend).reason
@@ -389,11 +409,11 @@ def test_lost_gpu_context_stops_the_run_and_keeps_what_was_measured():
     """In process, CUDA's sticky "illegal memory access" in the call as shipped (M=2) ends the run: every later
     call would fail too, and must not be recorded as unsupported. What ran before stays measured."""
     profile = measure(unsupported=lambda p: p.broadcast and p.m == 2, error=LOST_CONTEXT, save=False)
-    crashed = [b for b, v in profile.qmm.items() if v.ways[ORIGINAL].status == "crashed"]
-    assert len(crashed) == 1 and "illegal memory access" in profile.qmm[crashed[0]].ways[ORIGINAL].error
+    crashed = [b for b, v in qmm(profile).items() if v.ways[ORIGINAL].status == "crashed"]
+    assert len(crashed) == 1 and "illegal memory access" in qmm(profile)[crashed[0]].ways[ORIGINAL].error
     assert "illegal memory access" in profile.notes["stopped"]
-    assert all(v.complete for v in profile.qmm.values())  # the rewrites ran first, as the routes need them
-    assert profile.notes["gather_qmm"][0]["status"] == NOT_MEASURED
+    assert all(v.complete for v in qmm(profile).values())  # the rewrites ran first, as the routes need them
+    assert reported(profile)[-1] == NOT_MEASURED  # gather_qmm
     assert "**CRASHED**" in doctor.render(profile)
 
 
@@ -416,33 +436,34 @@ class HangingKernels(doctor.Kernels):
 
 
 def test_child_process_crash_costs_only_the_way_that_crashed():
-    profile = doctor.run(grid=GRID, kernels=CrashingKernels(), isolate=True, save=False, progress=False)
+    profile = doctor.run(grids=(GRID, SDPA), kernels=CrashingKernels(), isolate=True, save=False, progress=False)
     assert profile.notes["isolated"] and profile.notes["stopped"] is None
-    for bucket, verdict in profile.qmm.items():
+    for bucket, verdict in qmm(profile).items():
         shipped = verdict.ways[ORIGINAL]
-        assert verdict.complete and all(verdict.ways[name].ok for name in policy.QMM_REWRITES)
+        assert verdict.complete and all(verdict.ways[name].ok for name in QMM_REWRITES)
         if bucket.m == "2-3":
             assert shipped.status == "crashed" and "exit code 3" in shipped.error
         else:
             assert shipped.ok  # measured in the processes started after each crash
-    assert [r["status"] for r in profile.notes["gather_qmm"]] == ["ok"]
+    assert reported(profile) == ["ok", "ok"]
 
 
 def test_child_process_is_killed_at_the_deadline():
-    profile = doctor.run(grid=GRID, kernels=HangingKernels(), isolate=True, save=False, progress=False, budget_s=4)
+    profile = doctor.run(grids=(GRID, SDPA), kernels=HangingKernels(), isolate=True, save=False, progress=False,
+                         budget_s=4)
     hung = QmmBucket.of("float32", (1, 2, 4, 3, 64), (1, 2, 1, 256, 8), {"transpose": True, **PARAMS})
-    assert profile.qmm[hung].ways[ORIGINAL].status == NOT_MEASURED
-    assert profile.notes["gather_qmm"][0]["status"] == NOT_MEASURED and "time budget" in profile.notes["stopped"]
+    assert qmm(profile)[hung].ways[ORIGINAL].status == NOT_MEASURED
+    assert reported(profile)[-1] == NOT_MEASURED and "time budget" in profile.notes["stopped"]
 
 
 def test_profile_is_written_while_measuring(profile_file):
     """A process that dies mid-run leaves the profile of what it had measured, marked partial."""
     clock = Clock()
     with pytest.raises(SystemExit):
-        doctor.run(grid=GRID, kernels=SlowKernels(clock, dies_at=40), progress=False, clock=clock)
+        doctor.run(grids=(GRID, SDPA), kernels=SlowKernels(clock, dies_at=40), progress=False, clock=clock)
     partial = Backend.current().profile
     assert partial is not None and partial.notes["finished"] is False
-    assert 0 < partial.notes["complete_buckets"] < len(partial.qmm)
+    assert 0 < partial.notes["complete_buckets"] < len(qmm(partial))
     assert "This profile is partial" in doctor.render(partial)
 
 
@@ -458,16 +479,16 @@ class CountingKernels(SlowKernels):
     def quantized_matmul(self, x, w, scales, biases=None, **params):
         call = problem(x, w, params)
         way = ORIGINAL if call.broadcast else "fold" if call.folded else "copy"
-        m = call.m // doctor.N_REP if call.folded else call.m
-        x_shape = (1, doctor.N_KV, doctor.N_REP, m, x.shape[-1])
+        m = call.m // qmm_probes.N_REP if call.folded else call.m
+        x_shape = (1, qmm_probes.N_KV, qmm_probes.N_REP, m, x.shape[-1])
         self.calls.append((QmmBucket.of("float32", x_shape, w.shape[-2:], params), way))
         return super().quantized_matmul(x, w, scales, biases, **params)
 
 
-def counted_run(dies_at: float = float("inf"), grid: doctor.Grid = GRID,
+def counted_run(dies_at: float = float("inf"), grid: qmm_probes.Grid = GRID,
                 **options) -> tuple[Profile, list[tuple[QmmBucket, str]]]:
     kernels = CountingKernels(Clock(), dies_at)
-    return doctor.run(grid=grid, kernels=kernels, clock=kernels.clock, **options), kernels.calls
+    return doctor.run(grids=(grid, SDPA), kernels=kernels, clock=kernels.clock, **options), kernels.calls
 
 
 @pytest.mark.parametrize("stop", ["budget", "killed"])
@@ -480,21 +501,21 @@ def test_a_stopped_run_is_resumed_probing_only_the_rest(profile_file, capsys, st
         with pytest.raises(SystemExit):
             counted_run(dies_at=40, progress=False)
         first = Backend.current().profile
-    measured = {b for b, v in first.qmm.items() if v.complete}
-    assert 0 < len(measured) < len(first.qmm)
+    measured = {b for b, v in qmm(first).items() if v.complete}
+    assert 0 < len(measured) < len(qmm(first))
     capsys.readouterr()
 
     second, calls = counted_run(budget_s=10_000)
-    assert (f"resuming: {len(measured)} of {len(first.qmm)} buckets measured in an earlier run"
+    assert (f"resuming: {len(measured)} of {len(qmm(first))} buckets measured in an earlier run"
             in capsys.readouterr().err)
     assert not {bucket for bucket, way in calls if way != ORIGINAL} & measured  # no rewrite probed again
-    assert all(second.qmm[b].ways[w] == first.qmm[b].ways[w] for b in measured for w in policy.QMM_REWRITES)
+    assert all(qmm(second)[b].ways[w] == qmm(first)[b].ways[w] for b in measured for w in QMM_REWRITES)
     assert measured_statuses(second) == expected_statuses(GRID, NEVER, NEVER)
     assert second.notes["finished"] and second.notes["stopped"] is None and second.notes["resumed_buckets"]
-    assert [r["status"] for r in second.notes["sdpa"] + second.notes["gather_qmm"]] == ["equal", "ok"]
+    assert reported(second) == ["ok", "ok"]
     assert Backend.current().profile == second
     first_calls = [b for b, _ in calls]  # in priority order: the first call is to the first bucket left
-    assert first_calls[0] == next(b for b in dict.fromkeys(p.bucket for p in GRID.qmm_probes()) if b not in measured)
+    assert first_calls[0] == next(b for b in dict.fromkeys(p.bucket for p in GRID.probes()) if b not in measured)
 
     _, again = counted_run(budget_s=10_000)  # nothing left: the profile stands, nothing is probed
     assert again == [] and "nothing left to measure" in capsys.readouterr().err
@@ -502,16 +523,16 @@ def test_a_stopped_run_is_resumed_probing_only_the_rest(profile_file, capsys, st
 
     fresh, everything = counted_run(budget_s=10_000, fresh=True, progress=False)
     assert len(everything) > len(calls) and fresh.notes["resumed_buckets"] == 0
-    assert {b for b, way in everything if way != ORIGINAL} == set(first.qmm)
+    assert {b for b, way in everything if way != ORIGINAL} == set(qmm(first))
 
 
 def test_a_profile_of_other_kernels_or_another_grid_is_not_resumed(profile_file):
     counted_run(budget_s=40, progress=False)  # stopped by its budget
-    other_kernels = doctor.run(grid=GRID, kernels=FakeKernels(), progress=False)
+    other_kernels = doctor.run(grids=(GRID, SDPA), kernels=FakeKernels(), progress=False)
     assert other_kernels.notes["resumed_buckets"] == 0
     assert other_kernels.notes["tasks_run"] == other_kernels.notes["tasks"]
     other_grid, calls = counted_run(grid=dataclasses.replace(GRID, name="other"), budget_s=10_000, progress=False)
-    assert other_grid.notes["resumed_buckets"] == 0 and calls[0][0] == GRID.qmm_probes()[0].bucket
+    assert other_grid.notes["resumed_buckets"] == 0 and calls[0][0] == GRID.probes()[0].bucket
 
 
 def test_cli_resumes_unless_fresh(profile_file, capsys):
@@ -534,9 +555,10 @@ def test_cuda_jit_cache_is_reported_cold_or_warm(tmp_path, monkeypatch, capsys):
     cache = tmp_path / "ptx"
     monkeypatch.setenv("MLX_PTX_CACHE_DIR", str(cache))
     assert doctor.jit_cache.state(Backend("cpu")) is None
-    cuda = dataclasses.replace(policy.device_backend(), kind="cuda")
+    cuda = dataclasses.replace(device_backend(), kind="cuda")
     monkeypatch.setattr(doctor.session, "device_backend", lambda: cuda)
-    cold = doctor.run(grid=dataclasses.replace(GRID, m_buckets=0), kernels=FakeKernels(), isolate=False, save=False)
+    cold = doctor.run(grids=(dataclasses.replace(GRID, m_buckets=0), SDPA), kernels=FakeKernels(), isolate=False,
+                      save=False)
     assert cold.notes["jit_cache"] == {"dir": str(cache), "modules": 0, "warm": False}
     assert f"CUDA JIT cache {cache} is cold" in capsys.readouterr().err
     assert "is cold (empty)" in doctor.render(cold) and "MLX_PTX_CACHE_DIR" in doctor.render(cold)
@@ -591,8 +613,8 @@ def test_cache_location_is_per_device_and_mlx_version(tmp_path, monkeypatch):
     assert Backend.current().profile is None
     profile = measure(CUDA_WRONG, UNALIGNED_UNSUPPORTED)
     (written,) = (tmp_path / "mlxrewrite").iterdir()
-    assert written == policy.profile_path(policy.device_backend())
-    assert f"mlx-{mx.__version__}" in written.name and policy.device_backend().kind in written.name
+    assert written == profile_path(device_backend())
+    assert f"mlx-{mx.__version__}" in written.name and device_backend().kind in written.name
     assert Backend.current().profile == profile
     monkeypatch.setattr(mx, "__version__", "99.0.0")  # another MLX: its kernels may differ, no profile yet
     assert Backend.current().profile is None
@@ -626,10 +648,10 @@ def test_profile_off_and_rewritten_files(profile_file, monkeypatch):
 # ---- entry points ----------------------------------------------------------------------------------------------
 
 def test_module_is_callable_and_shows_progress(profile_file, capsys):
-    profile = mlxrewrite.doctor(grid=GRID, kernels=FakeKernels(), save=False)
+    profile = mlxrewrite.doctor(grids=(GRID, SDPA), kernels=FakeKernels(), save=False)
     assert isinstance(profile, Profile) and not profile_file.exists()
     err = capsys.readouterr().err
-    total = len(doctor.plan(GRID, policy.device_backend()))
+    total = len(doctor.plan([GRID, SDPA], device_backend()))
     assert "doctor [" in err and f"{total}/{total}" in err
     assert f"doctor: {total}/{total} tasks" in err
 

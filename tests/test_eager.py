@@ -166,7 +166,7 @@ def test_builtin_rules_decline_wherever_their_needs_fail(name):
     from mlxrewrite import intercept
     from mlxrewrite.decide import call_facts
     from mlxrewrite.eager import trace_one_call
-    from mlxrewrite.policy import Backend
+    from mlxrewrite.backend import Backend
 
     rule = next(r for r in mlxrewrite.rule.default_rules() if r.name == name)
     spec, gate = intercept.APIS[rule.api], intercept.Gate({rule.api: [rule.needs]})

@@ -15,7 +15,7 @@ import mlxrewrite
 import mlxrewrite.mlx_lm as mrl
 from mlxrewrite.eager import EagerFallbackWarning
 from mlxrewrite.mlx_lm.tiny import tiny
-from mlxrewrite.policy import Backend
+from mlxrewrite.backend import Backend
 from mlxrewrite.rules import fused_quantized_attention as fused
 
 SCALE = 0.125

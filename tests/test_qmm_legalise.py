@@ -8,6 +8,7 @@ raises "No implementation" for weights that are not dense or that no kernel acce
 a defective kernel (qmm_sm90 at group_size >= K, qmm_sm80 at K under 3 tiles) would run. Then it computes on CPU.
 """
 
+import dataclasses
 import math
 import types
 
@@ -18,15 +19,17 @@ from mlx_lm.models.cache import QuantizedKVCache, make_prompt_cache
 
 import mlxrewrite
 import mlxrewrite.mlx_lm as mrl
-from mlxrewrite import intercept, policy
+from mlxrewrite import intercept
 from mlxrewrite.decide import call_facts
 from mlxrewrite.eager import trace_one_call
 from mlxrewrite.facts import ArrayEnv
 from mlxrewrite.graph import dtype_name
 from mlxrewrite.layout import array_strides, is_dense, is_row_contiguous
 from mlxrewrite.mlx_lm.tiny import tiny
-from mlxrewrite.policy import Backend, qmm_mkn
+from mlxrewrite.backend import OK, Backend, Bucket, Measured, Profile
 from mlxrewrite.rules import qmm_dispatch
+from mlxrewrite.rules.qmm_dispatch import qmm_mkn
+from mlxrewrite.rules.qmm_profile import ORIGINAL, QMM_REWRITES, QmmBucket
 from mlxrewrite.rules import quantized_matmul_legalise as qml
 from mlxrewrite.rules.fused_quantized_attention import NAME as FUSED
 from mlxrewrite.rules.quantized_matmul_broadcast import NAME as BROADCAST
@@ -176,11 +179,11 @@ def test_cpu_and_metal_are_left_alone(backend):
 def test_a_profile_that_measured_a_bucket_failed_dequantizes_on_metal():
     metal = Backend("metal", "applegpu_g15s")
     x_shape, w_shape = (*MHA, 2, 64), (*MHA, 4096, 16)
-    bucket = policy.QmmBucket.of("float32", x_shape, w_shape, {"transpose": True, "group_size": 64, "bits": 8})
-    ways = {way: policy.Measured(policy.OK) for way in policy.QMM_REWRITES}
-    verdict = policy.QmmVerdict(bucket, 2, {**ways, policy.ORIGINAL: policy.Measured("wrong", 0.5)})
-    profiled = Backend("metal", "applegpu_g15s", profile=policy.Profile("m4", "metal", mx.__version__, "now",
-                                                                          {bucket: verdict}))
+    bucket = QmmBucket.of("float32", x_shape, w_shape, {"transpose": True, "group_size": 64, "bits": 8})
+    ways = {way: Measured(OK) for way in QMM_REWRITES}
+    measured = Bucket(dataclasses.asdict(bucket), 2, {**ways, ORIGINAL: Measured("wrong", 0.5)})
+    profiled = Backend("metal", "applegpu_g15s", profile=Profile("m4", "metal", mx.__version__, "now",
+                                                                   {BROADCAST: (measured,)}))
     assert route(profiled, x_shape, w_shape) == "dequantize"
     assert route(profiled, (*MHA, 2, 64), (*MHA, 100, 16)) is None  # another bucket
     assert route(metal, x_shape, w_shape) is None

@@ -1,6 +1,8 @@
 """quantized-matmul-broadcast-weights: matching, the rewrites (fold, copy, dequantize), numerics, audit, graphs."""
 
 
+import dataclasses
+
 import mlx.core as mx
 import pytest
 
@@ -9,9 +11,9 @@ from mlxrewrite.examples import gqa_quantized_attention as gqa
 from mlxrewrite.decide import decide_site
 from mlxrewrite.audit import audit_graph
 from mlxrewrite.layout import is_dense, stride0_batch_dims
-from mlxrewrite import policy
-from mlxrewrite.policy import Backend
+from mlxrewrite.backend import OK, Backend, Bucket, Measured, Profile
 from mlxrewrite.rules import qmm_dispatch, quantized_matmul_broadcast as qmb
+from mlxrewrite.rules.qmm_profile import ORIGINAL, QMM_REWRITES, QmmBucket
 
 NAME = qmb.NAME
 CPU = Backend("cpu")
@@ -381,10 +383,10 @@ def test_sm90_short_k_is_dequantized_whatever_a_profile_says(d, group, monkeypat
     assert decision.rewrite == "dequantize" and "CUDA qmm_sm90 computes K=" in decision.reason
 
     x, w = args[0], args[1]
-    bucket = policy.QmmBucket.of("float16", x.shape, w.shape, {"transpose": True, "group_size": group, "bits": 4})
-    ways = {way: policy.Measured(policy.OK, 0.0, 1.0) for way in (policy.ORIGINAL, *policy.QMM_REWRITES)}
-    verdict = policy.QmmVerdict(bucket, 2, {**ways, "fold": policy.Measured(policy.OK, 0.0, 0.5)})
-    profiled = Backend("cuda", "sm_90", profile=policy.Profile("x", "cuda", mx.__version__, "now", {bucket: verdict}))
+    bucket = QmmBucket.of("float16", x.shape, w.shape, {"transpose": True, "group_size": group, "bits": 4})
+    ways = {way: Measured(OK, 0.0, 1.0) for way in (ORIGINAL, *QMM_REWRITES)}
+    measured = Bucket(dataclasses.asdict(bucket), 2, {**ways, "fold": Measured(OK, 0.0, 0.5)})
+    profiled = Backend("cuda", "sm_90", profile=Profile("x", "cuda", mx.__version__, "now", {NAME: (measured,)}))
     assert decisions(mlxrewrite.trace(fn, *args), profiled)[0].rewrite == "dequantize"
 
     monkeypatch.setattr(Backend, "current", classmethod(lambda cls: sm90))

@@ -1,36 +1,18 @@
 """`mlxrewrite doctor`: a differential self-test of the running MLX backend, and the profile the rules read.
 
-The same pattern is wrong on Metal only for small M >= 2 and long rows, wrong on CUDA for every M, unsupported
-on CUDA for some shapes, and some MLX release will fix it. So rather than trust facts read from one version's
-source, the doctor runs the kernels the rules depend on, here, and compares each with the
-dequantize-then-float32 reference:
+Facts read from one MLX version's source go stale (a kernel wrong for some shapes on one backend; a release
+that fixes it), so the doctor runs here what the loaded rules declare (`Rule.probes`, see `probes`): each way
+of running a call (as shipped, each rewrite) against the rule's reference, per bucket of the rule's calls:
+ok, wrong, unsupported (it raised), crashed (it lost the GPU context or killed the process) or not measured,
+and how fast. Within a time budget, most important first; on GPUs in a child process (`mlxrewrite.isolation`),
+killed at the deadline and replaced after a crash; written while measuring, and resumed by the next run.
+The result is a `backend.Profile`, cached per device and MLX version, which `Backend.current()` hands to the
+rules. `mlxrewrite.doctor()` is `run()`; `run(kernels=...)` stands in a faulty backend (tests).
 
-- quantized_matmul with broadcast weight batch dims (mlx-lm's GQA quantized KV cache), with each of the rule's
-  rewrites (fold, copy, dequantize: the rule's own functions) and as shipped, over the buckets of
-  `policy.QmmBucket`; each bucket is probed at both ends of its M range, at the top of its rows class, on a
-  dense and a sliced cache. Verdict per way: ok, wrong, unsupported (it raised: any exception, JIT compile
-  errors included), crashed (it lost the GPU context or killed the process), or not measured; and its time.
-- scaled_dot_product_attention with an all-True mask against mask=None: equal? how much slower?
-- gather_qmm with broadcast indices: right? (reported only: no rule depends on it yet)
-
-On CUDA every new kernel instantiation is JIT-compiled on first use (seconds each, unless MLX's PTX cache
-already holds it), so a run cannot cover every bucket in a minute. It runs within a time budget, most
-important first (what mlx-lm decoding hits: M = 1, then speculative M, at short KV lengths, for head dims 128
-and 64; see `Grid._priority`), and records what it did not reach as not measured: those buckets keep the
-source-derived policy, and the next run resumes there. On GPUs the probes run in a child process
-(`mlxrewrite.isolation`), which is killed at the deadline (a JIT compile cannot be interrupted) and replaced
-after a crash; the call as shipped, the one that reads out of bounds on CUDA, runs after everything the routes
-need. The profile is also written while measuring, so a crash loses little.
-
-The result is a `policy.Profile`, written to the user's cache (one file per device and MLX version), which
-`Backend.current()` hands to the rules. `mlxrewrite.doctor()` is `run()`. The kernels are injectable
-(`run(kernels=...)`), so tests can stand in a backend that is wrong, raises or crashes for chosen shapes.
-
-Modules, one job each: `probes` (the grid: what to probe, in which order), `kernels` (the injectable MLX
-kernels), `measure` (one way against the reference; verdicts), `tasks` (what a run executes, and the plan),
-`executors` (in process or in a child), `resume` (what an earlier run measured), `tally` (outcomes into a
-profile), `session` (`run`: budget, schedule, checkpoints), `progress`, `jit_cache` (CUDA's PTX cache),
-`report` (`render`: the table) and `cli` (`command`).
+Modules, one job each: `probes` (the protocols of a rule's probes), `kernels` (the injectable MLX kernels),
+`measure` (one way against the reference; verdicts), `executors` (in process or in a child), `resume` (what an
+earlier run measured), `tally` (outcomes into a profile), `session` (`run`: budget, schedule, checkpoints),
+`progress`, `jit_cache` (CUDA's PTX cache), `report` (`render`: the table) and `cli` (`command`).
 """
 
 from __future__ import annotations
@@ -39,19 +21,18 @@ import sys
 import types
 from typing import Any
 
-from ..policy import Profile
+from ..backend import Profile
 from .cli import WATCHDOG_S, command
-from .kernels import Kernels
+from .kernels import KernelCall, Kernels
 from .measure import TOLERANCE, Outcome
-from .probes import DECODE_M, LARGE_M, N_KV, N_REP, TOP_ROWS, Grid, QmmProbe, grid_for, probe_rows
+from .probes import AS_SHIPPED, EXTRA, REPORT, ROUTES, Grid, Task, default_grids, grid_name, plan
 from .progress import Progress
-from .report import render
+from .report import Footnotes, render
 from .session import BUDGET_S, CHECKPOINT_S, REPORT_SHARE, run
-from .tasks import LAYOUTS, PAD, GatherTask, QmmTask, SdpaTask, Task, plan
 
-__all__ = ["BUDGET_S", "CHECKPOINT_S", "DECODE_M", "LARGE_M", "LAYOUTS", "N_KV", "N_REP", "PAD", "REPORT_SHARE",
-           "TOLERANCE", "TOP_ROWS", "WATCHDOG_S", "GatherTask", "Grid", "Kernels", "Outcome", "Progress", "QmmProbe",
-           "QmmTask", "SdpaTask", "Task", "command", "grid_for", "plan", "probe_rows", "render", "run"]
+__all__ = ["AS_SHIPPED", "BUDGET_S", "CHECKPOINT_S", "EXTRA", "REPORT", "REPORT_SHARE", "ROUTES", "TOLERANCE",
+           "WATCHDOG_S", "Footnotes", "Grid", "KernelCall", "Kernels", "Outcome", "Progress", "Task", "command",
+           "default_grids", "grid_name", "plan", "render", "run"]
 
 
 class _CallableModule(types.ModuleType):

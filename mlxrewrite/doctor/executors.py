@@ -8,11 +8,11 @@ from typing import Callable, Protocol
 
 import mlx.core as mx
 
+from ..backend import Backend
 from ..isolation import Child, Crashed
-from ..policy import Backend
 from .kernels import Kernels
 from .measure import Key, Outcome
-from .tasks import Task, kv_buffer
+from .probes import Task
 
 
 class Executor(Protocol):
@@ -32,21 +32,21 @@ class InProcess:
     process), and a lost GPU context ends the run (`lost`): every later call would fail, misread as
     unsupported."""
 
-    def __init__(self, kernels: Kernels, backend: Backend, iters: int, seed: int):
-        self.kernels, self.backend, self.iters = kernels, backend, iters
+    def __init__(self, kernels: Kernels, backend: Backend, seed: int):
+        self.kernels, self.backend = kernels, backend
         self.lost: str | None = None
         mx.random.seed(seed)
 
     def execute(self, task: Task, deadline: float) -> dict[Key, Outcome]:
         """Runs `task` to its end: in process, a deadline cannot be enforced."""
-        outcomes = task.execute(self.kernels, self.backend, self.iters)
+        outcomes = task.execute(self.kernels, self.backend)
         crashed = _crashed(outcomes)
         if crashed is not None:
             self.lost = f"stopped after {task.label}: {crashed.failure}"
         return outcomes
 
     def close(self) -> None:
-        kv_buffer.cache_clear()
+        pass  # nothing of its own: the grids release what their tasks cached
 
 
 def _seed(seed: int) -> None:
@@ -61,14 +61,14 @@ class Isolated:
     Only a process that dies outside any kernel call ends the run (`lost`): another would likely die the same
     way. After a way that lost the GPU context the child is replaced: every later call there would fail."""
 
-    def __init__(self, kernels: Kernels, backend: Backend, iters: int, seed: int, clock: Callable[[], float]):
-        self.kernels, self.backend, self.iters, self.clock = kernels, backend, iters, clock
+    def __init__(self, kernels: Kernels, backend: Backend, seed: int, clock: Callable[[], float]):
+        self.kernels, self.backend, self.clock = kernels, backend, clock
         self.child = Child(functools.partial(_seed, seed))
         self.lost: str | None = None
 
     def execute(self, task: Task, deadline: float) -> dict[Key, Outcome]:
         try:
-            outcomes = self.child.call(task.execute, self.kernels, self.backend, self.iters,
+            outcomes = self.child.call(task.execute, self.kernels, self.backend,
                                        timeout_s=max(0.0, deadline - self.clock()))
         except Crashed as crash:
             if crash.timed_out:

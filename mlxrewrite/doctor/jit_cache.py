@@ -10,7 +10,7 @@ from typing import Any
 
 import mlx.core as mx
 
-from ..policy import Backend
+from ..backend import Backend
 
 
 def ptx_cache_dir() -> Path:

@@ -12,8 +12,8 @@ from ..intercept import Call
 
 
 class Kernels:
-    """The MLX kernels under test. Probes reach MLX only through these (the rule's rewrites included), so a
-    test double can make chosen shapes wrong or unsupported."""
+    """The MLX kernels under test. Probes reach MLX only through these (the rules' rewrites included, through
+    `KernelCall`), so a test double can make chosen shapes wrong or unsupported."""
 
     def quantized_matmul(self, x: mx.array, w: mx.array, scales: mx.array, biases: mx.array | None = None,
                          **params: Any) -> mx.array:
@@ -28,13 +28,13 @@ class Kernels:
 
 
 class KernelCall(Call):
-    """A quantized_matmul call whose "original" is the kernel under test, so the rule's rewrites run on it."""
+    """An intercepted call whose "original" is the kernel under test, so a rule's rewrites run on it."""
 
     __slots__ = ("kernels",)
 
-    def __init__(self, operands: dict[str, mx.array], params: dict[str, Any], kernels: Kernels):
-        super().__init__("quantized_matmul", operands, params)
+    def __init__(self, api: str, operands: dict[str, mx.array], params: dict[str, Any], kernels: Kernels):
+        super().__init__(api, operands, params)
         self.kernels = kernels
 
     def run_original(self, **overrides: Any) -> mx.array:
-        return self.kernels.quantized_matmul(**{**self.operands, **self.params, **overrides})
+        return getattr(self.kernels, self.api)(**{**self.operands, **self.params, **overrides})

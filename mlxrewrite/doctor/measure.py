@@ -7,16 +7,16 @@ import dataclasses
 import statistics
 import time
 from dataclasses import dataclass
-from typing import Callable, Hashable, Iterable
+from typing import Callable
 
 import mlx.core as mx
 
+from ..backend import FAILURES, NOT_MEASURED, OK, Measured
 from ..isolation import STICKY_FAULT, stage
-from ..policy import FAILURES, NOT_MEASURED, OK, Measured
 
 TOLERANCE = {"float32": 1e-4, "float16": 5e-3, "bfloat16": 4e-2}  # of max |reference|; wrong reads give ~1
 
-Key = Hashable  # names a way within a task: (way, layout) for quantized_matmul, a name otherwise
+Key = tuple[str, str]  # an outcome of a task: (way, sample), e.g. ("fold", "sliced")
 
 
 @dataclass(frozen=True)
@@ -78,12 +78,6 @@ def compare(ways: dict[Key, Callable[[], mx.array]], reference: mx.array, scale:
             for key, outcome in outcomes.items()}
 
 
-def first_failure(outcomes: Iterable[Outcome]) -> Outcome | None:
-    """The crash if there was one (it explains what came after it), else the first failure."""
-    failures = [o for o in outcomes if o.failure]
-    return next((o for o in failures if o.crashed), failures[0] if failures else None)
-
-
 def verdict(outcomes: list[Outcome], expected: int, tolerance: float) -> Measured:
     """One way over a bucket's probes: the failures seen (one probe is enough), else ok if all `expected`
     outcomes came in, else not measured."""
@@ -91,7 +85,8 @@ def verdict(outcomes: list[Outcome], expected: int, tolerance: float) -> Measure
     times = [o.us for o in outcomes if o.us is not None]
     flags = {"wrong": any(e > tolerance for e in errors), "crashed": any(o.crashed for o in outcomes),
              "unsupported": any(o.failure and not o.crashed for o in outcomes)}
-    first = first_failure(outcomes)
+    failures = [o for o in outcomes if o.failure]  # the error shown: a crash (it explains what came after it)
+    first = next((o for o in failures if o.crashed), failures[0] if failures else None)
     status = ", ".join(name for name in FAILURES if flags[name]) or (OK if len(outcomes) >= expected else NOT_MEASURED)
     return Measured(status, max(errors, default=None), statistics.mean(times) if times else None,
                     first.failure if first else None)

@@ -1,21 +1,20 @@
-"""One doctor run: plan the tasks, take out what an earlier run measured, run the rest most important first
-within the time budget (in process or in a child), write the profile as it goes, and return it."""
+"""One doctor run: plan the rules' tasks, take out what an earlier run measured, run the rest most important
+first within the time budget (in process or in a child), write the profile as it goes, and return it."""
 
 from __future__ import annotations
 
 import time
 from collections import deque
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
-from ..policy import Profile, device_backend, profile_path, write_profile
-from .executors import Executor, InProcess, Isolated
+from ..backend import Profile, device_backend, profile_path, write_profile
 from . import jit_cache
+from .executors import Executor, InProcess, Isolated
 from .kernels import Kernels
-from .probes import Grid, grid_for
+from .probes import ROUTES, Grid, Task, default_grids, plan
 from .progress import Progress
 from .resume import Earlier, earlier_run
 from .tally import Tally
-from .tasks import Task, plan
 
 BUDGET_S = 50.0  # what is left when this is spent stays "not measured"
 REPORT_SHARE = 0.2  # of the budget held back for what no route reads (SDPA, gather_qmm, most as-shipped calls)
@@ -24,46 +23,47 @@ CHECKPOINT_S = 10.0  # while measuring, the profile is written at least this oft
 
 def schedule(tasks: list[Task], clock: Callable[[], float], end: float, budget_s: float) -> Iterator[Task]:
     """The tasks to run, in order, while time is left: what the routes read until (1 - REPORT_SHARE) of the
-    budget is spent, then what is only reported, then the rest of what the routes read."""
-    routed = deque(t for t in tasks if t.for_routes)
-    reported = deque(t for t in tasks if not t.for_routes)
+    budget is spent, then what is only reported (by priority), then the rest of what the routes read."""
+    routed = deque(t for t in tasks if t.priority == ROUTES)
+    reported = deque(sorted((t for t in tasks if t.priority != ROUTES), key=lambda t: t.priority))
     for queue, until in ((routed, end - budget_s * REPORT_SHARE), (reported, end), (routed, end)):
         while queue and clock() < until:
             yield queue.popleft()
 
 
-def run(*, quick: bool = False, grid: Grid | None = None, kernels: Kernels | None = None, save: bool = True,
-        progress: bool = True, budget_s: float = BUDGET_S, seed: int = 0, isolate: bool | None = None,
-        fresh: bool = False, clock: Callable[[], float] = time.monotonic) -> Profile:
+def run(*, quick: bool = False, grids: Sequence[Grid] | None = None, kernels: Kernels | None = None,
+        save: bool = True, progress: bool = True, budget_s: float = BUDGET_S, seed: int = 0,
+        isolate: bool | None = None, fresh: bool = False, clock: Callable[[], float] = time.monotonic) -> Profile:
     """Measure for at most `budget_s` seconds, most important first, build the profile, and (save=True)
-    write it where `Backend.current()` will find it, also every CHECKPOINT_S while measuring. With save=True
-    a cached profile of the same grid and kernels that left something unmeasured is resumed (its verdicts
+    write it where `Backend.current()` will find it, also every CHECKPOINT_S while measuring. `grids`: what
+    to probe (default: the grids of the loaded rules' probes, `quick` or for this backend). With save=True a
+    cached profile of the same grids and kernels that left something unmeasured is resumed (its verdicts
     kept, only the rest probed), and one that left nothing is returned as it is; `fresh` measures everything
     again. `isolate` runs the probes in a child process (default: on GPUs); `clock` paces the budget (tests
     pass a fake one)."""
     start = clock()
     backend = device_backend()
-    grid = grid or grid_for(backend, quick)
+    grids = default_grids(backend, quick) if grids is None else list(grids)
+    name = "+".join(dict.fromkeys(grid.name for grid in grids))
     kernels = kernels or Kernels()
     isolate = backend.kind != "cpu" if isolate is None else isolate
     path = profile_path(backend) if save else None
-    earlier = Earlier() if fresh or path is None else earlier_run(backend, grid, kernels)
+    earlier = Earlier() if fresh or path is None else earlier_run(backend, name, kernels)
     cache = jit_cache.state(backend)
-    tally = Tally(backend, plan(grid, backend), {"grid": grid.name, "kernels": type(kernels).__name__,
-                                                 "isolated": isolate, "budget_s": budget_s,
-                                                 **({"jit_cache": cache} if cache else {})}, earlier)
+    tally = Tally(backend, plan(grids, backend), {"grid": name, "kernels": type(kernels).__name__,
+                                                  "isolated": isolate, "budget_s": budget_s,
+                                                  **({"jit_cache": cache} if cache else {})}, earlier)
     bar = Progress(len(tally.todo), progress)
     if earlier.profile is not None:
         if not tally.todo and earlier.profile.notes.get("finished"):
             bar.note(f"nothing left to measure: {path} was measured completely on {earlier.profile.created}; "
                      "--fresh measures again")
             return earlier.profile
-        bar.note(f"resuming: {earlier.buckets} of {len(tally.probes)} buckets measured in an earlier run "
+        bar.note(f"resuming: {tally.resumed} of {len(tally.routed)} buckets measured in an earlier run "
                  f"({earlier.profile.created}); --fresh measures all again")
     if cache:
         bar.note(jit_cache.describe(cache))
-    executor: Executor = (Isolated(kernels, backend, grid.iters, seed, clock) if isolate
-                          else InProcess(kernels, backend, grid.iters, seed))
+    executor: Executor = Isolated(kernels, backend, seed, clock) if isolate else InProcess(kernels, backend, seed)
     written = start
     try:
         for task in schedule(tally.todo, clock, start + budget_s, budget_s):
@@ -79,6 +79,8 @@ def run(*, quick: bool = False, grid: Grid | None = None, kernels: Kernels | Non
                 written = clock()
     finally:
         executor.close()
+        for grid in grids:
+            grid.close()
     profile = tally.profile(clock() - start, finished=True)
     notes = profile.notes
     bar.close(f"{notes['tasks_run']}/{notes['tasks']} tasks in {notes['seconds']:.0f} s; "
