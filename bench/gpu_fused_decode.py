@@ -1,6 +1,7 @@
 """mlx-lm decode on the GPU with a quantized KV cache through the fused attention rule (issue 12's mlx_lm case).
 
 Run (GPU machine): python3 bench/gpu_fused_decode.py OUT_DIR [--small] [--prompts=4096,32768] [--head-dim=128]
+[--kv-heads=4,16]
 For a 16-layer GQA Llama (16 q / 4 kv heads) and an MHA one (16 / 16), head_dim 128, fp16: prefill a float
 cache, then decode STEPS teacher-forced tokens and one 4-token verification step with
 - the float cache, unwrapped (the reference, and the speed to beat),
@@ -41,6 +42,7 @@ def option(name: str, default: str) -> str:
 
 PROMPTS = [int(p) for p in option("prompts", "64" if SMALL else "4096,32768").split(",")]
 HEAD_DIM = int(option("head-dim", "128"))
+KV_HEADS = [int(h) for h in option("kv-heads", "4,16").split(",")]  # 4: GQA (16 q heads), 16: MHA
 
 
 def config(kv_heads: int) -> dict:
@@ -121,7 +123,7 @@ def main() -> None:
     out_dir = Path(next((a for a in sys.argv[1:] if not a.startswith("--")), "."))
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = []
-    for kv_heads in (4, 16):
+    for kv_heads in KV_HEADS:
         model = build(kv_heads)
         weight_bytes = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
         for prompt in PROMPTS:
@@ -156,7 +158,9 @@ def main() -> None:
     meta = {"device": str(mx.default_device()), "device_info": _device_info(), "mlx": mx.__version__,
             "date": datetime.date.today().isoformat(), "steps": STEPS, "verify_tokens": VERIFY, "dtype": str(DTYPE),
             "config": config(4), "hbm_copy_tbs": HBM_COPY_TBS}
-    (out_dir / f"gpu_fused_decode_d{HEAD_DIM}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    suffix = "" if PROMPTS == [4096, 32768] and KV_HEADS == [4, 16] else \
+        f"_n{'-'.join(map(str, PROMPTS))}_kv{'-'.join(map(str, KV_HEADS))}"
+    (out_dir / f"gpu_fused_decode_d{HEAD_DIM}{suffix}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
 
 
 def _device_info() -> dict:

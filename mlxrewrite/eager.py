@@ -525,13 +525,18 @@ _MISSING = object()
 
 class _RegionSignature:
     """A region function's parameters, read once, to take a call apart and key it in a few microseconds
-    (inspect's `bind` and optree cost more than the rest of a fused call)."""
+    (inspect's `bind` and optree cost more than the rest of a fused call). As TorchDynamo compiles its
+    guards, each layout of arguments seen (which are arrays, tuples of arrays, static values) gets a
+    generated function that checks that layout and builds the key with no loop; others take the general way."""
+
+    MAX_LAYOUTS = 8
 
     def __init__(self, names: tuple[str, ...], defaults: dict[str, Any], free: dict[str, int]):
         self.names = names
         self._tail = tuple((name, defaults.get(name, _MISSING)) for name in names)
         self._allowed = tuple(frozenset(names[n:]) for n in range(len(names) + 1))
         self._free = tuple(free.get(name) for name in names)  # the dim each argument's arrays leave free
+        self._keyers: list[Callable[[tuple], tuple | None]] = []
 
     def split(self, args: tuple, kwargs: dict) -> tuple[tuple, list[mx.array], tuple]:
         """(every parameter's value in order, the arrays in flatten order, the key: per argument an array's
@@ -542,29 +547,85 @@ class _RegionSignature:
             raise TypeError("arguments do not fit the region's parameters")
         values = args + tuple([kwargs[name] if default is _MISSING else kwargs.get(name, default)
                                for name, default in self._tail[n:]]) if n < len(self.names) else args
+        for keyer in self._keyers:
+            found = keyer(values)
+            if found is not None:
+                return values, found[0], found[1]
+        arrays, key, layout = self._describe(values)
+        if len(self._keyers) < self.MAX_LAYOUTS:
+            self._keyers.append(_keyer(layout, self._free))
+        return values, arrays, key
+
+    def _describe(self, values: tuple) -> tuple[list[mx.array], tuple, list]:
+        """The general way: arrays, key and layout (per argument "array", (tuple or list, length) or "static")."""
         arrays: list[mx.array] = []
-        key = []
+        key, layout = [], []
         for value, free in zip(values, self._free):
             kind = type(value)
             if kind is mx.array:
                 arrays.append(value)
-                key.append((value.dtype, value.shape) if free is None else _array_key(value, free))
+                key.append(_array_key(value, free))
+                layout.append("array")
             elif (kind is tuple or kind is list) and value and all(type(a) is mx.array for a in value):
                 arrays.extend(value)
-                key.append((kind, tuple([(a.dtype, a.shape) if free is None else _array_key(a, free)
-                                         for a in value])))
+                key.append((kind, tuple([_array_key(a, free) for a in value])))
+                layout.append((kind, len(value)))
             else:
                 key.append(("static", value))
-        return values, arrays, tuple(key)
+                layout.append("static")
+        return arrays, tuple(key), layout
 
 
 _FREE = (-1,)
 
 
-def _array_key(a: mx.array, free: int) -> tuple:
+def _array_key(a: mx.array, free: int | None) -> tuple:
     """(dtype, shape with dim `free` as -1)."""
     shape = a.shape
+    if free is None:
+        return a.dtype, shape
     return a.dtype, shape[:free] + _FREE + (shape[free + 1:] if free != -1 else ())
+
+
+def _keyer(layout: list, free: tuple) -> Callable[[tuple], tuple | None]:
+    """A function of the argument values giving (arrays, key) exactly as `_describe` would, or None where
+    the values do not have this layout."""
+    outer, inner, arrays, key, unpack = [], [], [], [], []
+
+    def array(name: str, dim: int | None, checks: list[str]) -> str:
+        checks.append(f"type({name}) is not A")
+        arrays.append(name)
+        if dim is None:
+            return f"({name}.dtype, {name}.shape)"
+        tail = "" if dim == -1 else f" + {name}.shape[{dim + 1}:]"
+        return f"({name}.dtype, {name}.shape[:{dim}] + F{tail})"
+
+    for i, (entry, dim) in enumerate(zip(layout, free)):
+        name = f"x{i}"
+        if entry == "array":
+            key.append(array(name, dim, outer))
+        elif entry == "static":
+            outer.append(f"type({name}) is A or type({name}) is tuple or type({name}) is list")
+            key.append(f"('static', {name})")
+        else:
+            kind, length = entry
+            items = [f"{name}_{j}" for j in range(length)]
+            outer.append(f"type({name}) is not {kind.__name__} or len({name}) != {length}")
+            unpack.append(f"{', '.join(items)}, = {name}")
+            key.append(f"({kind.__name__}, ({''.join(array(item, dim, inner) + ', ' for item in items)}))")
+    source = "\n".join([
+        "def keyer(values):",
+        f"    {''.join(f'x{i}, ' for i in range(len(layout)))}= values",
+        f"    if {' or '.join(outer) or 'False'}:",
+        "        return None",
+        *(f"    {line}" for line in unpack),
+        f"    if {' or '.join(inner) or 'False'}:",
+        "        return None",
+        f"    return [{', '.join(arrays)}], ({''.join(k + ', ' for k in key)})",
+    ])
+    scope = {"A": mx.array, "F": _FREE}
+    exec(compile(source, "<region key>", "exec"), scope)  # noqa: S102 - our own generated guard, as Dynamo's
+    return scope["keyer"]
 
 
 def _array_facts(key: tuple) -> list[tuple]:
