@@ -197,3 +197,22 @@ def test_a_direct_form_that_differs_from_the_bound_rewrite_is_refused(cuda):
         run, first = _attention(wrong, q, kq, vq, None)
     assert mx.array_equal(first, bound).item() and mx.array_equal(run(q), bound).item()
     assert "direct form differs" in run.rewriter.explain()
+
+
+def test_region_keys_follow_each_argument_layout(cuda):
+    """Each layout of the region's arguments (no mask, an array mask, "causal", K/V as a list) is keyed and
+    analysed on its own, whatever order they come in; the KV length stays free within each."""
+    q = mx.random.normal((1, 8, 2, 64)).astype(mx.float16)
+    run = mlxrewrite.eager(lambda q, kq, vq, mask: base.quantized_scaled_dot_product_attention(
+        q, kq, vq, scale=SCALE, mask=mask, group_size=64, bits=8))
+    for n, mask_kind, as_list in [(300, "none", False), (300, "bool", False), (301, "causal", False),
+                                  (302, "none", False), (303, "bool", False), (304, "none", True)]:
+        kq, vq, kd, vd = cache_of(1, 2, n, 64, 8, 64, seed=n, dtype=mx.float16)
+        mask = None if mask_kind == "none" else "causal" if mask_kind == "causal" else \
+            mx.random.uniform(shape=(1, 1, 2, n)) > 0.3
+        kq, vq = (list(kq), list(vq)) if as_list else (tuple(kq), tuple(vq))  # mlx-lm's cache hands tuples
+        got = run(q, kq, vq, mask)
+        expected = reference(q.astype(mx.float32), kd.astype(mx.float32), vd.astype(mx.float32), mask)
+        assert mx.allclose(got.astype(mx.float32), expected, atol=2e-2).item(), (n, mask_kind, as_list)
+    assert run.rewriter.traces == 4  # none, bool, causal, none with list K/V
+    assert run.rewriter.calls == {"region quantized_scaled_dot_product_attention: fused-quantized-attention -> fused": 6}
