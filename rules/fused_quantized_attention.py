@@ -11,8 +11,10 @@ bench/results/fused_attention_notes.md for the kernel.
 
 Rewrite: `fused`, one call of `mlxrewrite.kernels.quantized_sdpa` (flash-decoding: N split in chunks that
 depend on N only, online softmax in float32, each K/V tile read once for all query heads and rows of its
-kv head). It reads the cache through its strides: no copy of K or V. The numbers change within rounding:
-the scores and probabilities stay in float32 where the unfused graph rounds them to the query dtype.
+kv head, one launch). It reads the cache through its strides: no copy of K or V. The numbers change within
+rounding: the scores and probabilities stay in float32 where the unfused graph rounds them to the query
+dtype. In eager mode `direct` hands mlx-lm's own arguments to the kernel (which scales the query in its
+dtype, as mlx-lm does), verified bitwise against `fused` on the first call of each analysis.
 
 Must not fire: a softmax that is not precise; K and V with other bits, group sizes or shapes than each
 other; a mode other than affine; a mask it does not understand (a per-kv-head mask, a mask computed inside

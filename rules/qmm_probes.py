@@ -21,8 +21,8 @@ import mlx.core as mx
 
 from mlxrewrite.backend import Backend
 from mlxrewrite.doctor.kernels import KernelCall, Kernels
-from mlxrewrite.doctor.measure import TOLERANCE, Key, Outcome, compare, scale_of
-from mlxrewrite.doctor.probes import AS_SHIPPED, EXTRA, ROUTES
+from mlxrewrite.doctor.measure import Key, Outcome, compare, scale_of
+from mlxrewrite.doctor.probes import AS_SHIPPED, EXTRA, ROUTES, ShapeTask
 from mlxrewrite.examples.gqa_quantized_attention import broadcast_cache
 from mlxrewrite.rule import Decision
 
@@ -98,7 +98,7 @@ def _way(call: KernelCall, name: str, params: dict[str, Any]) -> Callable[[], mx
 
 
 @dataclass(frozen=True)
-class QmmTask:
+class QmmTask(ShapeTask):
     """Some ways of one probe, on a dense cache (timed) and a sliced one (as mlx-lm's caches are), sharing x
     and the reference. The cache is a view of a buffer of `buffer_rows` rows (`kv_buffer`). A rewrite that
     failed on the dense cache is not run again on the sliced one: its verdict cannot get better, and a failed
@@ -116,10 +116,6 @@ class QmmTask:
     @property
     def bucket(self) -> QmmBucket:
         return self.probe.bucket
-
-    @property
-    def tolerance(self) -> float:
-        return TOLERANCE[self.probe.dtype]
 
     @property
     def label(self) -> str:
@@ -162,7 +158,7 @@ class GatherShape:
 
 
 @dataclass(frozen=True)
-class GatherTask:
+class GatherTask(ShapeTask):
     """gather_qmm with broadcast indices against the dequantized experts: reported, no rule reads it yet."""
 
     probe: GatherShape
@@ -171,14 +167,6 @@ class GatherTask:
     rule: ClassVar[str] = GATHER
     priority: ClassVar[int] = EXTRA
     samples: ClassVar[int] = 1
-
-    @property
-    def bucket(self) -> GatherShape:
-        return self.probe
-
-    @property
-    def tolerance(self) -> float:
-        return TOLERANCE[self.probe.dtype]
 
     @property
     def label(self) -> str:

@@ -12,8 +12,8 @@ import mlx.core as mx
 
 from mlxrewrite.backend import NOT_MEASURED, Backend, Profile
 from mlxrewrite.doctor.kernels import Kernels
-from mlxrewrite.doctor.measure import TOLERANCE, Key, Outcome, compare, failed, scale_of
-from mlxrewrite.doctor.probes import REPORT
+from mlxrewrite.doctor.measure import Key, Outcome, compare, failed, scale_of
+from mlxrewrite.doctor.probes import REPORT, ShapeTask
 from mlxrewrite.examples.gqa_quantized_attention import N_REP
 from mlxrewrite.isolation import stage
 
@@ -36,7 +36,7 @@ class SdpaShape:
 
 
 @dataclass(frozen=True)
-class SdpaTask:
+class SdpaTask(ShapeTask):
     """mask=None (the reference, and timed) and an all-True bool mask, on one shape."""
 
     probe: SdpaShape
@@ -45,14 +45,6 @@ class SdpaTask:
     rule: ClassVar[str] = NAME
     priority: ClassVar[int] = REPORT
     samples: ClassVar[int] = 1
-
-    @property
-    def bucket(self) -> SdpaShape:
-        return self.probe
-
-    @property
-    def tolerance(self) -> float:
-        return TOLERANCE[self.probe.dtype]
 
     @property
     def label(self) -> str:

@@ -12,7 +12,7 @@ from typing import Any, Hashable, Protocol
 from ..backend import Backend
 from ..rule import default_rules
 from .kernels import Kernels
-from .measure import Key, Outcome
+from .measure import TOLERANCE, Key, Outcome
 
 # Task priorities. ROUTES: a rule's routes read it, so it runs first, until (1 - REPORT_SHARE) of the budget;
 # the others are only reported, in this order: REPORT, AS_SHIPPED (the hazard itself: it may crash the device,
@@ -44,6 +44,21 @@ class Task(Protocol):
 
     def execute(self, kernels: Kernels, backend: Backend) -> dict[Key, Outcome]:
         """Outcomes keyed (way, sample); each way announced with `isolation.stage` before it runs."""
+
+
+class ShapeTask:
+    """For tasks whose probe is a frozen dataclass with a `dtype`: the probe is the bucket (override `bucket`
+    where not), and the tolerance is its dtype's."""
+
+    probe: Any
+
+    @property
+    def bucket(self) -> Any:
+        return self.probe
+
+    @property
+    def tolerance(self) -> float:
+        return TOLERANCE[self.probe.dtype]
 
 
 class Grid(Protocol):
