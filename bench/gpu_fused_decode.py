@@ -6,9 +6,12 @@ For a 16-layer GQA Llama (16 q / 4 kv heads) and an MHA one (16 / 16), head_dim 
 cache, then decode STEPS teacher-forced tokens and one 4-token verification step with
 - the float cache, unwrapped (the reference, and the speed to beat),
 - the float cache converted to 8-bit and 4-bit (`to_quantized`, as mlx-lm does past quantized_kv_start),
-  unwrapped (as shipped: raises on CUDA) and wrapped (the fused rule).
+  unwrapped (as shipped: raises on CUDA) and wrapped (the fused rule), and kv8 wrapped with mlx-lm's own
+  cache update (`wrap(lean_cache=False)`).
 Side by side in one process: median ms per decode step (synchronous) and tokens/s, ms per step pipelined as
-mlx-lm's generate runs it (the next step built while this one runs), max |logits - float-cache logits| and
+mlx-lm's generate runs it (the next step built while this one runs), both again with every variant's cache
+alive and the variants taking turns every few steps (`interleaved_*`: the ratios to trust on a host whose
+speed drifts), max |logits - float-cache logits| and
 argmax agreement, peak memory of the run (mx.get_peak_memory after a reset; also less the weights, the part
 the cache decides), the Python time to build one
 step's graph (model call until mx.eval), and the physical limit: bytes of weights plus the cache one step
@@ -105,9 +108,9 @@ def _median(values: list[float]) -> float:
     return sorted(values)[len(values) // 2]
 
 
-def run(model, tokens, prompt, kv_bits, wrapped) -> dict:
+def run(model, tokens, prompt, kv_bits, wrapped, lean_cache=True) -> dict:
     if wrapped:
-        mrl.wrap(model)
+        mrl.wrap(model, lean_cache=lean_cache)
     try:
         return decode(model, tokens, prompt, kv_bits)
     except (RuntimeError, ValueError) as error:
@@ -119,6 +122,43 @@ def run(model, tokens, prompt, kv_bits, wrapped) -> dict:
             print(json.dumps({"calls": calls}), flush=True)
 
 
+INTERLEAVED = [("float cache", None, {}), ("kv8 wrapped", 8, {}), ("kv4 wrapped", 4, {}),
+               ("kv8 wrapped, mlx-lm's cache update", 8, {"lean_cache": False})]
+ROUNDS, BLOCK = (2, 2) if SMALL else (6, 8)
+
+
+def interleaved(kv_heads: int, tokens: mx.array, prompt: int) -> dict[str, dict]:
+    """ms per step of every variant measured side by side: all their caches alive at once, the variants
+    taking turns every BLOCK steps (synchronous, then pipelined), so drift of the host's speed over the run
+    falls on all of them alike. One model object per variant (the same weights: the same seed)."""
+    models, caches = {}, {}
+    for label, bits, options in INTERLEAVED:
+        model = build(kv_heads)
+        cache = make_prompt_cache(model)
+        for start in range(0, prompt, 4096):
+            mx.eval(model(tokens[:, start:min(prompt, start + 4096)], cache=cache))
+        caches[label] = [c.to_quantized(group_size=64, bits=bits) for c in cache] if bits else cache
+        mx.eval([c.state for c in caches[label]])
+        models[label] = mrl.wrap(model, **options) if bits else model
+    sync: dict[str, list[float]] = {label: [] for label in models}
+    piped: dict[str, list[float]] = {label: [] for label in models}
+    t = prompt
+    for _ in range(ROUNDS):
+        for label, model in models.items():
+            for step in range(BLOCK):
+                start = time.perf_counter()
+                mx.eval(model(tokens[:, t + step:t + step + 1], cache=caches[label]))
+                sync[label].append((time.perf_counter() - start) * 1e3)
+        t += BLOCK
+        for label, model in models.items():
+            piped[label].append(_pipelined(model, tokens[:, t:t + BLOCK + 1], caches[label]))
+        t += BLOCK + 1
+    for label, model in models.items():
+        if mrl.is_wrapped(model):
+            mrl.unwrap(model)
+    return {label: {"ms": _median(sync[label]), "pipelined_ms": _median(piped[label])} for label in models}
+
+
 def main() -> None:
     out_dir = Path(next((a for a in sys.argv[1:] if not a.startswith("--")), "."))
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -128,11 +168,12 @@ def main() -> None:
         weight_bytes = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
         for prompt in PROMPTS:
             mx.random.seed(prompt)
-            tokens = mx.random.randint(0, 1000, (1, prompt + 2 * STEPS + VERIFY + 1))
+            tokens = mx.random.randint(0, 1000, (1, prompt + max(2 * STEPS + VERIFY + 1, ROUNDS * (2 * BLOCK + 1))))
             reference = run(model, tokens, prompt, None, False)
-            for label, bits, wrapped in (("float cache", None, False), ("kv8 as shipped", 8, False),
-                                         ("kv8 wrapped", 8, True), ("kv4 wrapped", 4, True)):
-                result = reference if label == "float cache" else run(model, tokens, prompt, bits, wrapped)
+            for label, bits, wrapped, lean in (("float cache", None, False, True), ("kv8 as shipped", 8, False, True),
+                                               ("kv8 wrapped", 8, True, True), ("kv4 wrapped", 4, True, True),
+                                               ("kv8 wrapped, mlx-lm's cache update", 8, True, False)):
+                result = reference if label == "float cache" else run(model, tokens, prompt, bits, wrapped, lean)
                 row = {"kv_heads": kv_heads, "prompt": prompt, "variant": label}
                 if "error" in result:
                     row["error"] = result["error"]
@@ -153,6 +194,14 @@ def main() -> None:
                                build_ms=round(result["build_ms"], 3), floor_ms=round(floor_ms, 3),
                                cache_gb=round(result["cache_bytes"] / 1e9, 3))
                 rows.append(row)
+            side_by_side = interleaved(kv_heads, tokens, prompt)
+            base = side_by_side["float cache"]
+            for row in (r for r in rows if (r["kv_heads"], r["prompt"]) == (kv_heads, prompt)):
+                timed = side_by_side.get(row["variant"])
+                if timed:
+                    row.update(interleaved_ms=round(timed["ms"], 3), interleaved_vs_float=round(base["ms"] / timed["ms"], 3),
+                               interleaved_pipelined_ms=round(timed["pipelined_ms"], 3),
+                               interleaved_pipelined_vs_float=round(base["pipelined_ms"] / timed["pipelined_ms"], 3))
                 print(json.dumps(row), flush=True)
         del model
     meta = {"device": str(mx.default_device()), "device_info": _device_info(), "mlx": mx.__version__,

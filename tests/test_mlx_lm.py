@@ -324,3 +324,50 @@ def test_a_wrapped_model_that_is_dropped_releases_its_modules():
     del model
     gc.collect()
     assert base.mx is mlx.core
+
+
+def _states(cache):
+    return [a for c in cache for part in (c.keys, c.values) for a in part] + [mx.array([c.offset for c in cache])]
+
+
+def test_lean_cache_update_is_bitwise_mlx_lms_across_a_buffer_growth(monkeypatch):
+    """The wrapper's cache update gives mlx-lm's logits and cache state bitwise, through the 256-step growth."""
+    from mlxrewrite.mlx_lm import cache_update
+
+    lean_calls = []
+    real = cache_update.update_and_fetch
+    monkeypatch.setattr(cache_update, "update_and_fetch", lambda *a: lean_calls.append(1) or real(*a))
+    model = tiny("llama")
+    toks = tokens(270)
+    results = []
+    for lean in (False, True):
+        mrl.wrap(model, lean_cache=lean)
+        try:
+            cache = quantized_cache(model)
+            results.append((teacher_forced(model, toks, 250, cache), _states(cache)))
+        finally:
+            mrl.unwrap(model)
+    (plain, plain_state), (lean, lean_state) = results
+    assert mx.array_equal(plain, lean).item()
+    assert len(plain_state) == len(lean_state) and all(
+        a.shape == b.shape and mx.array_equal(a, b).item() for a, b in zip(plain_state, lean_state))
+    assert "update_and_fetch" not in vars(cache[0])  # hooked for the passes only
+    assert len(lean_calls) == len(cache) * 21  # every layer of every pass after the prefill
+
+
+def test_lean_cache_update_keeps_mlx_lms_own_method_for_another_mlx_lm(monkeypatch):
+    from mlxrewrite.mlx_lm import cache_update
+
+    calls = []
+    monkeypatch.setattr(cache_update, "VERIFIED", set())
+    monkeypatch.setattr(cache_update, "update_and_fetch", lambda *a: calls.append(a))
+    cache_update.unavailable.cache_clear()
+    model = mrl.wrap(tiny("llama"))
+    try:
+        teacher_forced(model, tokens(12), 10, quantized_cache(model))
+        assert not calls
+        assert "lean cache update not used: mlx-lm's QuantizedKVCache.update_and_fetch is not the one" in \
+            mrl.explain(model)
+    finally:
+        mrl.unwrap(model)
+        cache_update.unavailable.cache_clear()

@@ -28,6 +28,7 @@ can rewrite (SDPA without a mask) are passed straight through by the rules' gate
 from __future__ import annotations
 
 import contextvars
+import functools
 import sys
 import threading
 import types
@@ -43,7 +44,7 @@ from .. import intercept
 from ..eager import EagerRewriter
 from ..intercept import Call
 from ..rule import Rule
-from . import tiny
+from . import cache_update, tiny
 
 MLX_LM_MISSING = "this needs mlx-lm: pip install 'mlxrewrite[mlx-lm]'"  # mlx-lm is an optional extra
 _ATTR = "_mlxrewrite_wrap"
@@ -72,6 +73,7 @@ class Options:
     rules: tuple[Rule, ...] | None = None
     disable: tuple[str, ...] | str = ()  # as given: `select_rules` reads it (one name or several)
     check_masks: bool = False
+    lean_cache: bool = True
 
 
 @dataclass
@@ -87,7 +89,7 @@ class WrapState:
 
 
 def wrap(model: nn.Module, *, rules: list[Rule] | None = None, disable: tuple[str, ...] | str = (),
-         check_masks: bool = False) -> nn.Module:
+         check_masks: bool = False, lean_cache: bool = True) -> nn.Module:
     """Route `model`'s attention calls through the rules (in place; returns `model`).
 
     Idempotent: wrapping a wrapped model returns it unchanged (unwrap first to change options).
@@ -95,6 +97,9 @@ def wrap(model: nn.Module, *, rules: list[Rule] | None = None, disable: tuple[st
     build array masks from runtime padding) be checked, each once per forward pass, and dropped when all
     True. Other masks (a model's own, such as MLA's position scores passed as an additive mask) are
     never evaluated; without it no mask is.
+    `lean_cache=True`: in the model's forward passes, mlx-lm's `QuantizedKVCache` objects update through
+    `cache_update.update_and_fetch`, the same ops and state with a fifth of the Python (where the installed
+    mlx-lm's method is the one it was checked against; `explain` says when not).
 
     `copy.deepcopy`, `copy.copy` and `pickle` of a wrapped model give a wrapped model with the same
     options and fresh call traces (for pickle, `rules` must be picklable).
@@ -104,7 +109,8 @@ def wrap(model: nn.Module, *, rules: list[Rule] | None = None, disable: tuple[st
                         f"got {type(model).__name__}")
     with _LOCK:
         if not is_wrapped(model):
-            _attach(model, type(model), Options(None if rules is None else tuple(rules), disable, check_masks))
+            _attach(model, type(model), Options(None if rules is None else tuple(rules), disable, check_masks,
+                                                lean_cache))
     return model
 
 
@@ -145,6 +151,8 @@ def explain(model: nn.Module) -> str:
     lines = [f"mlxrewrite.mlx_lm: {wrap_state.original_class.__module__}.{wrap_state.original_class.__name__}, "
              f"{wrap_state.forward_passes} forward pass(es); coverage checked on {len(wrap_state.routes_checked)} "
              "route(s) (cache types x one token or several)", wrap_state.rewriter.explain()]
+    if wrap_state.options.lean_cache and cache_update.unavailable():
+        lines.append(f"  lean cache update not used: {cache_update.unavailable()}")
     lines += [f"  not covered: {note}" for note in wrap_state.coverage]
     return "\n".join(lines)
 
@@ -158,9 +166,7 @@ class CacheMasks:
     def __init__(self, cache: Any):
         self.made: dict[int, mx.array] = {}  # id -> the mask, kept alive for the pass (ids stay unique)
         self.checked: dict[int, Any] = {}  # id -> its value summary, once per pass
-        self.hooked = [c for c in cache if hasattr(c, "make_mask")] if isinstance(cache, (list, tuple)) else []
-        for c in self.hooked:
-            c.make_mask = self._recording(c.make_mask)
+        self.hooked = _hook(cache, "make_mask", lambda c, make_mask: self._recording(make_mask))
 
     def _recording(self, make_mask: Callable) -> Callable:
         def recorded(*args: Any, **kwargs: Any) -> Any:
@@ -172,8 +178,30 @@ class CacheMasks:
         return recorded
 
     def restore(self) -> None:
-        for c in self.hooked:
-            vars(c).pop("make_mask", None)
+        _unhook(self.hooked, "make_mask")
+
+
+def _hook(cache: Any, name: str, make: Callable[[Any, Callable], Callable], kind: type | None = None) -> list:
+    """Set method `name` of each cache object that has it (of exactly type `kind`, if given) to
+    `make(object, its own method)`, on the objects, not their class, for one forward pass."""
+    hooked = [c for c in cache if hasattr(c, name) and (kind is None or type(c) is kind)] \
+        if isinstance(cache, (list, tuple)) else []
+    for c in hooked:
+        setattr(c, name, make(c, getattr(c, name)))
+    return hooked
+
+
+def _unhook(hooked: list, name: str) -> None:
+    for c in hooked:
+        vars(c).pop(name, None)
+
+
+def _lean_caches(cache: Any) -> list:
+    """mlx-lm's quantized caches in `cache`, updating through `cache_update` for this pass."""
+    from mlx_lm.models.cache import QuantizedKVCache  # here: this package imports without mlx-lm installed
+
+    return _hook(cache, "update_and_fetch", lambda c, own: functools.partial(cache_update.update_and_fetch, c, own),
+                 QuantizedKVCache)
 
 
 _PASS_MASKS: contextvars.ContextVar[CacheMasks | None] = contextvars.ContextVar("mlxrewrite_cache_masks",
@@ -241,12 +269,14 @@ def _call(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
     route = _route(args[0] if args else kwargs.get("inputs"), cache)
     seen = AttentionCalls() if route is not None and route not in wrap_state.routes_checked else None
     masks = CacheMasks(cache) if wrap_state.options.check_masks else None
+    lean = _lean_caches(cache) if wrap_state.options.lean_cache and not cache_update.unavailable() else []
     token = _PASS_MASKS.set(masks)
     try:
         out = wrap_state.rewriter.run(wrap_state.original_class.__call__, (self, *args), kwargs, seen,
                                       patch_mlx=False)
     finally:
         _PASS_MASKS.reset(token)
+        _unhook(lean, "update_and_fetch")
         if masks is not None:
             masks.restore()
     wrap_state.forward_passes += 1
