@@ -24,8 +24,8 @@ from typing import Any, Callable
 import mlx.core as mx
 
 import mlxrewrite
-from mlxrewrite.backend import Backend, device_backend
-from mlxrewrite.rule import Rule
+from mlxrewrite.backends.device import Backend, device_backend
+from mlxrewrite.core.rule import Rule
 from mlxrewrite.rules import quantized_matmul_broadcast as qmm_rule
 
 # Peak HBM bandwidth (bytes/s) by device name, most specific first; unknown devices get no roofline.

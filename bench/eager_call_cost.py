@@ -26,7 +26,7 @@ import mlx.core as mx
 from mlx_lm.models import base
 
 import mlxrewrite
-from mlxrewrite.backend import Backend
+from mlxrewrite.backends.device import Backend
 from mlxrewrite.rules import fused_quantized_attention as fused
 
 CALLS, ROUNDS = 50, 200

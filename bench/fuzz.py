@@ -32,7 +32,7 @@ import mlx.core as mx
 
 import mlxrewrite
 from bench.common import forced
-from mlxrewrite.backend import Backend
+from mlxrewrite.backends.device import Backend
 
 ROUTES = {"cpu": Backend("cpu"), "metal": Backend("metal", "applegpu_g13s"), "cuda_sm80": Backend("cuda", "sm_80"),
           "cuda_sm90": Backend("cuda", "sm_90")}

@@ -22,7 +22,7 @@ import time
 
 import mlx.core as mx
 
-from mlxrewrite.kernels import quantized_sdpa
+from mlxrewrite.backends.kernels import quantized_sdpa
 
 HBM_COPY_TBS = 4.24  # H200 device-to-device copy, read + write (../shared/anchors-h200.md)
 

@@ -16,8 +16,8 @@ import mlx.core as mx
 
 import importlib
 
-qs = importlib.import_module("mlxrewrite.kernels.quantized_sdpa")
-cuda = importlib.import_module("mlxrewrite.kernels.quantized_sdpa_cuda")
+qs = importlib.import_module("mlxrewrite.backends.kernels.quantized_sdpa")
+cuda = importlib.import_module("mlxrewrite.backends.kernels.quantized_sdpa_cuda")
 
 CALLS, ROUNDS = 100, 60
 

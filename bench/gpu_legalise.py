@@ -33,7 +33,7 @@ import mlxrewrite
 import mlxrewrite.mlx_lm as mrl
 from bench.common import Env, forced, max_abs_err
 from bench.models import llama
-from mlxrewrite.backend import Backend
+from mlxrewrite.backends.device import Backend
 from mlxrewrite.rules.fused_quantized_attention import NAME as FUSED
 from mlxrewrite.rules.quantized_matmul_legalise import RULE as LEGALISE
 

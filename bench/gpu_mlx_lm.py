@@ -21,7 +21,7 @@ import mlx.core as mx
 from mlx_lm.models import llama
 
 import mlxrewrite.mlx_lm as mrl
-from mlxrewrite.backend import Backend
+from mlxrewrite.backends.device import Backend
 
 SMALL = "--small" in sys.argv
 CONFIG = dict(model_type="llama", hidden_size=256 if SMALL else 2048, num_hidden_layers=2 if SMALL else 16,

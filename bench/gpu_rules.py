@@ -16,7 +16,7 @@ import mlx.core as mx
 
 import mlxrewrite
 from mlxrewrite.examples.gqa_quantized_attention import B, D, GROUP, N_KV, N_REP, attention as gqa
-from mlxrewrite.rule import Rule
+from mlxrewrite.core.rule import Rule
 from mlxrewrite.rules import quantized_matmul_broadcast as qmm_rule
 
 

@@ -1,4 +1,4 @@
-"""Measure in a child process (`mlxrewrite.isolation`), so that a crash costs one row, not the whole run.
+"""Measure in a child process (`mlxrewrite.backends.isolation`), so that a crash costs one row, not the whole run.
 
 A hazardous call can do more than raise. On CUDA (MLX 0.32.4, H100) a row of the gqa case died with "an
 illegal memory access was encountered": the CUDA context is dead after that (every later call fails),
@@ -21,7 +21,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-from mlxrewrite.isolation import Child, Crashed, stage
+from mlxrewrite.backends.isolation import Child, Crashed, stage
 
 
 class Worker(Child):

@@ -91,7 +91,7 @@ def route(module: types.ModuleType, suite: unittest.TestSuite, mode: str) -> Cal
         return lambda: _compiled_report(routers)
     if mode == "eager":
         from mlxrewrite import intercept
-        from mlxrewrite.eager import EagerRewriter
+        from mlxrewrite.core.eager import EagerRewriter
 
         intercept.instrument(module)
         rewriter = EagerRewriter(check_values=True)

@@ -8,9 +8,9 @@
     fn = mlxrewrite.eager(fn)                # no compile: rules applied call by call (mlx-lm decode loops)
     mlxrewrite.doctor()                      # measure this backend; the rules consult the profile
 
-Pipeline, one module per stage: trace.py -> graph.py (+ layout.py, constants.py) -> rules (rule.py,
-rules/) -> lower.py -> compiler.py (mx.compile). eager.py applies the same rules call by call, for code
-that changes shapes every step (mlx_lm/ wraps mlx-lm models with it).
+Layout: core/ is the pipeline, one module per stage (its docstring names them); rules/ the built-in rules;
+backends/ the device, its profile and the CUDA kernels; doctor/ the backend self-test; mlx_lm/ wraps mlx-lm
+models with eager mode. audit.py, testing.py and cli.py are the entry points over the pipeline.
 """
 
 import importlib
@@ -19,16 +19,16 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from . import intercept
+from .core import intercept
 from .audit import Finding, Report, audit, audit_graph
-from .compiler import FallbackWarning, RewrittenFunction, compile
-from .eager import EagerRewriter, eager
-from .graph import Graph, Node, Value
-from .facts import Facts, Read
-from .pattern import CallPattern, GraphPattern
-from .rule import Bound, Decision, Decline, Rule, default_rules, register_rule
-from .signature import SignatureError
-from .trace import CallSite, TraceError, trace
+from .core.compiler import FallbackWarning, RewrittenFunction, compile
+from .core.eager import EagerRewriter, eager
+from .core.graph import Graph, Node, Value
+from .core.facts import Facts, Read
+from .core.pattern import CallPattern, GraphPattern
+from .core.rule import Bound, Decision, Decline, Rule, default_rules, register_rule
+from .core.signature import SignatureError
+from .core.trace import CallSite, TraceError, trace
 
 __version__ = "0.1.0"
 

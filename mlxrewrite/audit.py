@@ -18,12 +18,12 @@ import mlx.core as mx
 import networkx as nx
 import numpy as np
 
-from .graph import Graph, dtype_name
-from .layout import broadcast_strides
-from .backend import Backend
-from .decide import decide_graph, decide_site
-from .rule import Decline, Rule, select_rules
-from .trace import trace
+from .core.graph import Graph, dtype_name
+from .core.layout import broadcast_strides
+from .backends.device import Backend
+from .core.decide import decide_graph, decide_site
+from .core.rule import Decline, Rule, select_rules
+from .core.trace import trace
 
 SCHEMA_VERSION = 1
 _PACKAGE = Path(__file__).resolve().parent
@@ -221,7 +221,7 @@ class Case:
 
     def rewritten_graph(self) -> Graph:
         """The graph `mlxrewrite.compile(fn)` runs for these inputs."""
-        from .compiler import compile
+        from .core.compiler import compile
 
         return compile(self.fn).trace_rewritten(*self.args, **self.kwargs)
 
@@ -237,7 +237,7 @@ def audit(fn: Callable, *args: Any, **kwargs: Any) -> Report:
 def picture_dot(step: Step, after: Graph) -> str:
     """DOT of the step's graph with its hazards in red, beside the rewritten graph (its API calls in green,
     any hazard left in red)."""
-    from .render import side_by_side_dot
+    from .core.render import side_by_side_dot
 
     before_marks = {f"op{f.node}": ("hazard", f.rule) for f in step.findings if f.node is not None}
     left = {f"op{f.node}": ("hazard", f.rule) for f in audit_graph(after).findings if f.node is not None}

@@ -107,7 +107,7 @@ def _audit_case(case: "Case") -> "Report":
 
 def _pictures(args: argparse.Namespace) -> list[tuple[Path, str]]:
     """The pictures asked for, (file, format); fails before the audit when they cannot be drawn."""
-    from .render import dot_program
+    from .core.render import dot_program
 
     pictures = [(Path(path), fmt) for fmt, path in (("dot", args.dot), ("svg", args.svg), ("png", args.png)) if path]
     if (args.svg or args.png) and dot_program() is None:
@@ -119,7 +119,7 @@ def _pictures(args: argparse.Namespace) -> list[tuple[Path, str]]:
 def _write_pictures(pictures: list[tuple[Path, str]], cases: list["Case"], report: "Report") -> None:
     """The first step with findings (else the first step), beside its rewritten graph."""
     from .audit import picture_dot
-    from .render import RenderError, write_picture
+    from .core.render import RenderError, write_picture
 
     index = next((i for i, step in enumerate(report.steps) if step.findings), 0)
     dot = picture_dot(report.steps[index], cases[index].rewritten_graph())

@@ -9,7 +9,7 @@ an 8-bit cache decoded at 0.35x the float cache's tokens/s on an H200 (issue 12)
 Evidence: bench/results/ (gqa case, fused variant; mlx_lm case, kv8/kv4 wrapped) and
 bench/results/fused_attention_notes.md for the kernel.
 
-Rewrite: `fused`, one call of `mlxrewrite.kernels.quantized_sdpa` (flash-decoding: N split in chunks that
+Rewrite: `fused`, one call of `mlxrewrite.backends.kernels.quantized_sdpa` (flash-decoding: N split in chunks that
 depend on N only, online softmax in float32, each K/V tile read once for all query heads and rows of its
 kv head, one launch). It reads the cache through its strides: no copy of K or V. The numbers change within
 rounding: the scores and probabilities stay in float32 where the unfused graph rounds them to the query
@@ -30,11 +30,11 @@ import math
 
 import mlx.core as mx
 
-from mlxrewrite.facts import Facts, Read
-from mlxrewrite.kernels import quantized_sdpa
-from mlxrewrite.pattern import GraphPattern
-from mlxrewrite.backend import Backend
-from mlxrewrite.rule import Bound, Decision, Decline, Region, Rule
+from mlxrewrite.core.facts import Facts, Read
+from mlxrewrite.backends.kernels import quantized_sdpa
+from mlxrewrite.core.pattern import GraphPattern
+from mlxrewrite.backends.device import Backend
+from mlxrewrite.core.rule import Bound, Decision, Decline, Region, Rule
 
 NAME = "fused-quantized-attention"
 VERIFIED = {"cuda": ("sm_90",)}  # where bench/gpu_fused_attention.py checked the kernel (H100/H200)

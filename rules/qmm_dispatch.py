@@ -41,7 +41,7 @@ import functools
 import re
 from typing import Any, Mapping
 
-from mlxrewrite.backend import Backend
+from mlxrewrite.backends.device import Backend
 
 # get_qmv_batch_limit(K, N): (small: K,N <= 2048; mid: <= 4096; large), by (generation floor, 'd' class)
 _QMV_LIMITS = [  # (min generation, size class test, (small, mid, large)), checked in this order

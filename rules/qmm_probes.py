@@ -19,12 +19,12 @@ from typing import Any, Callable, ClassVar
 
 import mlx.core as mx
 
-from mlxrewrite.backend import Backend
+from mlxrewrite.backends.device import Backend
 from mlxrewrite.doctor.kernels import KernelCall, Kernels
 from mlxrewrite.doctor.measure import Key, Outcome, compare, scale_of
 from mlxrewrite.doctor.probes import AS_SHIPPED, EXTRA, ROUTES, ShapeTask
 from mlxrewrite.examples.gqa_quantized_attention import broadcast_cache
-from mlxrewrite.rule import Decision
+from mlxrewrite.core.rule import Decision
 
 from . import qmm_report, quantized_matmul_broadcast as broadcast
 from .qmm_dispatch import cuda_qmm_overreads, qmm_hazard_applies, qmm_mkn

@@ -14,7 +14,7 @@ import functools
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from mlxrewrite.backend import NOT_MEASURED, Bucket, Measured, Profile
+from mlxrewrite.backends.device import NOT_MEASURED, Bucket, Measured, Profile
 
 from .qmm_dispatch import qmm_mkn, quantization
 

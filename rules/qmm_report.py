@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Iterable
 
-from mlxrewrite.backend import NOT_MEASURED, OK, Measured, Profile
+from mlxrewrite.backends.device import NOT_MEASURED, OK, Measured, Profile
 
 from .qmm_profile import M_LABELS, ORIGINAL, QMM_REWRITES, ROW_LABELS, QmmMeasurements, QmmVerdict, measured
 from .quantized_matmul_broadcast import NAME

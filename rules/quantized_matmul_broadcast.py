@@ -45,13 +45,13 @@ from typing import Any, Mapping
 import mlx.core as mx
 import numpy as np
 
-from mlxrewrite.backend import NOT_MEASURED, Backend, Measured
-from mlxrewrite.facts import Facts, Read
-from mlxrewrite.graph import dtype_name
-from mlxrewrite.intercept import Call
-from mlxrewrite.layout import broadcast_strides, stride0_batch_dims
-from mlxrewrite.pattern import CallPattern
-from mlxrewrite.rule import Decision, Decline, Rule
+from mlxrewrite.backends.device import NOT_MEASURED, Backend, Measured
+from mlxrewrite.core.facts import Facts, Read
+from mlxrewrite.core.graph import dtype_name
+from mlxrewrite.core.intercept import Call
+from mlxrewrite.core.layout import broadcast_strides, stride0_batch_dims
+from mlxrewrite.core.pattern import CallPattern
+from mlxrewrite.core.rule import Decision, Decline, Rule
 
 from .qmm_dispatch import cuda_qmm_overreads, cuda_qmm_wrong, needs_dense_weights, qmm_hazard_applies, qmm_mkn
 from .qmm_profile import ORIGINAL, SOURCE_WAYS, QmmBucket, measured

@@ -47,12 +47,12 @@ from typing import Any, Mapping, NamedTuple
 
 import mlx.core as mx
 
-from mlxrewrite.backend import Backend
-from mlxrewrite.facts import Facts, Read
-from mlxrewrite.graph import dtype_name
-from mlxrewrite.intercept import Call
-from mlxrewrite.pattern import CallPattern
-from mlxrewrite.rule import Decision, Decline, Rule
+from mlxrewrite.backends.device import Backend
+from mlxrewrite.core.facts import Facts, Read
+from mlxrewrite.core.graph import dtype_name
+from mlxrewrite.core.intercept import Call
+from mlxrewrite.core.pattern import CallPattern
+from mlxrewrite.core.rule import Decision, Decline, Rule
 
 from .qmm_dispatch import cuda_qmm_kernel, cuda_qmm_overreads, cuda_qmm_wrong, dispatch_rows, qmm_mkn, quantization
 from .qmm_profile import ORIGINAL, QmmBucket, measured

@@ -22,10 +22,10 @@ from __future__ import annotations
 
 import mlx.core as mx
 
-from mlxrewrite.facts import Facts, Read
-from mlxrewrite.intercept import Call
-from mlxrewrite.pattern import CallPattern
-from mlxrewrite.rule import Decision, Decline, Rule
+from mlxrewrite.core.facts import Facts, Read
+from mlxrewrite.core.intercept import Call
+from mlxrewrite.core.pattern import CallPattern
+from mlxrewrite.core.rule import Decision, Decline, Rule
 
 NAME = "sdpa-noop-mask"
 

@@ -10,12 +10,12 @@ from typing import TYPE_CHECKING, ClassVar
 
 import mlx.core as mx
 
-from mlxrewrite.backend import NOT_MEASURED, Backend, Profile
+from mlxrewrite.backends.device import NOT_MEASURED, Backend, Profile
 from mlxrewrite.doctor.kernels import Kernels
 from mlxrewrite.doctor.measure import Key, Outcome, compare, failed, scale_of
 from mlxrewrite.doctor.probes import REPORT, ShapeTask
 from mlxrewrite.examples.gqa_quantized_attention import N_REP
-from mlxrewrite.isolation import stage
+from mlxrewrite.backends.isolation import stage
 
 from .sdpa_noop_mask import NAME
 

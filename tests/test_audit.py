@@ -279,7 +279,7 @@ def test_cli_unknown_flag_is_an_argparse_error(capsys):
 
 
 def test_cli_picture_without_graphviz_is_a_usage_error(monkeypatch, tmp_path, capsys):
-    monkeypatch.setattr("mlxrewrite.render.dot_program", lambda: None)
+    monkeypatch.setattr("mlxrewrite.core.render.dot_program", lambda: None)
     assert main(["audit", target("gqa_expand_dims"), "--inputs", "gqa_inputs", "--png", str(tmp_path / "g.png")]) == 2
     assert "pip install 'mlxrewrite[render]'" in capsys.readouterr().err and not (tmp_path / "g.png").exists()
 

@@ -1,7 +1,7 @@
 """bench/isolated.py and the gqa case's use of it: a row runs in a child process; a crash there is one row's
 entry (retried without as shipped), and the run goes on.
 
-The targets below run in the child (`mlxrewrite.isolation`), which imports this module by name. No timings are
+The targets below run in the child (`mlxrewrite.backends.isolation`), which imports this module by name. No timings are
 asserted, only what each answer says.
 """
 

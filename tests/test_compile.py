@@ -13,7 +13,7 @@ import mlxrewrite
 from mlxrewrite.examples import gqa_quantized_attention as gqa
 from mlxrewrite import CallPattern, Decision, Decline, FallbackWarning, RewrittenFunction, Rule, SignatureError, \
     TraceError
-from mlxrewrite import rule as rule_module
+from mlxrewrite.core import rule as rule_module
 
 
 X = mx.arange(6, dtype=mx.float32).reshape(2, 3)
@@ -244,13 +244,13 @@ def assert_matches_eager(rewritten, model, traces):
 def walks(monkeypatch):
     """How often the state tree is walked (StateTree.walk), counted from now."""
     count = [0]
-    walk = mlxrewrite.signature.StateTree.walk.__func__
+    walk = mlxrewrite.core.signature.StateTree.walk.__func__
 
     def counting(cls, tree):
         count[0] += 1
         return walk(cls, tree)
 
-    monkeypatch.setattr(mlxrewrite.signature.StateTree, "walk", classmethod(counting))
+    monkeypatch.setattr(mlxrewrite.core.signature.StateTree, "walk", classmethod(counting))
     return count
 
 
@@ -535,7 +535,7 @@ def test_rule_choosing_unknown_rewrite_runs_as_written_or_raises_when_strict():
     with pytest.warns(FallbackWarning, match="rule bad raised ValueError in its guard: rule bad chose unknown rewrite"):
         assert mx.array_equal(rewritten(x, *QUANT_W), linear_qmm(x, *QUANT_W)).item()
     strict = mlxrewrite.compile(linear_qmm, rules=[doubling_rule("bad", rewrite="triple")], strict=True)
-    with pytest.raises(mlxrewrite.guard.RuleError, match="rule bad chose unknown rewrite 'triple'"):
+    with pytest.raises(mlxrewrite.core.guard.RuleError, match="rule bad chose unknown rewrite 'triple'"):
         strict(x, *QUANT_W)
 
 

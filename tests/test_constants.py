@@ -1,10 +1,10 @@
-"""Constant summaries (mlxrewrite/constants.py): what the graph proves about values built from constants."""
+"""Constant summaries (mlxrewrite/core/constants.py): what the graph proves about values built from constants."""
 
 import mlx.core as mx
 import pytest
 
 import mlxrewrite
-from mlxrewrite.constants import evaluate, summarize
+from mlxrewrite.core.constants import evaluate, summarize
 
 X = mx.random.normal((2, 8))
 

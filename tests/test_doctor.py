@@ -14,12 +14,12 @@ import pytest
 import mlxrewrite
 import mlxrewrite.doctor
 from mlxrewrite import cli, doctor
-from mlxrewrite.backend import (NOT_MEASURED, Backend, Bucket, Measured, Profile, ProfileWarning, device_backend,
+from mlxrewrite.backends.device import (NOT_MEASURED, Backend, Bucket, Measured, Profile, ProfileWarning, device_backend,
                                 profile_path)
-from mlxrewrite.decide import call_facts, decide_site
-from mlxrewrite.eager import trace_one_call
+from mlxrewrite.core.decide import call_facts, decide_site
+from mlxrewrite.core.eager import trace_one_call
 from mlxrewrite.examples.gqa_quantized_attention import broadcast_cache
-from mlxrewrite.facts import ArrayEnv
+from mlxrewrite.core.facts import ArrayEnv
 from mlxrewrite.rules import qmm_probes, qmm_profile, sdpa_noop_mask, sdpa_probes
 from mlxrewrite.rules import quantized_matmul_broadcast as qmb
 from mlxrewrite.rules.qmm_profile import ORIGINAL, QMM_REWRITES, QmmBucket, QmmVerdict

@@ -8,7 +8,7 @@ import pytest
 import mlxrewrite
 from mlxrewrite.examples import gqa_quantized_attention as gqa
 from mlxrewrite import CallPattern, Decision, Decline, Read, Rule
-from mlxrewrite.eager import EagerFallbackWarning
+from mlxrewrite.core.eager import EagerFallbackWarning
 
 
 
@@ -164,11 +164,11 @@ def test_calls_no_rule_needs_pass_straight_through():
 def test_builtin_rules_decline_wherever_their_needs_fail(name):
     """`needs` may only skip calls the rule's guard would decline anyway."""
     from mlxrewrite import intercept
-    from mlxrewrite.decide import call_facts
-    from mlxrewrite.eager import trace_one_call
-    from mlxrewrite.backend import Backend
+    from mlxrewrite.core.decide import call_facts
+    from mlxrewrite.core.eager import trace_one_call
+    from mlxrewrite.backends.device import Backend
 
-    rule = next(r for r in mlxrewrite.rule.default_rules() if r.name == name)
+    rule = next(r for r in mlxrewrite.core.rule.default_rules() if r.name == name)
     spec, gate = intercept.APIS[rule.api], intercept.Gate({rule.api: [rule.needs]})
     x3, x2 = mx.zeros((2, 4, 64)), mx.zeros((4, 64))
     w3, w2 = (mx.quantize(mx.zeros(s), group_size=64, bits=4) for s in ((2, 8, 64), (8, 64)))

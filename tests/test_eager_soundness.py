@@ -9,8 +9,8 @@ import pytest
 
 import mlxrewrite
 from mlxrewrite import CallPattern, Decision, FallbackWarning, Rule
-from mlxrewrite.eager import EagerFallbackWarning
-from mlxrewrite.guard import RuleError
+from mlxrewrite.core.eager import EagerFallbackWarning
+from mlxrewrite.core.guard import RuleError
 
 
 FOLD = "quantized-matmul-broadcast-weights -> fold"

@@ -13,9 +13,9 @@ from mlx_lm.models.cache import QuantizedKVCache
 
 import mlxrewrite
 import mlxrewrite.mlx_lm as mrl
-from mlxrewrite.eager import EagerFallbackWarning
+from mlxrewrite.core.eager import EagerFallbackWarning
 from mlxrewrite.mlx_lm.tiny import tiny
-from mlxrewrite.backend import Backend
+from mlxrewrite.backends.device import Backend
 from mlxrewrite.rules import fused_quantized_attention as fused
 
 SCALE = 0.125

@@ -1,4 +1,4 @@
-"""mlxrewrite.isolation: one child process answers calls until it crashes; a crash is reported with its exit
+"""mlxrewrite.backends.isolation: one child process answers calls until it crashes; a crash is reported with its exit
 code, the child's last output lines and its last stage, and the next call gets a new child.
 
 The functions below run in the child, which imports this module by name (the parent's sys.path)."""
@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from mlxrewrite.isolation import Child, Crashed, stage
+from mlxrewrite.backends.isolation import Child, Crashed, stage
 
 INITIALIZED = []
 

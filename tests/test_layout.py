@@ -1,4 +1,4 @@
-"""The layout pass (mlxrewrite/layout.py) against the strides MLX really produces.
+"""The layout pass (mlxrewrite/core/layout.py) against the strides MLX really produces.
 
 Ground truth: `array_strides(fn(x))` after `mx.eval`, read through the buffer protocol. Dims of size 1
 are ignored (any stride is valid there and MLX picks differently depending on the path).
@@ -8,8 +8,8 @@ import mlx.core as mx
 import pytest
 
 import mlxrewrite
-from mlxrewrite.graph import row_major_strides
-from mlxrewrite.layout import array_strides, broadcast_strides, reshape_strides, stride0_batch_dims
+from mlxrewrite.core.graph import row_major_strides
+from mlxrewrite.core.layout import array_strides, broadcast_strides, reshape_strides, stride0_batch_dims
 
 mx.random.seed(0)
 X4 = mx.random.normal((2, 3, 4, 5))

@@ -20,13 +20,13 @@ from mlx_lm.models.cache import QuantizedKVCache, make_prompt_cache
 import mlxrewrite
 import mlxrewrite.mlx_lm as mrl
 from mlxrewrite import intercept
-from mlxrewrite.decide import call_facts
-from mlxrewrite.eager import trace_one_call
-from mlxrewrite.facts import ArrayEnv
-from mlxrewrite.graph import dtype_name
-from mlxrewrite.layout import array_strides, is_dense, is_row_contiguous
+from mlxrewrite.core.decide import call_facts
+from mlxrewrite.core.eager import trace_one_call
+from mlxrewrite.core.facts import ArrayEnv
+from mlxrewrite.core.graph import dtype_name
+from mlxrewrite.core.layout import array_strides, is_dense, is_row_contiguous
 from mlxrewrite.mlx_lm.tiny import tiny
-from mlxrewrite.backend import OK, Backend, Bucket, Measured, Profile
+from mlxrewrite.backends.device import OK, Backend, Bucket, Measured, Profile
 from mlxrewrite.rules import qmm_dispatch
 from mlxrewrite.rules.qmm_dispatch import qmm_mkn
 from mlxrewrite.rules.qmm_profile import ORIGINAL, QMM_REWRITES, QmmBucket

@@ -8,10 +8,10 @@ import pytest
 
 import mlxrewrite
 from mlxrewrite.examples import gqa_quantized_attention as gqa
-from mlxrewrite.decide import decide_site
+from mlxrewrite.core.decide import decide_site
 from mlxrewrite.audit import audit_graph
-from mlxrewrite.layout import is_dense, stride0_batch_dims
-from mlxrewrite.backend import OK, Backend, Bucket, Measured, Profile
+from mlxrewrite.core.layout import is_dense, stride0_batch_dims
+from mlxrewrite.backends.device import OK, Backend, Bucket, Measured, Profile
 from mlxrewrite.rules import qmm_dispatch, quantized_matmul_broadcast as qmb
 from mlxrewrite.rules.qmm_profile import ORIGINAL, QMM_REWRITES, QmmBucket
 

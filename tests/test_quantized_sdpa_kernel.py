@@ -7,7 +7,7 @@ import mlx.core as mx
 import pytest
 
 from bench.gpu_fused_attention import cache, dense
-from mlxrewrite.kernels import chunk_size, quantized_sdpa
+from mlxrewrite.backends.kernels import chunk_size, quantized_sdpa
 
 
 def _close(a, b, tol=2e-5):

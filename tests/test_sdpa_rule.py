@@ -8,9 +8,9 @@ import pytest
 
 import mlxrewrite
 from mlxrewrite.audit import audit_graph
-from mlxrewrite.constants import summarize
-from mlxrewrite.graph import Graph, dtype_name
-from mlxrewrite.trace import recognise_sites
+from mlxrewrite.core.constants import summarize
+from mlxrewrite.core.graph import Graph, dtype_name
+from mlxrewrite.core.trace import recognise_sites
 
 NAME = "sdpa-noop-mask"
 FIXTURE = Path(__file__).parent / "fixtures" / "sdpa_gpu_trace.json"

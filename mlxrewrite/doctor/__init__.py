@@ -4,7 +4,7 @@ Facts read from one MLX version's source go stale (a kernel wrong for some shape
 that fixes it), so the doctor runs here what the loaded rules declare (`Rule.probes`, see `probes`): each way
 of running a call (as shipped, each rewrite) against the rule's reference, per bucket of the rule's calls:
 ok, wrong, unsupported (it raised), crashed (it lost the GPU context or killed the process) or not measured,
-and how fast. Within a time budget, most important first; on GPUs in a child process (`mlxrewrite.isolation`),
+and how fast. Within a time budget, most important first; on GPUs in a child process (`mlxrewrite.backends.isolation`),
 killed at the deadline and replaced after a crash; written while measuring, and resumed by the next run.
 The result is a `backend.Profile`, cached per device and MLX version, which `Backend.current()` hands to the
 rules. `mlxrewrite.doctor()` is `run()`; `run(kernels=...)` stands in a faulty backend (tests).
@@ -21,7 +21,7 @@ import sys
 import types
 from typing import Any
 
-from ..backend import Profile
+from ..backends.device import Profile
 from .cli import WATCHDOG_S, command
 from .kernels import KernelCall, Kernels
 from .measure import TOLERANCE, Outcome

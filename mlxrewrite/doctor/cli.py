@@ -8,7 +8,7 @@ import json
 import sys
 from pathlib import Path
 
-from ..backend import device_backend, load_profile, profile_path
+from ..backends.device import device_backend, load_profile, profile_path
 from .report import render
 from .session import BUDGET_S, run
 

@@ -8,8 +8,8 @@ from typing import Callable, Protocol
 
 import mlx.core as mx
 
-from ..backend import Backend
-from ..isolation import Child, Crashed
+from ..backends.device import Backend
+from ..backends.isolation import Child, Crashed
 from .kernels import Kernels
 from .measure import Key, Outcome
 from .probes import Task

@@ -10,7 +10,7 @@ from typing import Any
 
 import mlx.core as mx
 
-from ..backend import Backend
+from ..backends.device import Backend
 
 
 def ptx_cache_dir() -> Path:

@@ -7,8 +7,8 @@ from typing import Any
 
 import mlx.core as mx
 
-from .. import intercept
-from ..intercept import Call
+from ..core import intercept
+from ..core.intercept import Call
 
 
 class Kernels:

@@ -11,8 +11,8 @@ from typing import Callable
 
 import mlx.core as mx
 
-from ..backend import FAILURES, NOT_MEASURED, OK, Measured
-from ..isolation import STICKY_FAULT, stage
+from ..backends.device import FAILURES, NOT_MEASURED, OK, Measured
+from ..backends.isolation import STICKY_FAULT, stage
 
 TOLERANCE = {"float32": 1e-4, "float16": 5e-3, "bfloat16": 4e-2}  # of max |reference|; wrong reads give ~1
 

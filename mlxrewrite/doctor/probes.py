@@ -9,8 +9,8 @@ import importlib
 from types import ModuleType
 from typing import Any, Hashable, Protocol
 
-from ..backend import Backend
-from ..rule import default_rules
+from ..backends.device import Backend
+from ..core.rule import default_rules
 from .kernels import Kernels
 from .measure import TOLERANCE, Key, Outcome
 

@@ -3,7 +3,7 @@ each error message once."""
 
 from __future__ import annotations
 
-from ..backend import Profile
+from ..backends.device import Profile
 from .jit_cache import describe
 from .probes import probe_modules
 from .session import BUDGET_S

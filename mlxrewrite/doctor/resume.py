@@ -9,7 +9,7 @@ import json
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from ..backend import NOT_MEASURED, Backend, Measured, Profile, load_profile
+from ..backends.device import NOT_MEASURED, Backend, Measured, Profile, load_profile
 from .kernels import Kernels
 from .probes import Task
 

@@ -7,7 +7,7 @@ import time
 from collections import deque
 from typing import Callable, Iterator, Sequence
 
-from ..backend import Profile, device_backend, profile_path, write_profile
+from ..backends.device import Profile, device_backend, profile_path, write_profile
 from . import jit_cache
 from .executors import Executor, InProcess, Isolated
 from .kernels import Kernels

@@ -10,7 +10,7 @@ from typing import Any
 
 import mlx.core as mx
 
-from ..backend import NOT_MEASURED, Backend, Bucket, Measured, Profile
+from ..backends.device import NOT_MEASURED, Backend, Bucket, Measured, Profile
 from .measure import Key, Outcome, verdict
 from .probes import ROUTES, Task
 from .resume import Earlier

@@ -40,10 +40,10 @@ from typing import Any, Callable
 import mlx.core as mx
 import mlx.nn as nn
 
-from .. import intercept
-from ..eager import EagerRewriter
-from ..intercept import Call
-from ..rule import Rule
+from ..core import intercept
+from ..core.eager import EagerRewriter
+from ..core.intercept import Call
+from ..core.rule import Rule
 from . import cache_update, tiny
 
 MLX_LM_MISSING = "this needs mlx-lm: pip install 'mlxrewrite[mlx-lm]'"  # mlx-lm is an optional extra

@@ -57,7 +57,7 @@ APIS: dict[str, ApiSpec] = {
 _ORIGINALS: dict[str, Callable] = {name: getattr(spec.module, spec.attr) for name, spec in APIS.items()}
 _ACTIVE: contextvars.ContextVar["tuple[Callable[[Call], Any], Gate | None] | None"] = contextvars.ContextVar(
     "mlxrewrite_handler", default=None)
-_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+_PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # mlxrewrite/, not core/
 _EXAMPLES_DIR = os.path.join(_PACKAGE_DIR, "examples")  # user code, though shipped inside the package
 
 

@@ -23,7 +23,7 @@ from .graph import Graph, row_major_strides
 from .layout import is_dense, is_row_contiguous
 
 if TYPE_CHECKING:
-    from .backend import Backend
+    from ..backends.device import Backend
 
 ValueCheck = Callable[[mx.array], "ConstSummary | None"]
 

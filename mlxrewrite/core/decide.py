@@ -15,7 +15,7 @@ from .bindings import FromCall, Source, Unreachable, resolve
 from .facts import Facts, GraphEnv
 from .graph import Graph
 from .pattern import FailedMatch, Match
-from .backend import Backend
+from ..backends.device import Backend
 from .rule import Decision, Decline, Rule, Verdict, first_decision
 from .trace import CallSite
 

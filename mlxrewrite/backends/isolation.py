@@ -110,7 +110,7 @@ class Child:
         path = os.pathsep.join(os.path.abspath(p) if p else os.getcwd() for p in sys.path)  # its functions import
         with theirs:
             self._proc = subprocess.Popen(
-                [sys.executable, "-c", f"from mlxrewrite.isolation import serve; serve({theirs.fileno()})"],
+                [sys.executable, "-c", f"from mlxrewrite.backends.isolation import serve; serve({theirs.fileno()})"],
                 pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL, stdout=self._output, stderr=self._output,
                 env={**os.environ, "PYTHONPATH": path})
         self._conn = Connection(ours.detach())

@@ -30,7 +30,7 @@ from . import intercept, log
 from .graph import Graph, row_major_strides
 from .layout import array_strides
 from .lower import Applier, Plan, PlannedCall
-from .backend import Backend
+from ..backends.device import Backend
 from .decide import decide_graph
 from .guard import RuleError
 from .rule import Decline, Rule, select_rules

@@ -39,7 +39,7 @@ from .constants import ConstSummary, summarize_array
 from .decide import call_facts, decide_graph
 from .facts import ArrayEnv, Facts
 from .graph import Graph, dtype_name
-from .backend import Backend
+from ..backends.device import Backend
 from .rule import Bound, Decision, Decline, Rule, Verdict, first_decision, select_rules
 from .signature import flatten_call
 from .trace import CallSite, trace_call

@@ -1,0 +1,3 @@
+"""What the rules run on: `device.py` (which backend and device, and the doctor's profile file),
+`kernels/` (the fused quantized-attention kernel for CUDA, and its algorithm in MLX ops) and `isolation.py`
+(a child process for calls that may crash the device)."""
