@@ -183,7 +183,8 @@ def test_eager_direct_form_gives_the_bound_rewrites_numbers(cuda, mask_kind):
     again = run(q)
     assert "fused-quantized-attention -> fused" in run.rewriter.explain()
     assert mx.array_equal(first, bound).item() and mx.array_equal(again, bound).item()
-    assert served == [mask_kind not in ("3d", "promoted query")] * 2
+    # asked once per analysis where it declines: what it reads of a call is in the analysis's key
+    assert served == ([False] if mask_kind in ("3d", "promoted query") else [True, True])
     expected = reference(q.astype(mx.float32), kd.astype(mx.float32), vd.astype(mx.float32), mask)
     assert mx.allclose(first.astype(mx.float32), expected, atol=2e-2).item()
 
