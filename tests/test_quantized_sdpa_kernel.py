@@ -90,3 +90,27 @@ def test_chunking_depends_on_n_only_and_rejects_bad_input():
         quantized_sdpa(q, k, v, scale=1.0, group_size=64, bits=8, mask=mx.ones((1, 9), dtype=mx.bool_))
     with pytest.raises(ValueError):
         quantized_sdpa(q, k, v, scale=1.0, group_size=64, bits=8, sinks=mx.zeros((2,)))
+
+
+def test_cuda_launch_plan_writes_its_constants_and_sizes_its_work_buffer(monkeypatch):
+    """What one CUDA launch is given (checked without a GPU: the kernel object is recorded, not built): the
+    template arguments as constants in the source, one work buffer holding (max, sum) and the partial outputs
+    of every row and chunk plus one counter per row group, zeroed by MLX, and a grid of chunks x row groups."""
+    import importlib
+
+    cuda = importlib.import_module("mlxrewrite.backends.kernels.quantized_sdpa_cuda")
+    monkeypatch.setattr(mx.fast, "cuda_kernel", lambda **kernel: kernel)
+    cuda._kernel.cache_clear()
+    B, Hq, Hkv, M, D, N, chunk = 2, 16, 4, 3, 128, 4093, 256
+    kernel, launch = cuda.plan(B, Hq, Hkv, M, D, N, chunk, 8, 64, mx.bfloat16, cuda.MASK_BOOL, mx.bool_, mx.float32)
+    cuda._kernel.cache_clear()
+    _, mbmax, mbe = cuda.geometry(D, Hq // Hkv, M)
+    nc, groups = -(-N // chunk), -(-M // mbe)
+    assert launch["output_shapes"] == [(B, Hq, M, D), (B * Hq * M * nc * (D + 2) + B * Hkv * groups,)]
+    assert launch["output_dtypes"] == [mx.bfloat16, mx.float32] and launch["init_value"] == 0
+    assert launch["grid"] == (groups * nc * cuda.THREADS, Hkv, B) and "template" not in launch
+    for line in ("using T = __nv_bfloat16;", "using MT = bool;", "using ST = float;", "constexpr int D = 128;",
+                 f"constexpr int MBE = {mbe};", f"constexpr int MASK = {cuda.MASK_BOOL};", "constexpr bool SINKS = true;"):
+        assert line in kernel["source"].splitlines()
+    assert kernel["input_names"] == ["q", "kw", "ks", "kb", "vw", "vs", "vb", "mask", "sinks", "params"]
+    assert kernel["output_names"] == ["out", "work"] and not kernel["ensure_row_contiguous"]
