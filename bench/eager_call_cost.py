@@ -41,11 +41,16 @@ def _cache(bits: int = 8) -> tuple[tuple, tuple, mx.array, mx.array]:
     return k, v, buffer[..., :N, :], (buffer * 0.5)[..., :N, :]
 
 
-def _per_call(fn: Callable[[], mx.array]) -> Callable[[], float]:
+def _repeated(fn: Callable[[], mx.array]) -> Callable[[], mx.array]:
+    """CALLS calls of `fn` in a row, as the eager forward pass below makes them; the last result."""
+    return lambda: [fn() for _ in range(CALLS)][-1]
+
+
+def _per_call(run: Callable[[], mx.array]) -> Callable[[], float]:
+    """A sample of host us per call of `run` (CALLS calls, graph building only; evaluated afterwards)."""
     def sample() -> float:
         start = time.perf_counter()
-        for _ in range(CALLS):
-            out = fn()
+        out = run()
         elapsed = (time.perf_counter() - start) / CALLS * 1e6
         mx.eval(out)
         return elapsed
@@ -69,25 +74,21 @@ def main() -> None:
     k, v, kf, vf = _cache()
     q = mx.random.normal((B, HQ, 1, D)).astype(DTYPE)
     scale = D**-0.5
-    attention = mlxrewrite.eager(lambda q: [base.quantized_scaled_dot_product_attention(
-        q, k, v, scale=scale, mask=None, group_size=64, bits=8) for _ in range(CALLS)][-1])
+
+    def mlx_lm_attention() -> mx.array:
+        return base.quantized_scaled_dot_product_attention(q, k, v, scale=scale, mask=None, group_size=64, bits=8)
+
+    attention = mlxrewrite.eager(lambda q: _repeated(mlx_lm_attention)())  # CALLS region calls in one pass
     mx.eval(attention(q))
-
-    def fused_call() -> float:
-        start = time.perf_counter()
-        out = attention(q)  # CALLS region calls in one forward pass
-        elapsed = (time.perf_counter() - start) / CALLS * 1e6
-        mx.eval(out)
-        return elapsed
-
     samples = {
-        "fused call": fused_call,
-        "kernel alone": _per_call(lambda: kernel(q, k, v, scale=scale, group_size=64, bits=8, mask=None, fill=None)),
-        "float SDPA": _per_call(lambda: mx.fast.scaled_dot_product_attention(q, kf, vf, scale=scale, mask=None)),
+        "fused call": _per_call(lambda: attention(q)),
+        "kernel alone": _per_call(_repeated(lambda: kernel(q, k, v, scale=scale, group_size=64, bits=8, mask=None,
+                                                           fill=None))),
+        "float SDPA": _per_call(_repeated(lambda: mx.fast.scaled_dot_product_attention(q, kf, vf, scale=scale,
+                                                                                        mask=None))),
     }
     if not on_cuda:
-        samples["mlx-lm unfused"] = _per_call(lambda: base.quantized_scaled_dot_product_attention(
-            q, k, v, scale=scale, mask=None, group_size=64, bits=8))
+        samples["mlx-lm unfused"] = _per_call(_repeated(mlx_lm_attention))
     times: dict[str, list[float]] = {name: [] for name in samples}
     for _ in range(ROUNDS):
         for name, sample in samples.items():

@@ -21,6 +21,7 @@ another shape or dtype than the call's, means the call runs as written, reported
 
 from __future__ import annotations
 
+import inspect
 import threading
 import warnings
 from collections import Counter
@@ -28,9 +29,6 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import mlx.core as mx
-
-import inspect
-
 import optree
 
 from . import guard, intercept, log, regions
