@@ -186,6 +186,19 @@ def test_module_parameters_are_read_at_call_time():
     assert rewritten.traces == 1
 
 
+def test_an_mlx_lm_model_with_non_array_state_compiles_like_mx_compile():
+    """mlx-lm's llama keeps `layer_types` (strings) among its module items: restoring the state after the
+    trace must put them back as items, not through nn.Module.update (which takes parameters only)."""
+    from mlxrewrite.mlx_lm.tiny import tiny
+
+    model = tiny("llama")
+    tokens = mx.array([[1, 2, 3]])
+    assert any(isinstance(v, str) for v in model.model.layer_types)
+    expected = mx.compile(model, inputs=model.state, outputs=model.state)(tokens)
+    assert mx.array_equal(mlxrewrite.compile(model)(tokens), expected).item()
+    assert mx.array_equal(mlxrewrite.compile(lambda t: model(t))(tokens), expected).item()
+
+
 def test_module_bound_method_captures_the_module():
     model = nn.Linear(3, 2)
     rewritten = mlxrewrite.compile(model.__call__)

@@ -189,7 +189,7 @@ class StateTree:
             if isinstance(container, dict):
                 for key in [k for k in container if k not in items]:
                     del container[key]
-                container.update(items)
+                dict.update(container, items)  # not nn.Module.update, which takes parameters only
             elif isinstance(container, list):
                 container[:] = [items[i] for i in range(len(items))]
 
