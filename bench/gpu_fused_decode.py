@@ -6,8 +6,9 @@ For a 16-layer GQA Llama (16 q / 4 kv heads) and an MHA one (16 / 16), head_dim 
 cache, then decode STEPS teacher-forced tokens and one 4-token verification step with
 - the float cache, unwrapped (the reference, and the speed to beat),
 - the float cache converted to 8-bit and 4-bit (`to_quantized`, as mlx-lm does past quantized_kv_start),
-  unwrapped (as shipped: raises on CUDA) and wrapped (the fused rule), and kv8 wrapped with mlx-lm's own
-  cache update (`wrap(lean_cache=False)`).
+  unwrapped (as shipped: raises on CUDA) and wrapped (the fused rule, the cache packed:
+  mlxrewrite.mlx_lm.packed_cache), and kv8 wrapped keeping mlx-lm's six-buffer layout
+  (`wrap(packed_cache=False)`).
 Side by side in one process: median ms per decode step (synchronous) and tokens/s, ms per step pipelined as
 mlx-lm's generate runs it (the next step built while this one runs), both again with every variant's cache
 alive and the variants taking turns every few steps (`interleaved_*`: the ratios to trust on a host whose
@@ -108,9 +109,9 @@ def _median(values: list[float]) -> float:
     return sorted(values)[len(values) // 2]
 
 
-def run(model, tokens, prompt, kv_bits, wrapped, lean_cache=True) -> dict:
+def run(model, tokens, prompt, kv_bits, wrapped, options) -> dict:
     if wrapped:
-        mrl.wrap(model, lean_cache=lean_cache)
+        mrl.wrap(model, **options)
     try:
         return decode(model, tokens, prompt, kv_bits)
     except (RuntimeError, ValueError) as error:
@@ -122,8 +123,9 @@ def run(model, tokens, prompt, kv_bits, wrapped, lean_cache=True) -> dict:
             print(json.dumps({"calls": calls}), flush=True)
 
 
+MLX_LM_LAYOUT = "kv8 wrapped, mlx-lm's cache layout"
 INTERLEAVED = [("float cache", None, {}), ("kv8 wrapped", 8, {}), ("kv4 wrapped", 4, {}),
-               ("kv8 wrapped, mlx-lm's cache update", 8, {"lean_cache": False})]
+               (MLX_LM_LAYOUT, 8, {"packed_cache": False})]
 ROUNDS, BLOCK = (2, 2) if SMALL else (6, 8)
 
 
@@ -169,11 +171,13 @@ def main() -> None:
         for prompt in PROMPTS:
             mx.random.seed(prompt)
             tokens = mx.random.randint(0, 1000, (1, prompt + max(2 * STEPS + VERIFY + 1, ROUNDS * (2 * BLOCK + 1))))
-            reference = run(model, tokens, prompt, None, False)
-            for label, bits, wrapped, lean in (("float cache", None, False, True), ("kv8 as shipped", 8, False, True),
-                                               ("kv8 wrapped", 8, True, True), ("kv4 wrapped", 4, True, True),
-                                               ("kv8 wrapped, mlx-lm's cache update", 8, True, False)):
-                result = reference if label == "float cache" else run(model, tokens, prompt, bits, wrapped, lean)
+            reference = run(model, tokens, prompt, None, False, {})
+            results = {}
+            for label, bits, wrapped, options in (("float cache", None, False, {}), ("kv8 as shipped", 8, False, {}),
+                                                  ("kv8 wrapped", 8, True, {}), ("kv4 wrapped", 4, True, {}),
+                                                  (MLX_LM_LAYOUT, 8, True, {"packed_cache": False})):
+                result = reference if label == "float cache" else run(model, tokens, prompt, bits, wrapped, options)
+                results[label] = result
                 row = {"kv_heads": kv_heads, "prompt": prompt, "variant": label}
                 if "error" in result:
                     row["error"] = result["error"]
@@ -194,6 +198,9 @@ def main() -> None:
                                build_ms=round(result["build_ms"], 3), floor_ms=round(floor_ms, 3),
                                cache_gb=round(result["cache_bytes"] / 1e9, 3))
                 rows.append(row)
+            packed, unpacked = results["kv8 wrapped"], results[MLX_LM_LAYOUT]
+            if "logits" in packed and "logits" in unpacked:  # the packed cache changes no number
+                rows[-3]["logits_bitwise_vs_mlx_lm_layout"] = mx.array_equal(packed["logits"], unpacked["logits"]).item()
             side_by_side = interleaved(kv_heads, tokens, prompt)
             base = side_by_side["float cache"]
             for row in (r for r in rows if (r["kv_heads"], r["prompt"]) == (kv_heads, prompt)):

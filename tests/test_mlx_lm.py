@@ -371,3 +371,121 @@ def test_lean_cache_update_keeps_mlx_lms_own_method_for_another_mlx_lm(monkeypat
     finally:
         mrl.unwrap(model)
         cache_update.unavailable.cache_clear()
+
+
+# ---- the packed cache -------------------------------------------------------------------------------------
+def _decode_packed(packed, toks, prompt=250, cache=None):
+    model = mrl.wrap(tiny("llama"), packed_cache=packed)
+    try:
+        cache = cache or quantized_cache(model)
+        return teacher_forced(model, toks, prompt, cache), cache, mrl.explain(model)
+    finally:
+        mrl.unwrap(model)
+
+
+def test_packed_cache_is_bitwise_mlx_lms_across_a_buffer_growth():
+    """Two buffers instead of six change no number: logits and every state array are mlx-lm's, through the
+    256-step growth; the cache objects stay the ones passed (turned in place) and read as mlx-lm's."""
+    from mlxrewrite.mlx_lm import packed_cache
+
+    toks = tokens(270)
+    (plain, plain_cache, _), (packed, packed_cache_list, explained) = _decode_packed(False, toks), \
+        _decode_packed(True, toks)
+    assert mx.array_equal(plain, packed).item()
+    assert "quantized caches packed: 2 (mlxrewrite.mlx_lm.packed_cache; rows through mx.quantize)" in explained
+    assert all(packed_cache.is_packed(c) and isinstance(c, QuantizedKVCache) for c in packed_cache_list)
+    assert not any(packed_cache.is_packed(c) for c in plain_cache)
+    a, b = _states(plain_cache), _states(packed_cache_list)
+    assert len(a) == len(b) and all(x.shape == y.shape and mx.array_equal(x, y).item() for x, y in zip(a, b))
+    assert [c.nbytes for c in plain_cache] == [c.nbytes for c in packed_cache_list]
+
+
+def test_packed_cache_is_not_used_off_cuda_by_default():
+    model = mrl.wrap(tiny("llama"))
+    try:
+        cache = quantized_cache(model)
+        teacher_forced(model, tokens(12), 10, cache)
+        assert all(type(c) is QuantizedKVCache for c in cache)
+        assert "packed" not in mrl.explain(model)
+    finally:
+        mrl.unwrap(model)
+    with pytest.raises(TypeError, match="packed_cache must be None, True or False, not 'yes'"):
+        mrl.wrap(model, packed_cache="yes")
+
+
+def test_packed_cache_saves_and_loads_as_mlx_lms(tmp_path):
+    from mlx_lm.models.cache import load_prompt_cache, save_prompt_cache
+
+    _, cache, _ = _decode_packed(True, tokens(40), prompt=30)
+    save_prompt_cache(str(tmp_path / "cache.safetensors"), cache)
+    loaded = load_prompt_cache(str(tmp_path / "cache.safetensors"))
+    assert all(type(c) is QuantizedKVCache for c in loaded)
+    a, b = _states(cache), _states(loaded)
+    assert all(x.shape == y.shape and mx.array_equal(x, y).item() for x, y in zip(a, b))
+
+
+def test_packed_cache_trims_copies_and_takes_a_state_as_mlx_lms():
+    """A speculative rejection (trim), a deep copy and an assigned state go on decoding as mlx-lm's cache."""
+    import copy
+
+    from mlx_lm.models.cache import QuantizedKVCache as MlxLm
+
+    from mlxrewrite.mlx_lm import packed_cache
+
+    mx.random.seed(3)
+    rows = [(mx.random.normal((1, 2, n, 64)), mx.random.normal((1, 2, n, 64))) for n in (7, 1, 3, 1, 1)]
+    plain, packed = MlxLm(group_size=32, bits=4), packed_cache.pack(MlxLm(group_size=32, bits=4))
+    assert packed.empty() and packed.keys is None
+
+    def same(x, y):
+        return all(p.shape == q.shape and mx.array_equal(p, q).item() for p, q in zip(x[0] + x[1], y[0] + y[1]))
+
+    for i, (k, v) in enumerate(rows):
+        assert same(plain.update_and_fetch(k, v), packed.update_and_fetch(k, v)), i
+        if i == 2:
+            assert plain.trim(2) == packed.trim(2) == 2
+    twin = copy.deepcopy(packed)
+    taken = packed_cache.pack(MlxLm(group_size=32, bits=4))
+    taken.state = plain.state
+    k, v = rows[0]
+    want = plain.update_and_fetch(k, v)
+    assert same(want, twin.update_and_fetch(k, v)) and same(want, taken.update_and_fetch(k, v))
+    assert packed.offset == 11 and twin.offset == taken.offset == 18
+    with pytest.raises(TypeError, match="pack expects mlx-lm's QuantizedKVCache, got KVCache"):
+        packed_cache.pack(KVCache())
+
+
+def test_packed_views_give_the_fused_algorithm_mlx_lms_numbers():
+    """The fused kernel reads the packed cache's views through their strides; its algorithm (the CPU
+    reference) gives the same output from them as from mlx-lm's six buffers."""
+    from mlx_lm.models.cache import QuantizedKVCache as MlxLm
+
+    from mlxrewrite.backends.kernels import quantized_sdpa
+    from mlxrewrite.mlx_lm import packed_cache
+
+    mx.random.seed(4)
+    k, v = mx.random.normal((1, 2, 300, 64)), mx.random.normal((1, 2, 300, 64))
+    plain, packed = MlxLm(), packed_cache.pack(MlxLm())
+    (pk, pv), (qk, qv) = plain.update_and_fetch(k, v), packed.update_and_fetch(k, v)
+    assert [a.shape for a in qk + qv] == [a.shape for a in pk + pv]
+    q = mx.random.normal((1, 4, 3, 64))
+    outs = [quantized_sdpa(q, kk, vv, scale=0.125, group_size=64, bits=8, mask="causal", impl="reference")
+            for kk, vv in ((pk, pv), (qk, qv))]
+    assert mx.array_equal(*outs).item()
+
+
+def test_kv_pack_rows_are_mx_quantizes_and_its_kernel_waits_for_verification():
+    from mlxrewrite.backends.kernels import kv_pack
+
+    mx.random.seed(5)
+    keys, values = mx.random.normal((2, 3, 4, 64)), mx.random.normal((2, 4, 3, 128)).swapaxes(1, 2)
+    words, sb = kv_pack.kv_pack(keys, values, group_size=32, bits=8)
+    kq, vq = mx.quantize(keys, 32, 8), mx.quantize(values, 32, 8)
+    assert words.shape == (2, 3, 4, 16 + 32) and sb.shape == (2, 3, 4, 2 * (2 + 4))
+    assert mx.array_equal(words, mx.concatenate([kq[0], vq[0]], -1)).item()
+    assert mx.array_equal(sb, mx.concatenate([kq[1], kq[2], vq[1], vq[2]], -1)).item()
+    if not mx.cuda.is_available():  # off CUDA the kernel cannot pass its battery, and says why
+        assert not kv_pack.verified(mx.float16, 8, 64, 128, 128)
+        assert "CUDA" in kv_pack.NOT_VERIFIED[mx.float16, 8, 64, 128, 128]
+    assert not kv_pack.verified(mx.float16, 3, 64, 128, 128)
+    assert kv_pack.NOT_VERIFIED[mx.float16, 3, 64, 128, 128] == "outside what the kernel covers"

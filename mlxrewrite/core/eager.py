@@ -596,8 +596,8 @@ def _keyer(layout: list, free: tuple) -> Callable[[tuple], tuple | None]:
         arrays.append(name)
         if dim is None:
             return f"({name}.dtype, {name}.shape)"
-        tail = "" if dim == -1 else f" + {name}.shape[{dim + 1}:]"
-        return f"({name}.dtype, {name}.shape[:{dim}] + F{tail})"
+        tail = "" if dim == -1 else f" + s_{name}[{dim + 1}:]"  # one shape read per array: each builds a tuple
+        return f"({name}.dtype, (s_{name} := {name}.shape)[:{dim}] + F{tail})"
 
     for i, (entry, dim) in enumerate(zip(layout, free)):
         name = f"x{i}"

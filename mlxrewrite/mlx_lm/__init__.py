@@ -40,6 +40,7 @@ from typing import Any, Callable
 import mlx.core as mx
 import mlx.nn as nn
 
+from ..backends.kernels.quantized_sdpa import on_cuda
 from ..core import intercept
 from ..core.eager import EagerRewriter
 from ..core.intercept import Call
@@ -74,6 +75,7 @@ class Options:
     disable: tuple[str, ...] | str = ()  # as given: `select_rules` reads it (one name or several)
     check_masks: bool = False
     lean_cache: bool = True
+    packed_cache: bool | None = None
 
 
 @dataclass
@@ -86,10 +88,11 @@ class WrapState:
     forward_passes: int = 0
     coverage: list[str] = field(default_factory=list)
     routes_checked: set[tuple] = field(default_factory=set)
+    packed: int = 0  # quantized caches this wrapper packed
 
 
 def wrap(model: nn.Module, *, rules: list[Rule] | None = None, disable: tuple[str, ...] | str = (),
-         check_masks: bool = False, lean_cache: bool = True) -> nn.Module:
+         check_masks: bool = False, lean_cache: bool = True, packed_cache: bool | None = None) -> nn.Module:
     """Route `model`'s attention calls through the rules (in place; returns `model`).
 
     Idempotent: wrapping a wrapped model returns it unchanged (unwrap first to change options).
@@ -100,6 +103,10 @@ def wrap(model: nn.Module, *, rules: list[Rule] | None = None, disable: tuple[st
     `lean_cache=True`: in the model's forward passes, mlx-lm's `QuantizedKVCache` objects update through
     `cache_update.update_and_fetch`, the same ops and state with a fifth of the Python (where the installed
     mlx-lm's method is the one it was checked against; `explain` says when not).
+    `packed_cache`: mlx-lm's `QuantizedKVCache` objects that a forward pass gets are turned into
+    `packed_cache.QuantizedKVCache` (in place, once: two buffers instead of six, a token added in three ops,
+    mlx-lm's numbers and API). None: on a CUDA GPU, where its kernel runs (and the installed mlx-lm's cache
+    is the one it was checked against); True: everywhere (elsewhere `mx.quantize` packs the rows); False: never.
 
     `copy.deepcopy`, `copy.copy` and `pickle` of a wrapped model give a wrapped model with the same
     options and fresh call traces (for pickle, `rules` must be picklable).
@@ -107,10 +114,12 @@ def wrap(model: nn.Module, *, rules: list[Rule] | None = None, disable: tuple[st
     if not isinstance(model, nn.Module):
         raise TypeError(f"mlxrewrite.mlx_lm.wrap expects an mlx.nn.Module (an mlx-lm model), "
                         f"got {type(model).__name__}")
+    if packed_cache not in (None, True, False):
+        raise TypeError(f"mlxrewrite.mlx_lm.wrap: packed_cache must be None, True or False, not {packed_cache!r}")
     with _LOCK:
         if not is_wrapped(model):
             _attach(model, type(model), Options(None if rules is None else tuple(rules), disable, check_masks,
-                                                lean_cache))
+                                                lean_cache, packed_cache))
     return model
 
 
@@ -153,6 +162,9 @@ def explain(model: nn.Module) -> str:
              "route(s) (cache types x one token or several)", wrap_state.rewriter.explain()]
     if wrap_state.options.lean_cache and cache_update.unavailable():
         lines.append(f"  lean cache update not used: {cache_update.unavailable()}")
+    if wrap_state.packed:
+        lines.append(f"  quantized caches packed: {wrap_state.packed} (mlxrewrite.mlx_lm.packed_cache; rows "
+                     f"through {'the CUDA kernel where verified' if on_cuda() else 'mx.quantize'})")
     lines += [f"  not covered: {note}" for note in wrap_state.coverage]
     return "\n".join(lines)
 
@@ -194,6 +206,23 @@ def _hook(cache: Any, name: str, make: Callable[[Any, Callable], Callable], kind
 def _unhook(hooked: list, name: str) -> None:
     for c in hooked:
         vars(c).pop(name, None)
+
+
+def _pack_caches(wrap_state: WrapState, cache: Any) -> None:
+    """Pack mlx-lm's quantized caches in `cache` (in place), where `packed_cache` asks for it."""
+    wanted = wrap_state.options.packed_cache
+    if wanted is False or not isinstance(cache, (list, tuple)) or cache_update.unavailable():
+        return
+    if wanted is None and not on_cuda():
+        return
+    from mlx_lm.models.cache import QuantizedKVCache  # here: this package imports without mlx-lm installed
+
+    from . import packed_cache
+
+    for c in cache:
+        if type(c) is QuantizedKVCache:
+            packed_cache.pack(c)
+            wrap_state.packed += 1
 
 
 def _lean_caches(cache: Any) -> list:
@@ -269,6 +298,7 @@ def _call(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
     route = _route(args[0] if args else kwargs.get("inputs"), cache)
     seen = AttentionCalls() if route is not None and route not in wrap_state.routes_checked else None
     masks = CacheMasks(cache) if wrap_state.options.check_masks else None
+    _pack_caches(wrap_state, cache)
     lean = _lean_caches(cache) if wrap_state.options.lean_cache and not cache_update.unavailable() else []
     token = _PASS_MASKS.set(masks)
     try:

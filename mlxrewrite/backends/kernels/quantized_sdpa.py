@@ -36,7 +36,8 @@ def _cuda_available() -> bool:
     return mx.cuda.is_available()
 
 
-def _use_cuda() -> bool:
+def on_cuda() -> bool:
+    """Whether custom CUDA kernels run here: a CUDA build of MLX, the GPU the default device."""
     return _cuda_available() and mx.default_device() == mx.gpu
 
 
@@ -96,7 +97,7 @@ def quantized_sdpa(q: mx.array, k: Quantized, v: Quantized, *, scale: float, gro
     impl: "auto" (the CUDA kernel on a CUDA GPU, else the reference), "cuda" or "reference".
     """
     if impl == "auto":
-        impl = "cuda" if _use_cuda() else "reference"
+        impl = "cuda" if on_cuda() else "reference"
     if fill is None:
         fill = _lowest(q.dtype)
     if impl == "reference":

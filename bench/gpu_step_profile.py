@@ -1,0 +1,95 @@
+"""Where one decode step's host time goes, per layer: the float cache against kv8 wrapped (packed cache).
+
+Run (GPU machine): python3 bench/gpu_step_profile.py OUT_DIR [--prompt=4096]
+For the 16-layer GQA llama of gpu_fused_decode (16 q / 4 kv heads, head_dim 128, fp16), after a prefill,
+median us per layer of: the cache's update_and_fetch, the attention call (mlx-lm's dispatch function,
+which the wrapper's region sits under), the rest of the step's graph building, and the evaluation; and
+the share of kv_pack and the fused kernel's own Python inside them. Timers wrap the functions (a few
+hundred ns each), so the parts add up to slightly more than the step.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import mlx.core as mx
+from mlx_lm.models import base, llama
+from mlx_lm.models.cache import KVCache, make_prompt_cache
+
+import mlxrewrite.mlx_lm as mrl
+from mlxrewrite.backends.kernels import kv_pack as kv_pack_module
+from mlxrewrite.mlx_lm import packed_cache
+from mlxrewrite.rules import fused_quantized_attention as fused
+
+PROMPT = int(next((a.split("=")[1] for a in sys.argv if a.startswith("--prompt=")), 4096))
+SMALL = "--small" in sys.argv
+STEPS, LAYERS = 40, 16
+SPENT: dict[str, float] = defaultdict(float)
+
+
+def timed(owner, name: str, label: str) -> None:
+    real = getattr(owner, name)
+
+    def wrapper(*args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return real(*args, **kwargs)
+        finally:
+            SPENT[label] += time.perf_counter() - start
+
+    setattr(owner, name, wrapper)
+
+
+def main() -> None:
+    out_dir = Path(next((a for a in sys.argv[1:] if not a.startswith("--")), "."))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    timed(KVCache, "update_and_fetch", "cache update")
+    timed(packed_cache.QuantizedKVCache, "update_and_fetch", "cache update")
+    timed(llama, "scaled_dot_product_attention", "attention")
+    timed(fused, "quantized_sdpa", "  of which the fused kernel's call")
+    timed(kv_pack_module.cuda, "launch", "  of which kv_pack's kernel call")
+    results = {}
+    for variant, bits in (("float cache", None), ("kv8 wrapped, packed", 8)):
+        mx.random.seed(0)
+        model = llama.Model(llama.ModelArgs(model_type="llama", hidden_size=256 if SMALL else 2048, num_hidden_layers=LAYERS,
+                                            intermediate_size=512 if SMALL else 8192, num_attention_heads=16, num_key_value_heads=4,
+                                            head_dim=128, rms_norm_eps=1e-5, vocab_size=1000 if SMALL else 32000))
+        model.set_dtype(mx.float16)
+        mx.eval(model.parameters())
+        tokens = mx.random.randint(0, 1000, (1, PROMPT + STEPS))
+        cache = make_prompt_cache(model)
+        mx.eval(model(tokens[:, :PROMPT], cache=cache))
+        if bits:
+            cache = [c.to_quantized(group_size=64, bits=bits) for c in cache]
+            model = mrl.wrap(model)
+        mx.eval([c.state for c in cache])
+        samples = defaultdict(list)
+        for t in range(PROMPT, PROMPT + STEPS):
+            SPENT.clear()
+            start = time.perf_counter()
+            logits = model(tokens[:, t:t + 1], cache=cache)
+            built = time.perf_counter()
+            mx.eval(logits)
+            done = time.perf_counter()
+            parts = dict(SPENT)
+            parts["build, total"] = built - start
+            parts["rest of the build"] = parts["build, total"] - parts.get("cache update", 0) - parts.get("attention", 0)
+            parts["eval"] = done - built
+            for name, seconds in parts.items():
+                samples[name].append(seconds * 1e6 / LAYERS)
+        results[variant] = {name: round(sorted(v[5:])[len(v[5:]) // 2], 2) for name, v in sorted(samples.items())}
+        if bits:
+            mrl.unwrap(model)
+    out = {"device": mx.device_info().get("device_name", str(mx.default_device())), "mlx": mx.__version__,
+           "date": datetime.date.today().isoformat(), "prompt": PROMPT, "us_per_layer": results}
+    print(json.dumps(out))
+    (out_dir / f"step_profile_n{PROMPT}.json").write_text(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,93 @@
+"""New K/V rows of a quantized cache in one call: `mx.quantize` of both, laid out as packed cache rows.
+
+mlx-lm's `QuantizedKVCache` keeps six buffers per layer (K and V weights, scales, biases) and adds each token
+with two quantize calls and six slice updates: on a GPU decode step, where every op costs the host several
+microseconds, that is more than the attention itself. A packed cache (mlxrewrite.mlx_lm.packed_cache)
+keeps two buffers: `words` (B, H, N, K's packed words then V's) and `sb` (B, H, N, K scales, K biases,
+V scales, V biases). `kv_pack` gives one token's (or a prompt's) rows of both; the cache then writes them
+with two slice updates. The numbers are `mx.quantize`'s, bitwise.
+
+`reference` is the definition in MLX ops. The CUDA kernel (kv_pack_cuda) is used only where `verified`
+found it bitwise equal to the installed `mx.quantize` on this device, for that dtype, bits, group size and
+head dims, over a battery of values (ranges from 1e-4 to 1e3, constant and zero groups, one-signed groups,
+a transposed view).
+"""
+
+from __future__ import annotations
+
+import functools
+from functools import lru_cache
+from typing import Callable
+
+import mlx.core as mx
+
+from . import kv_pack_cuda as cuda
+from .quantized_sdpa import on_cuda
+
+
+def reference(keys: mx.array, values: mx.array, group_size: int, bits: int) -> tuple[mx.array, mx.array]:
+    """(words, sb) from `mx.quantize` of keys and values (B, H, n, D)."""
+    kw, ks, kb = mx.quantize(keys, group_size=group_size, bits=bits)
+    vw, vs, vb = mx.quantize(values, group_size=group_size, bits=bits)
+    return mx.concatenate([kw, vw], axis=-1), mx.concatenate([ks, kb, vs, vb], axis=-1)
+
+
+def kv_pack(keys: mx.array, values: mx.array, group_size: int, bits: int) -> tuple[mx.array, mx.array]:
+    """(words, sb) for keys and values (B, H, n, D); the CUDA kernel where `verified`, else `reference`."""
+    launch = _launcher(keys.shape, values.shape, keys.dtype, values.dtype, group_size, bits) if on_cuda() else None
+    return launch(keys, values) if launch is not None else reference(keys, values, group_size, bits)
+
+
+@lru_cache(maxsize=1024)
+def _launcher(k_shape: tuple, v_shape: tuple, k_dtype: mx.Dtype, v_dtype: mx.Dtype, group_size: int,
+              bits: int) -> Callable | None:
+    """The kernel's launch for rows of these shapes (once per shape: a decode step costs one call), or None
+    where it does not serve them (K and V of other dtypes or rows, or not verified)."""
+    B, H, n, dk = k_shape
+    dv = v_shape[-1]
+    if k_dtype != v_dtype or v_shape[:3] != (B, H, n) or not verified(k_dtype, bits, group_size, dk, dv):
+        return None
+    return functools.partial(cuda.launch, cuda.plan(B, H, n, dk, dv, k_dtype, group_size, bits))
+
+
+NOT_VERIFIED: dict[tuple, str] = {}  # (dtype, bits, group size, K dim, V dim) -> why the kernel is not used
+
+
+@lru_cache(maxsize=None)
+def verified(dtype: mx.Dtype, bits: int, group_size: int, dk: int, dv: int) -> bool:
+    """The kernel's rows equal `reference`'s bitwise on this device (a few small arrays, once per process);
+    where not, `NOT_VERIFIED` says why."""
+    why = None
+    if dtype not in cuda.CUDA_TYPES or bits not in (2, 4, 8) or dk % group_size or dv % group_size \
+            or group_size % (32 // bits):
+        why = "outside what the kernel covers"
+    else:
+        try:
+            for i, (keys, values) in enumerate(_battery(dtype, dk, dv)):
+                got = cuda.launch(cuda.plan(*keys.shape, dv, dtype, group_size, bits), keys, values)
+                want = reference(keys, values, group_size, bits)
+                if not all(mx.array_equal(g.view(mx.uint8), w.view(mx.uint8)).item() for g, w in zip(got, want)):
+                    why = f"differs from mx.quantize on battery case {i}"
+                    break
+        except Exception as error:  # noqa: BLE001 - a kernel that does not build or run here is not used
+            why = f"{type(error).__name__}: {str(error)[:200]}"
+    if why is not None:
+        NOT_VERIFIED[dtype, bits, group_size, dk, dv] = why
+    return why is None
+
+
+def _battery(dtype: mx.Dtype, dk: int, dv: int) -> list[tuple[mx.array, mx.array]]:
+    keys = mx.random.split(mx.random.key(12), 12)
+    rows = []
+    for i, magnitude in enumerate((1e-4, 0.03, 1.0, 7.0, 1e3)):
+        k = mx.random.normal((2, 3, 5, dk), key=keys[2 * i]) * magnitude
+        v = mx.random.uniform(-magnitude, magnitude, (2, 3, 5, dv), key=keys[2 * i + 1])
+        rows.append((k, v))
+    k, v = rows[2]
+    rows.append((mx.abs(k) + 0.5, -mx.abs(v)))  # one-signed groups
+    rows.append((mx.zeros_like(k).at[:, :, 1].add(3.0), mx.full(v.shape, -2.5)))  # constant and zero groups
+    rows.append((k.round(), (v * 4).round()))  # values on a grid: edges land exactly
+    out = [(k.astype(dtype), v.astype(dtype)) for k, v in rows]
+    k, v = out[3]
+    out.append((k, mx.random.normal((2, 5, 3, dv), key=keys[11]).astype(dtype).swapaxes(1, 2)))  # a transposed view, as mlx-lm's
+    return out

@@ -1,0 +1,140 @@
+"""mlx-lm's `QuantizedKVCache` with two buffers instead of six, so a decode step adds a token in three ops.
+
+GPU decode at batch 1 is host-bound: every op costs several microseconds to build and launch. mlx-lm's
+quantized cache adds a token with two quantize calls and six slice updates per layer (a float cache: two
+slice updates), which made an 8-bit cache slower than a float one even with a fused attention kernel.
+Here a layer's cache is `words` (B, H, N, K's packed words | V's) and `sb` (B, H, N, K scales | K biases |
+V scales | V biases); a token is one `kv_pack` (one kernel on CUDA) and two slice updates. Attention gets
+the same (weights, scales, biases) tuples as from mlx-lm, as views of the two buffers (the fused kernel
+reads them through their strides, no copy); the numbers are mlx-lm's, bitwise (`kv_pack` is
+`mx.quantize`'s, and verified so on the device before its kernel is used).
+
+The object stays an mlx-lm `QuantizedKVCache` to every reader: `keys`, `values`, `state` (and so
+`save_prompt_cache`, which writes it as mlx-lm's class, and loading back), `offset`, `trim`, `nbytes`.
+Assigning `keys`/`values`/`state` repacks once. `pack(cache)` turns mlx-lm's object into this class in
+place (one copy of what it holds, once); the mlx-lm wrapper does that on CUDA, where the kernel runs.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import mlx.core as mx
+from mlx_lm.models.cache import QuantizedKVCache as MlxLmQuantizedKVCache
+
+from ..backends.kernels.kv_pack import kv_pack
+from ..core import guard
+
+Parts = tuple[mx.array, mx.array, mx.array]
+
+
+class QuantizedKVCache(MlxLmQuantizedKVCache):
+    """A packed `QuantizedKVCache` (named as mlx-lm's so that saved caches load as mlx-lm's)."""
+
+    # set by `pack`: _plain ([keys, values] as assigned, packed at the next update) or _words and _sb (None
+    # while empty), _dims (K words, V words, K groups, V groups)
+
+    @property
+    def keys(self) -> Parts | None:
+        return self._half(0)
+
+    @keys.setter
+    def keys(self, keys: Parts | None) -> None:
+        self._set_half(0, keys)
+
+    @property
+    def values(self) -> Parts | None:
+        return self._half(1)
+
+    @values.setter
+    def values(self, values: Parts | None) -> None:
+        self._set_half(1, values)
+
+    def _half(self, which: int) -> Parts | None:
+        if self._plain is not None:
+            return self._plain[which]
+        return None if self._words is None else self._parts(which)
+
+    def _set_half(self, which: int, value: Parts | None) -> None:
+        """Keep mlx-lm's tuples as assigned (`state`'s setter assigns one half, then the other); the next
+        update packs them."""
+        plain = list(self._plain or (self._half(0), self._half(1)))
+        plain[which] = value
+        self._plain, self._words, self._sb = plain, None, None
+
+    def _pack(self) -> None:
+        keys, values = self._plain
+        self._plain = None
+        if keys is None or values is None:
+            return
+        self._dims = (keys[0].shape[-1], values[0].shape[-1], keys[1].shape[-1], values[1].shape[-1])
+        self._words = mx.concatenate([keys[0], values[0]], axis=-1)
+        self._sb = mx.concatenate([keys[1], keys[2], values[1], values[2]], axis=-1)
+        del keys, values
+        try:  # now, so that mlx-lm's buffers go before the next layer packs: one layer's copy at a time
+            mx.eval(self._words, self._sb)
+        except (RuntimeError, ValueError) as error:
+            if not guard.is_transformation_error(error):
+                raise
+
+    def _parts(self, which: int) -> Parts:
+        return self._views(None)[which]
+
+    def _views(self, end: int | None) -> tuple[Parts, Parts]:
+        """mlx-lm's (weights, scales, biases) of K and of V, as views of rows [:end] (all rows for None):
+        four calls, each a C++ split or slice."""
+        kw, _, gk, gv = self._dims
+        words = self._words if end is None else self._words[..., :end, :]
+        sb = self._sb if end is None else self._sb[..., :end, :]
+        k_words, v_words = mx.split(words, [kw], axis=-1)
+        k_scales, k_biases, v_scales, v_biases = mx.split(sb, [gk, 2 * gk, 2 * gk + gv], axis=-1)
+        return (k_words, k_scales, k_biases), (v_words, v_scales, v_biases)
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[Parts, Parts]:
+        if self._plain is not None:
+            self._pack()
+        prev, n = self.offset, keys.shape[2]
+        end = prev + n
+        if self._words is None or end > self._words.shape[2]:
+            self._grow(keys, values, n)
+        words, sb = kv_pack(keys, values, self.group_size, self.bits)
+        self._words[..., prev:end, :] = words
+        self._sb[..., prev:end, :] = sb
+        self.offset = end
+        return self._views(None if end == self._words.shape[2] else end)
+
+    def _grow(self, keys: mx.array, values: mx.array, n: int) -> None:
+        """mlx-lm's growth: by whole steps, the buffers first cut to the offset when it is not a step's end."""
+        B, H, _, dk = keys.shape
+        dv = values.shape[-1]
+        steps = (self.step + n - 1) // self.step * self.step
+        per_word = 32 // self.bits
+        new_words = mx.zeros((B, H, steps, (dk + dv) // per_word), dtype=mx.uint32)
+        new_sb = mx.zeros((B, H, steps, 2 * (dk + dv) // self.group_size), dtype=keys.dtype)
+        if self._words is None:
+            self._dims = (dk // per_word, dv // per_word, dk // self.group_size, dv // self.group_size)
+            self._words, self._sb = new_words, new_sb
+            return
+        if self.offset % self.step:
+            self._words, self._sb = self._words[..., :self.offset, :], self._sb[..., :self.offset, :]
+        self._words = mx.concatenate([self._words, new_words], axis=-2)
+        self._sb = mx.concatenate([self._sb, new_sb], axis=-2)
+
+    def keys_and_values(self) -> tuple[Parts, Parts]:
+        if self._plain is not None:
+            self._pack()
+        return self._views(None if self.offset == self._words.shape[2] else self.offset)
+
+
+def pack(cache: MlxLmQuantizedKVCache) -> QuantizedKVCache:
+    """Turn mlx-lm's quantized cache into a packed one, in place (the same object); returns it."""
+    if type(cache) is not MlxLmQuantizedKVCache:
+        raise TypeError(f"pack expects mlx-lm's QuantizedKVCache, got {type(cache).__name__}")
+    plain = [vars(cache).pop("keys"), vars(cache).pop("values")]
+    cache.__class__ = QuantizedKVCache
+    cache._plain, cache._words, cache._sb, cache._dims = plain, None, None, None
+    return cache
+
+
+def is_packed(cache: Any) -> bool:
+    return type(cache) is QuantizedKVCache
