@@ -22,6 +22,7 @@ reads, over the HBM copy bandwidth measured on this device (bench/results/ gives
 from __future__ import annotations
 
 import datetime
+import gc
 import json
 import sys
 import time
@@ -71,6 +72,7 @@ def decode(model, tokens: mx.array, prompt: int, kv_bits: int | None) -> dict:
     if kv_bits:
         cache = [c.to_quantized(group_size=64, bits=kv_bits) for c in cache]
     mx.eval([c.state for c in cache])
+    gc.collect()  # an earlier variant's cache kept alive by a reference cycle (a failed run's traceback) goes now
     mx.reset_peak_memory()
     outs, step_ms, build_ms = [], [], []
     for t in range(prompt, prompt + STEPS):

@@ -1,16 +1,19 @@
 """Where one decode step's host time goes, per layer: the float cache against kv8 wrapped (packed cache).
 
-Run (GPU machine): python3 bench/gpu_step_profile.py OUT_DIR [--prompt=4096]
+Run (GPU machine): python3 bench/gpu_step_profile.py OUT_DIR [--prompt=4096] [--cprofile]
 For the 16-layer GQA llama of gpu_fused_decode (16 q / 4 kv heads, head_dim 128, fp16), after a prefill,
 median us per layer of: the cache's update_and_fetch, the attention call (mlx-lm's dispatch function,
 which the wrapper's region sits under), the rest of the step's graph building, and the evaluation; and
 the share of kv_pack and the fused kernel's own Python inside them. Timers wrap the functions (a few
-hundred ns each), so the parts add up to slightly more than the step.
+hundred ns each), so the parts add up to slightly more than the step. `--cprofile` also prints the kv8
+steps' top functions by own time.
 """
 
 from __future__ import annotations
 
+import cProfile
 import datetime
+import pstats
 import json
 import sys
 import time
@@ -69,7 +72,10 @@ def main() -> None:
             model = mrl.wrap(model)
         mx.eval([c.state for c in cache])
         samples = defaultdict(list)
+        profile = cProfile.Profile() if bits and "--cprofile" in sys.argv else None
         for t in range(PROMPT, PROMPT + STEPS):
+            if profile is not None and t == PROMPT + 5:
+                profile.enable()
             SPENT.clear()
             start = time.perf_counter()
             logits = model(tokens[:, t:t + 1], cache=cache)
@@ -82,6 +88,9 @@ def main() -> None:
             parts["eval"] = done - built
             for name, seconds in parts.items():
                 samples[name].append(seconds * 1e6 / LAYERS)
+        if profile is not None:
+            profile.disable()
+            pstats.Stats(profile, stream=sys.stdout).sort_stats("tottime").print_stats(25)
         results[variant] = {name: round(sorted(v[5:])[len(v[5:]) // 2], 2) for name, v in sorted(samples.items())}
         if bits:
             mrl.unwrap(model)

@@ -453,6 +453,30 @@ def test_packed_cache_trims_copies_and_takes_a_state_as_mlx_lms():
     assert packed.offset == 11 and twin.offset == taken.offset == 18
     with pytest.raises(TypeError, match="pack expects mlx-lm's QuantizedKVCache, got KVCache"):
         packed_cache.pack(KVCache())
+    odd = MlxLm(group_size=32, bits=4)
+    odd.update_and_fetch(*rows[0])
+    odd.values = (odd.values[0], odd.values[1].astype(mx.float16), odd.values[2])
+    with pytest.raises(ValueError, match="with one scales dtype; got keys"):
+        packed_cache.pack(odd)
+    assert type(odd) is MlxLm  # left as it was
+
+
+def test_a_cache_that_cannot_be_packed_keeps_mlx_lms_layout_and_is_reported(monkeypatch):
+    from mlxrewrite.mlx_lm import packed_cache
+
+    def refuse(cache):
+        raise ValueError("a packed QuantizedKVCache takes ... (test)")
+
+    monkeypatch.setattr(packed_cache, "pack", refuse)
+    model = mrl.wrap(tiny("llama"), packed_cache=True)
+    try:
+        cache = quantized_cache(model)
+        plain = teacher_forced(model, tokens(12), 10, cache)
+        assert all(type(c) is QuantizedKVCache for c in cache)
+        assert mrl.explain(model).count("quantized cache not packed: a packed QuantizedKVCache takes ... (test)") == 1
+    finally:
+        mrl.unwrap(model)
+    assert mx.array_equal(plain, _decode_packed(False, tokens(12), prompt=10)[0]).item()
 
 
 def test_packed_views_give_the_fused_algorithm_mlx_lms_numbers():

@@ -11,6 +11,8 @@ depends on, so a 256-token decode traces each distinct call once. mlx-lm's quant
 (`models/base.py`, expand_dims + broadcast quantized_matmul) is folded; masks of the batched cache are
 runtime values and are dropped only with `check_masks=True`, which checks the masks the cache itself
 builds (`make_mask`), each once per forward pass, and never a mask a model computes from activations.
+On a CUDA GPU, mlx-lm's `QuantizedKVCache` objects are packed in place (`packed_cache`: two buffers per
+layer, a token added in three ops, mlx-lm's numbers); elsewhere they update through `cache_update`.
 
 Coverage is checked, not assumed: on the first forward pass of each route (the cache types, and one
 token or several), each attention layer must make at least one intercepted attention call. Layers whose
@@ -89,6 +91,7 @@ class WrapState:
     coverage: list[str] = field(default_factory=list)
     routes_checked: set[tuple] = field(default_factory=set)
     packed: int = 0  # quantized caches this wrapper packed
+    not_packed: list[str] = field(default_factory=list)  # why others were not
 
 
 def wrap(model: nn.Module, *, rules: list[Rule] | None = None, disable: tuple[str, ...] | str = (),
@@ -165,6 +168,7 @@ def explain(model: nn.Module) -> str:
     if wrap_state.packed:
         lines.append(f"  quantized caches packed: {wrap_state.packed} (mlxrewrite.mlx_lm.packed_cache; rows "
                      f"through {'the CUDA kernel where verified' if on_cuda() else 'mx.quantize'})")
+    lines += [f"  quantized cache not packed: {why}" for why in wrap_state.not_packed]
     lines += [f"  not covered: {note}" for note in wrap_state.coverage]
     return "\n".join(lines)
 
@@ -221,8 +225,12 @@ def _pack_caches(wrap_state: WrapState, cache: Any) -> None:
 
     for c in cache:
         if type(c) is QuantizedKVCache:
-            packed_cache.pack(c)
-            wrap_state.packed += 1
+            try:
+                packed_cache.pack(c)
+                wrap_state.packed += 1
+            except ValueError as error:  # not mlx-lm's layout: it keeps its own, and explain says why
+                if str(error) not in wrap_state.not_packed:
+                    wrap_state.not_packed.append(str(error))
 
 
 def _lean_caches(cache: Any) -> list:

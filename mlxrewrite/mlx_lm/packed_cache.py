@@ -53,7 +53,7 @@ class QuantizedKVCache(MlxLmQuantizedKVCache):
     def _half(self, which: int) -> Parts | None:
         if self._plain is not None:
             return self._plain[which]
-        return None if self._words is None else self._parts(which)
+        return None if self._words is None else self._views(None)[which]
 
     def _set_half(self, which: int, value: Parts | None) -> None:
         """Keep mlx-lm's tuples as assigned (`state`'s setter assigns one half, then the other); the next
@@ -67,18 +67,10 @@ class QuantizedKVCache(MlxLmQuantizedKVCache):
         self._plain = None
         if keys is None or values is None:
             return
+        _check_packable(keys, values)
         self._dims = (keys[0].shape[-1], values[0].shape[-1], keys[1].shape[-1], values[1].shape[-1])
         self._words = mx.concatenate([keys[0], values[0]], axis=-1)
         self._sb = mx.concatenate([keys[1], keys[2], values[1], values[2]], axis=-1)
-        del keys, values
-        try:  # now, so that mlx-lm's buffers go before the next layer packs: one layer's copy at a time
-            mx.eval(self._words, self._sb)
-        except (RuntimeError, ValueError) as error:
-            if not guard.is_transformation_error(error):
-                raise
-
-    def _parts(self, which: int) -> Parts:
-        return self._views(None)[which]
 
     def _views(self, end: int | None) -> tuple[Parts, Parts]:
         """mlx-lm's (weights, scales, biases) of K and of V, as views of rows [:end] (all rows for None):
@@ -91,17 +83,29 @@ class QuantizedKVCache(MlxLmQuantizedKVCache):
         return (k_words, k_scales, k_biases), (v_words, v_scales, v_biases)
 
     def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[Parts, Parts]:
-        if self._plain is not None:
+        packing = self._plain is not None
+        if packing:
             self._pack()
         prev, n = self.offset, keys.shape[2]
         end = prev + n
         if self._words is None or end > self._words.shape[2]:
             self._grow(keys, values, n)
+        if packing:
+            self._settle()
         words, sb = kv_pack(keys, values, self.group_size, self.bits)
         self._words[..., prev:end, :] = words
         self._sb[..., prev:end, :] = sb
         self.offset = end
         return self._views(None if end == self._words.shape[2] else end)
+
+    def _settle(self) -> None:
+        """Evaluate the packed (and grown) buffers now, so that mlx-lm's go before the next layer packs: one
+        layer's copies alive at a time, not the whole cache's (inside mx.compile there is nothing to do)."""
+        try:
+            mx.eval(self._words, self._sb)
+        except (RuntimeError, ValueError) as error:
+            if not guard.is_transformation_error(error):
+                raise
 
     def _grow(self, keys: mx.array, values: mx.array, n: int) -> None:
         """mlx-lm's growth: by whole steps, the buffers first cut to the offset when it is not a step's end."""
@@ -126,10 +130,23 @@ class QuantizedKVCache(MlxLmQuantizedKVCache):
         return self._views(None if self.offset == self._words.shape[2] else self.offset)
 
 
+def _check_packable(keys: Parts, values: Parts) -> None:
+    """mlx-lm's layout as its own update makes it: (weights, scales, biases) each, over the same rows, with
+    one scales dtype (else packing would change the dtype of the state)."""
+    if len(keys) != 3 or len(values) != 3 or keys[0].shape[:3] != values[0].shape[:3] or \
+            len({a.dtype for a in (*keys[1:], *values[1:])}) != 1:
+        raise ValueError("a packed QuantizedKVCache takes (weights, scales, biases) for keys and for values over "
+                         f"the same rows, with one scales dtype; got keys {[(a.shape, a.dtype) for a in keys]}, "
+                         f"values {[(a.shape, a.dtype) for a in values]}")
+
+
 def pack(cache: MlxLmQuantizedKVCache) -> QuantizedKVCache:
-    """Turn mlx-lm's quantized cache into a packed one, in place (the same object); returns it."""
+    """Turn mlx-lm's quantized cache into a packed one, in place (the same object); returns it. ValueError
+    (and the cache left as it was) where its buffers are not mlx-lm's layout."""
     if type(cache) is not MlxLmQuantizedKVCache:
         raise TypeError(f"pack expects mlx-lm's QuantizedKVCache, got {type(cache).__name__}")
+    if cache.keys is not None:
+        _check_packable(cache.keys, cache.values)
     plain = [vars(cache).pop("keys"), vars(cache).pop("values")]
     cache.__class__ = QuantizedKVCache
     cache._plain, cache._words, cache._sb, cache._dims = plain, None, None, None

@@ -1,4 +1,5 @@
-"""Custom kernels the rewrite rules call. Importable without CUDA: kernel objects are built on first use."""
+"""Custom kernels: fused quantized attention (the rules call it) and the packed cache's rows (`kv_pack`).
+Importable without CUDA: kernel objects are built on first use."""
 
 from .quantized_sdpa import chunk_size, quantized_sdpa, reference
 
