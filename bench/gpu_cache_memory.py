@@ -1,6 +1,6 @@
 """Peak memory of a quantized-cache decode, step by step: mlx-lm's six-buffer layout against the packed cache.
 
-Run (GPU machine): python3 bench/gpu_cache_memory.py OUT_DIR [--prompt=8192]
+Run (GPU machine): python3 -m bench.gpu_cache_memory OUT_DIR [--prompt=8192]
 A 16-layer MHA llama (head_dim 128, fp16), float prefill, `to_quantized(bits=8)`, then decode steps wrapped
 with `packed_cache=False` and with the default (packed on CUDA). Per step: the peak memory of that step
 (`mx.get_peak_memory` after a reset) above what was active before the decode, in GB, and the cache's bytes.
@@ -8,8 +8,6 @@ with `packed_cache=False` and with the default (packed on CUDA). Per step: the p
 
 from __future__ import annotations
 
-import datetime
-import json
 import sys
 from pathlib import Path
 
@@ -19,13 +17,13 @@ from mlx_lm.models import llama
 from mlx_lm.models.cache import make_prompt_cache
 
 import mlxrewrite.mlx_lm as mrl
+from bench import record
 
 PROMPT = int(next((a.split("=")[1] for a in sys.argv if a.startswith("--prompt=")), 8192))
 
 
 def main() -> None:
     out_dir = Path(next((a for a in sys.argv[1:] if not a.startswith("--")), "."))
-    out_dir.mkdir(parents=True, exist_ok=True)
     mx.random.seed(0)
     model = llama.Model(llama.ModelArgs(model_type="llama", hidden_size=2048, num_hidden_layers=16,
                                         intermediate_size=8192, num_attention_heads=16, num_key_value_heads=16,
@@ -51,10 +49,7 @@ def main() -> None:
         mrl.unwrap(model)
         rows[label] = {"cache_gb": round(cache_gb, 3), "step_peak_above_start_gb": steps}
         del cache
-    out = {"device": mx.device_info().get("device_name", str(mx.default_device())), "mlx": mx.__version__,
-           "date": datetime.date.today().isoformat(), "prompt": PROMPT, "rows": rows}
-    print(json.dumps(out))
-    (out_dir / f"cache_memory_n{PROMPT}.json").write_text(json.dumps(out, indent=1))
+    record.write_json(out_dir, f"cache_memory_n{PROMPT}.json", {"prompt": PROMPT, "rows": rows})
 
 
 if __name__ == "__main__":

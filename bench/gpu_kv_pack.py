@@ -1,6 +1,6 @@
 """The packed cache's row kernel on the GPU: bitwise `mx.quantize` over the grid mlx-lm's models use, and its cost.
 
-Run (GPU machine): python3 bench/gpu_kv_pack.py OUT_DIR
+Run (GPU machine): python3 -m bench.gpu_kv_pack OUT_DIR
 - verified: `kv_pack.verified` (the battery the kernel must pass before it is used) for float16, bfloat16 and
   float32 rows, bits 4 and 8, group sizes 32/64/128, head dims 64/96/128/256 (and K 192 over V 128);
 - a decode-sized and a prompt-sized comparison with `reference` (two mx.quantize), bitwise;
@@ -10,14 +10,13 @@ Run (GPU machine): python3 bench/gpu_kv_pack.py OUT_DIR
 
 from __future__ import annotations
 
-import datetime
-import json
 import sys
 import time
 from pathlib import Path
 
 import mlx.core as mx
 
+from bench import record
 from mlxrewrite.backends.kernels import kv_pack as kp
 
 DTYPES = (mx.float16, mx.bfloat16, mx.float32)
@@ -38,7 +37,6 @@ def _us(fn, rounds: int = 300) -> tuple[float, float]:
 
 def main() -> None:
     out_dir = Path(sys.argv[1] if len(sys.argv) > 1 else ".")
-    out_dir.mkdir(parents=True, exist_ok=True)
     grid = [(dt, bits, gs, d, d) for dt in DTYPES for bits in (4, 8) for gs in (32, 64, 128)
             for d in (64, 96, 128, 256) if d % gs == 0] + [(mx.float16, 8, 64, 192, 128)]
     failed = [f"{dt} bits {b} group {g} dims {dk}/{dv}" for dt, b, g, dk, dv in grid if not kp.verified(dt, b, g, dk, dv)]
@@ -76,11 +74,10 @@ def main() -> None:
                      ("mlx-lm's update (2 quantize + 6 slice updates)", mlx_lm_update)):
         build, total = _us(fn)
         timing[name] = {"build_us": round(build, 2), "build_and_eval_us": round(total, 2)}
-    result = {"device": mx.device_info().get("device_name", str(mx.default_device())), "mlx": mx.__version__,
-              "date": datetime.date.today().isoformat(), "verified": f"{len(grid) - len(failed)} of {len(grid)}",
-              "failed": failed, "why": {str(k): v for k, v in list(kp.NOT_VERIFIED.items())[:5]}, "bitwise_vs_mx_quantize": compared, "host_us": timing}
-    print(json.dumps(result))
-    (out_dir / "kv_pack.json").write_text(json.dumps(result, indent=1))
+    record.write_json(out_dir, "kv_pack.json", {
+        "verified": f"{len(grid) - len(failed)} of {len(grid)}", "failed": failed,
+        "why": {str(k): v for k, v in list(kp.NOT_VERIFIED.items())[:5]}, "bitwise_vs_mx_quantize": compared,
+        "host_us": timing})
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Where one decode step's host time goes, per layer: the float cache against kv8 wrapped (packed cache).
 
-Run (GPU machine): python3 bench/gpu_step_profile.py OUT_DIR [--prompt=4096] [--cprofile]
+Run (GPU machine): python3 -m bench.gpu_step_profile OUT_DIR [--prompt=4096] [--cprofile]
 For the 16-layer GQA llama of gpu_fused_decode (16 q / 4 kv heads, head_dim 128, fp16), after a prefill,
 median us per layer of: the cache's update_and_fetch, the attention call (mlx-lm's dispatch function,
 which the wrapper's region sits under), the rest of the step's graph building, and the evaluation; and
@@ -12,19 +12,18 @@ steps' top functions by own time.
 from __future__ import annotations
 
 import cProfile
-import datetime
 import pstats
-import json
 import sys
 import time
 from collections import defaultdict
 from pathlib import Path
 
 import mlx.core as mx
-from mlx_lm.models import base, llama
+from mlx_lm.models import llama
 from mlx_lm.models.cache import KVCache, make_prompt_cache
 
 import mlxrewrite.mlx_lm as mrl
+from bench import record
 from mlxrewrite.backends.kernels import kv_pack as kv_pack_module
 from mlxrewrite.mlx_lm import packed_cache
 from mlxrewrite.rules import fused_quantized_attention as fused
@@ -50,7 +49,6 @@ def timed(owner, name: str, label: str) -> None:
 
 def main() -> None:
     out_dir = Path(next((a for a in sys.argv[1:] if not a.startswith("--")), "."))
-    out_dir.mkdir(parents=True, exist_ok=True)
     timed(KVCache, "update_and_fetch", "cache update")
     timed(packed_cache.QuantizedKVCache, "update_and_fetch", "cache update")
     timed(llama, "scaled_dot_product_attention", "attention")
@@ -94,10 +92,7 @@ def main() -> None:
         results[variant] = {name: round(sorted(v[5:])[len(v[5:]) // 2], 2) for name, v in sorted(samples.items())}
         if bits:
             mrl.unwrap(model)
-    out = {"device": mx.device_info().get("device_name", str(mx.default_device())), "mlx": mx.__version__,
-           "date": datetime.date.today().isoformat(), "prompt": PROMPT, "us_per_layer": results}
-    print(json.dumps(out))
-    (out_dir / f"step_profile_n{PROMPT}.json").write_text(json.dumps(out, indent=1))
+    record.write_json(out_dir, f"step_profile_n{PROMPT}.json", {"prompt": PROMPT, "us_per_layer": results})
 
 
 if __name__ == "__main__":

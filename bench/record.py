@@ -29,3 +29,13 @@ def write(out: str, record: dict, markdown: str, tool: str) -> bool:
         return False
     print(markdown)
     return True
+
+
+def write_json(out_dir: Path, name: str, fields: dict) -> None:
+    """The GPU scripts' record: the device by name (`mx.device_info`), MLX's version and the date, then
+    `fields`; printed as one JSON line and written to `out_dir`/`name`."""
+    record = {**header(), **fields}
+    record["device"] = mx.device_info().get("device_name", record["device"])
+    print(json.dumps(record))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / name).write_text(json.dumps(record, indent=1))

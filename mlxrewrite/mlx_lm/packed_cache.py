@@ -28,27 +28,28 @@ from ..core import guard
 Parts = tuple[mx.array, mx.array, mx.array]
 
 
+class _Half:
+    """`keys` or `values` of a packed cache: mlx-lm's (weights, scales, biases) of that half, read as views of
+    the packed buffers; assigning one keeps it until the next update packs it."""
+
+    def __init__(self, which: int):
+        self.which = which
+
+    def __get__(self, cache: "QuantizedKVCache | None", owner: type | None = None) -> Any:
+        return self if cache is None else cache._half(self.which)
+
+    def __set__(self, cache: "QuantizedKVCache", value: Parts | None) -> None:
+        cache._set_half(self.which, value)
+
+
 class QuantizedKVCache(MlxLmQuantizedKVCache):
     """A packed `QuantizedKVCache` (named as mlx-lm's so that saved caches load as mlx-lm's)."""
 
     # set by `pack`: _plain ([keys, values] as assigned, packed at the next update) or _words and _sb (None
     # while empty), _dims (K words, V words, K groups, V groups)
 
-    @property
-    def keys(self) -> Parts | None:
-        return self._half(0)
-
-    @keys.setter
-    def keys(self, keys: Parts | None) -> None:
-        self._set_half(0, keys)
-
-    @property
-    def values(self) -> Parts | None:
-        return self._half(1)
-
-    @values.setter
-    def values(self, values: Parts | None) -> None:
-        self._set_half(1, values)
+    keys = _Half(0)
+    values = _Half(1)
 
     def _half(self, which: int) -> Parts | None:
         if self._plain is not None:
