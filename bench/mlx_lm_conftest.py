@@ -1,8 +1,8 @@
 """conftest.py for mlx-lm's own test suite (copied there by bench/mlx_lm_suite.py): wraps every mlx-lm model
 where it is constructed, by patching each `mlx_lm.models.<arch>.Model.__init__`, never `nn.Module.__call__`.
 
-MLXREWRITE_SUITE selects the mode: "off" (baseline, nothing patched), "wrap", or "check_masks" (wrap with
-check_masks=True). With MLXREWRITE_SUITE_STATS=FILE, what the wrapped models did is written there as JSON at
+MLXREWRITE_SUITE selects the mode: "off" (baseline, nothing patched), "wrap", "check_masks" (wrap with
+check_masks=True) or "packed" (wrap with packed_cache=True: mlx-lm's quantized caches packed, as on CUDA). With MLXREWRITE_SUITE_STATS=FILE, what the wrapped models did is written there as JSON at
 the end: so a run in which the rules never fired cannot pass for a check.
 """
 
@@ -33,7 +33,7 @@ def _wrap_on_construction(cls: type) -> None:
         finally:
             _DEPTH.n = depth
         if depth == 0:
-            mrl.wrap(self, check_masks=MODE == "check_masks")
+            mrl.wrap(self, check_masks=MODE == "check_masks", packed_cache=True if MODE == "packed" else None)
             _STATES.append(mrl.state(self))
 
     cls.__init__ = __init__
@@ -68,5 +68,6 @@ def pytest_sessionfinish(session, exitstatus):
     with open(path, "w") as f:
         json.dump({"mode": MODE, "models_wrapped": len(_STATES), "by_architecture": dict(classes),
                    "forward_passes": sum(s.forward_passes for s in _STATES), "calls": dict(calls),
+                   "caches_packed": sum(s.packed for s in _STATES),
                    "coverage_notes": sorted({f"{s.original_class.__module__}: {n}" for s in _STATES for n in s.coverage})},
                   f, indent=1)

@@ -1,7 +1,8 @@
 """mlx-lm's own test suite as a check of `mlxrewrite.mlx_lm.wrap`: run it unwrapped, with every model wrapped,
-and wrapped with check_masks=True, and compare. Done means 0 new failures against the unwrapped baseline.
+wrapped with check_masks=True, and wrapped with the packed quantized cache (as on CUDA), and compare. Done
+means 0 new failures against the unwrapped baseline.
 
-    python -m bench.mlx_lm_suite [--out bench/results/mlx_lm_suite] [--work DIR] [--modes off wrap check_masks]
+    python -m bench.mlx_lm_suite [--out bench/results/mlx_lm_suite] [--work DIR] [--modes off wrap check_masks packed]
 
 The tests come from the sdist of the installed mlx-lm version on the package index (`pip download
 --no-binary :all: --no-deps mlx-lm==VERSION`), which carries `tests/`. The files run are those that need no
@@ -42,7 +43,7 @@ STAND_IN_CONFIG = dict(model_type="qwen2", hidden_size=256, num_hidden_layers=2,
                        rope_theta=1000000.0, max_position_embeddings=4096, tie_word_embeddings=True)
 CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
           "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
-MODES = ("off", "wrap", "check_masks")
+MODES = ("off", "wrap", "check_masks", "packed")
 CONFTEST = Path(__file__).with_name("mlx_lm_conftest.py")
 
 
@@ -138,7 +139,8 @@ def markdown(result: dict) -> str:
                       f"{stats['models_wrapped']} models wrapped ({len(stats['by_architecture'])} architectures), "
                       f"{stats['forward_passes']} forward passes; calls: "
                       + "; ".join(f"{k} x{v}" for k, v in sorted(outcomes.items()))
-                      + f"; mask value checks: {checks} (per shape in the JSON)"]
+                      + f"; mask value checks: {checks} (per shape in the JSON)"
+                      + (f"; quantized caches packed: {stats['caches_packed']}" if stats.get("caches_packed") else "")]
             lines += [f"- not covered: {note}" for note in stats["coverage_notes"]]
         for name in mode.get("vs_baseline", {}).get("new_failures", []):
             lines.append(f"- new failure: {name}")

@@ -400,6 +400,7 @@ def test_packed_cache_is_bitwise_mlx_lms_across_a_buffer_growth():
     assert [c.nbytes for c in plain_cache] == [c.nbytes for c in packed_cache_list]
 
 
+@pytest.mark.skipif(mx.cuda.is_available(), reason="on CUDA the default packs")
 def test_packed_cache_is_not_used_off_cuda_by_default():
     model = mrl.wrap(tiny("llama"))
     try:
