@@ -22,10 +22,10 @@ from typing import Any
 import mlx.core as mx
 from mlx_lm.models.cache import QuantizedKVCache as MlxLmQuantizedKVCache
 
-from ..backends.kernels.kv_pack import kv_pack
+from ..backends.kernels import kv_pack
 from ..core import guard
 
-Parts = tuple[mx.array, mx.array, mx.array]
+Parts = kv_pack.Parts
 
 
 class _Half:
@@ -46,7 +46,7 @@ class QuantizedKVCache(MlxLmQuantizedKVCache):
     """A packed `QuantizedKVCache` (named as mlx-lm's so that saved caches load as mlx-lm's)."""
 
     # set by `pack`: _plain ([keys, values] as assigned, packed at the next update) or _words and _sb (None
-    # while empty), _dims (K words, V words, K groups, V groups)
+    # while empty), _dims (K words, K groups, V groups: where `kv_pack.split` cuts)
 
     keys = _Half(0)
     values = _Half(1)
@@ -69,19 +69,14 @@ class QuantizedKVCache(MlxLmQuantizedKVCache):
         if keys is None or values is None:
             return
         _check_packable(keys, values)
-        self._dims = (keys[0].shape[-1], values[0].shape[-1], keys[1].shape[-1], values[1].shape[-1])
-        self._words = mx.concatenate([keys[0], values[0]], axis=-1)
-        self._sb = mx.concatenate([keys[1], keys[2], values[1], values[2]], axis=-1)
+        self._dims = (keys[0].shape[-1], keys[1].shape[-1], values[1].shape[-1])
+        self._words, self._sb = kv_pack.join(keys, values)
 
     def _views(self, end: int | None) -> tuple[Parts, Parts]:
-        """mlx-lm's (weights, scales, biases) of K and of V, as views of rows [:end] (all rows for None):
-        four calls, each a C++ split or slice."""
-        kw, _, gk, gv = self._dims
+        """mlx-lm's (weights, scales, biases) of K and of V, as views of rows [:end] (all rows for None)."""
         words = self._words if end is None else self._words[..., :end, :]
         sb = self._sb if end is None else self._sb[..., :end, :]
-        k_words, v_words = mx.split(words, [kw], axis=-1)
-        k_scales, k_biases, v_scales, v_biases = mx.split(sb, [gk, 2 * gk, 2 * gk + gv], axis=-1)
-        return (k_words, k_scales, k_biases), (v_words, v_scales, v_biases)
+        return kv_pack.split(words, sb, *self._dims)
 
     def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[Parts, Parts]:
         packing = self._plain is not None
@@ -93,7 +88,7 @@ class QuantizedKVCache(MlxLmQuantizedKVCache):
             self._grow(keys, values, n)
         if packing:
             self._settle()
-        words, sb = kv_pack(keys, values, self.group_size, self.bits)
+        words, sb = kv_pack.kv_pack(keys, values, self.group_size, self.bits)
         self._words[..., prev:end, :] = words
         self._sb[..., prev:end, :] = sb
         self.offset = end
@@ -117,7 +112,7 @@ class QuantizedKVCache(MlxLmQuantizedKVCache):
         new_words = mx.zeros((B, H, steps, (dk + dv) // per_word), dtype=mx.uint32)
         new_sb = mx.zeros((B, H, steps, 2 * (dk + dv) // self.group_size), dtype=keys.dtype)
         if self._words is None:
-            self._dims = (dk // per_word, dv // per_word, dk // self.group_size, dv // self.group_size)
+            self._dims = (dk // per_word, dk // self.group_size, dv // self.group_size)
             self._words, self._sb = new_words, new_sb
             return
         if self.offset % self.step:

@@ -25,11 +25,25 @@ from . import kv_pack_cuda as cuda
 from .quantized_sdpa import on_cuda
 
 
+Parts = tuple[mx.array, mx.array, mx.array]  # mlx-lm's (weights, scales, biases) of K or of V
+
+
+def join(k: Parts, v: Parts) -> tuple[mx.array, mx.array]:
+    """The packed layout of K's and V's parts: (words, sb), each concatenated along the last axis."""
+    return mx.concatenate([k[0], v[0]], axis=-1), mx.concatenate([k[1], k[2], v[1], v[2]], axis=-1)
+
+
+def split(words: mx.array, sb: mx.array, k_words: int, k_groups: int, v_groups: int) -> tuple[Parts, Parts]:
+    """`join` undone, as views: K's and V's parts (four calls, each a C++ slice or split)."""
+    kw, vw = mx.split(words, [k_words], axis=-1)
+    ks, kb, vs, vb = mx.split(sb, [k_groups, 2 * k_groups, 2 * k_groups + v_groups], axis=-1)
+    return (kw, ks, kb), (vw, vs, vb)
+
+
 def reference(keys: mx.array, values: mx.array, group_size: int, bits: int) -> tuple[mx.array, mx.array]:
     """(words, sb) from `mx.quantize` of keys and values (B, H, n, D)."""
-    kw, ks, kb = mx.quantize(keys, group_size=group_size, bits=bits)
-    vw, vs, vb = mx.quantize(values, group_size=group_size, bits=bits)
-    return mx.concatenate([kw, vw], axis=-1), mx.concatenate([ks, kb, vs, vb], axis=-1)
+    return join(mx.quantize(keys, group_size=group_size, bits=bits),
+                mx.quantize(values, group_size=group_size, bits=bits))
 
 
 def kv_pack(keys: mx.array, values: mx.array, group_size: int, bits: int) -> tuple[mx.array, mx.array]:
