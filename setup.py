@@ -8,5 +8,5 @@ setup(
     packages=find_packages(include=["mlxrewrite", "mlxrewrite.*"])
     + [f"mlxrewrite.{name}" for name in find_packages(include=["rules", "rules.*"])],
     package_dir={"mlxrewrite.rules": "rules"},
-    package_data={"mlxrewrite": ["configs/*.json"]},
+    package_data={"mlxrewrite": ["configs/*.json", "backends/kernels/*.cuh"]},
 )

@@ -3,8 +3,10 @@
 Run (GPU machine): python3 -m bench.gpu_step_profile OUT_DIR [--prompt=4096] [--cprofile]
 For the 16-layer GQA llama of gpu_fused_decode (16 q / 4 kv heads, head_dim 128, fp16), after a prefill,
 median us per layer of: the cache's update_and_fetch, the attention call (mlx-lm's dispatch function,
-which the wrapper's region sits under), the rest of the step's graph building, and the evaluation; and
-the share of kv_pack and the fused kernel's own Python inside them. Timers wrap the functions (a few
+which the wrapper's region sits under), the rest of the step's graph building, and the evaluation, split
+into encoding (`mx.async_eval` returns once MLX has encoded every op: host time) and the wait for the GPU;
+and the share of kv_pack and the fused kernel's own Python inside them. The two variants take turns every
+few steps, so the host's drift falls on both. Timers wrap the functions (a few
 hundred ns each), so the parts add up to slightly more than the step. `--cprofile` also prints the kv8
 steps' top functions by own time.
 """
@@ -30,7 +32,7 @@ from mlxrewrite.rules import fused_quantized_attention as fused
 
 PROMPT = int(next((a.split("=")[1] for a in sys.argv if a.startswith("--prompt=")), 4096))
 SMALL = "--small" in sys.argv
-STEPS, LAYERS = 40, 16
+STEPS, BLOCK, LAYERS = 60, 5, 16
 SPENT: dict[str, float] = defaultdict(float)
 
 
@@ -47,50 +49,68 @@ def timed(owner, name: str, label: str) -> None:
     setattr(owner, name, wrapper)
 
 
+def _prepared(bits: int | None) -> tuple:
+    """(model, cache, tokens) after the prefill: the float cache, or it quantized to `bits` and the model wrapped."""
+    mx.random.seed(0)
+    model = llama.Model(llama.ModelArgs(model_type="llama", hidden_size=256 if SMALL else 2048, num_hidden_layers=LAYERS,
+                                        intermediate_size=512 if SMALL else 8192, num_attention_heads=16, num_key_value_heads=4,
+                                        head_dim=128, rms_norm_eps=1e-5, vocab_size=1000 if SMALL else 32000))
+    model.set_dtype(mx.float16)
+    mx.eval(model.parameters())
+    tokens = mx.random.randint(0, 1000, (1, PROMPT + STEPS))
+    cache = make_prompt_cache(model)
+    mx.eval(model(tokens[:, :PROMPT], cache=cache))
+    if bits:
+        cache = [c.to_quantized(group_size=64, bits=bits) for c in cache]
+        model = mrl.wrap(model)
+    mx.eval([c.state for c in cache])
+    return model, cache, tokens
+
+
 def main() -> None:
     out_dir = Path(next((a for a in sys.argv[1:] if not a.startswith("--")), "."))
     timed(KVCache, "update_and_fetch", "cache update")
     timed(packed_cache.QuantizedKVCache, "update_and_fetch", "cache update")
     timed(llama, "scaled_dot_product_attention", "attention")
     timed(fused, "quantized_sdpa", "  of which the fused kernel's call")
+    timed(fused, "quantized_sdpa_packed", "  of which the fused kernel's call")
     timed(kv_pack_module.cuda, "launch", "  of which kv_pack's kernel call")
-    results = {}
-    for variant, bits in (("float cache", None), ("kv8 wrapped, packed", 8)):
-        mx.random.seed(0)
-        model = llama.Model(llama.ModelArgs(model_type="llama", hidden_size=256 if SMALL else 2048, num_hidden_layers=LAYERS,
-                                            intermediate_size=512 if SMALL else 8192, num_attention_heads=16, num_key_value_heads=4,
-                                            head_dim=128, rms_norm_eps=1e-5, vocab_size=1000 if SMALL else 32000))
-        model.set_dtype(mx.float16)
-        mx.eval(model.parameters())
-        tokens = mx.random.randint(0, 1000, (1, PROMPT + STEPS))
-        cache = make_prompt_cache(model)
-        mx.eval(model(tokens[:, :PROMPT], cache=cache))
-        if bits:
-            cache = [c.to_quantized(group_size=64, bits=bits) for c in cache]
-            model = mrl.wrap(model)
-        mx.eval([c.state for c in cache])
-        samples = defaultdict(list)
-        profile = cProfile.Profile() if bits and "--cprofile" in sys.argv else None
-        for t in range(PROMPT, PROMPT + STEPS):
-            if profile is not None and t == PROMPT + 5:
-                profile.enable()
-            SPENT.clear()
-            start = time.perf_counter()
-            logits = model(tokens[:, t:t + 1], cache=cache)
-            built = time.perf_counter()
-            mx.eval(logits)
-            done = time.perf_counter()
-            parts = dict(SPENT)
-            parts["build, total"] = built - start
-            parts["rest of the build"] = parts["build, total"] - parts.get("cache update", 0) - parts.get("attention", 0)
-            parts["eval"] = done - built
-            for name, seconds in parts.items():
-                samples[name].append(seconds * 1e6 / LAYERS)
-        if profile is not None:
-            profile.disable()
-            pstats.Stats(profile, stream=sys.stdout).sort_stats("tottime").print_stats(25)
-        results[variant] = {name: round(sorted(v[5:])[len(v[5:]) // 2], 2) for name, v in sorted(samples.items())}
-        if bits:
+    runs = {variant: _prepared(bits) for variant, bits in (("float cache", None), ("kv8 wrapped, packed", 8))}
+    samples = {variant: defaultdict(list) for variant in runs}
+    profile = cProfile.Profile() if "--cprofile" in sys.argv else None
+    t = PROMPT
+    for block in range(STEPS // BLOCK):  # the variants take turns, so the host's drift falls on both
+        for variant, (model, cache, tokens) in runs.items():
+            for step in range(BLOCK):
+                profiled = profile is not None and block > 0 and variant != "float cache"
+                if profiled:
+                    profile.enable()
+                SPENT.clear()
+                start = time.perf_counter()
+                logits = model(tokens[:, t + step:t + step + 1], cache=cache)
+                built = time.perf_counter()
+                mx.async_eval(logits)  # returns once MLX has encoded every op of the step
+                encoded = time.perf_counter()
+                mx.eval(logits)
+                done = time.perf_counter()
+                if profiled:
+                    profile.disable()
+                parts = dict(SPENT)
+                parts["build, total"] = built - start
+                parts["rest of the build"] = parts["build, total"] - parts.get("cache update", 0) - parts.get("attention", 0)
+                parts["eval: encode"] = encoded - built
+                parts["eval: wait"] = done - encoded
+                parts["step"] = done - start
+                if block > 0:
+                    for name, seconds in parts.items():
+                        samples[variant][name].append(seconds * 1e6 / LAYERS)
+        t += BLOCK
+    if profile is not None:
+        pstats.Stats(profile, stream=sys.stdout).sort_stats("tottime").print_stats(25)
+    results = {variant: {name: round(sorted(v)[len(v) // 2], 2) for name, v in sorted(parts.items())}
+               for variant, parts in samples.items()}
+    for variant, (model, _, _) in runs.items():
+        if mrl.is_wrapped(model):
             mrl.unwrap(model)
     record.write_json(out_dir, f"step_profile_n{PROMPT}.json", {"prompt": PROMPT, "us_per_layer": results})
 

@@ -149,6 +149,58 @@ def test_eager_region_fuses_mlx_lm_decode_without_retracing(cuda, kv_heads, bits
         mrl.unwrap(model)
 
 
+@pytest.mark.parametrize("kv_heads", [2, 4], ids=["gqa", "mha"])
+def test_a_packed_cache_reaches_the_kernel_as_its_buffers(cuda, kv_heads, monkeypatch):
+    """A packed cache's fetch is lazy: the fused rule's direct form hands the kernel the cache's two buffers
+    (quantized_sdpa_packed), so after the first call of each analysis (traced and checked on the views) no
+    fetch is made into views (the CPU reference then splits the buffers; the CUDA kernel reads them). The logits are bitwise those of mlx-lm's layout through the 256-step growth,
+    with the same traces and every call fused."""
+    from mlxrewrite.mlx_lm import packed_cache
+
+    made = []  # fetches read as views (the first read of K's or V's makes both)
+    real = packed_cache.Fetched.materialise
+    monkeypatch.setattr(packed_cache.Fetched, "materialise",
+                        lambda self: (made.append(1) if not self._pair else None) or real(self))
+    model = tiny("llama", num_key_value_heads=kv_heads)
+    mx.random.seed(6)
+    toks = mx.random.randint(0, 256, (1, 250 + 12))
+    runs = []
+    for packed in (False, True):
+        mrl.wrap(model, packed_cache=packed)
+        try:
+            made.clear()
+            logits = decode(model, toks, 250)
+            rewriter = mrl.state(model).rewriter
+            runs.append((logits, rewriter.traces, rewriter.calls, len(made)))
+        finally:
+            mrl.unwrap(model)
+    (plain, traces, calls, _), (packed_logits, packed_traces, packed_calls, views) = runs
+    assert mx.array_equal(plain, packed_logits).item() and traces == packed_traces == 4  # 2 regions, 2 qmm
+    assert packed_calls == calls
+    assert calls["region quantized_scaled_dot_product_attention: fused-quantized-attention -> fused"] == \
+        len(model.layers) * 12
+    assert views == len(model.layers) + 1  # fetches made into views: the prefill's (M > 16: runs as written)
+    # and the decode's first call (traced, its bound rewrite checked against the direct form); no other
+
+
+def test_a_rule_without_a_direct_form_gets_a_packed_fetch_as_arrays(cuda):
+    """The bound rewrite (no direct form) takes the region's arrays: a packed cache's lazy fetch reaches it
+    made into views, decode after decode."""
+    model = tiny("llama")
+    mx.random.seed(7)
+    toks = mx.random.randint(0, 256, (1, 8 + 6))
+    expected = decode(model, toks, 8)
+    mrl.wrap(model, rules=[_with_direct(None)], packed_cache=True)
+    try:
+        got = decode(model, toks, 8)
+        calls = mrl.state(model).rewriter.calls
+    finally:
+        mrl.unwrap(model)
+    assert mx.allclose(got, expected, atol=1e-4).item()
+    assert calls["region quantized_scaled_dot_product_attention: fused-quantized-attention -> fused"] == \
+        len(model.layers) * 7
+
+
 def _with_direct(direct):
     """The fused rule with another direct form (None: the bound rewrite alone)."""
     return dataclasses.replace(fused.RULE, region=dataclasses.replace(fused.RULE.region, direct=direct))

@@ -438,8 +438,9 @@ def test_packed_cache_trims_copies_and_takes_a_state_as_mlx_lms():
     plain, packed = MlxLm(group_size=32, bits=4), packed_cache.pack(MlxLm(group_size=32, bits=4))
     assert packed.empty() and packed.keys is None
 
-    def same(x, y):
-        return all(p.shape == q.shape and mx.array_equal(p, q).item() for p, q in zip(x[0] + x[1], y[0] + y[1]))
+    def same(x, y):  # a fetch may be lazy (packed_cache.Fetched): read as the tuple it stands for
+        return all(p.shape == q.shape and mx.array_equal(p, q).item()
+                   for p, q in zip((*x[0], *x[1]), (*y[0], *y[1])))
 
     for i, (k, v) in enumerate(rows):
         assert same(plain.update_and_fetch(k, v), packed.update_and_fetch(k, v)), i
@@ -480,23 +481,34 @@ def test_a_cache_that_cannot_be_packed_keeps_mlx_lms_layout_and_is_reported(monk
     assert mx.array_equal(plain, _decode_packed(False, tokens(12), prompt=10)[0]).item()
 
 
-def test_packed_views_give_the_fused_algorithm_mlx_lms_numbers():
-    """The fused kernel reads the packed cache's views through their strides; its algorithm (the CPU
-    reference) gives the same output from them as from mlx-lm's six buffers."""
+def test_packed_views_give_the_fused_algorithm_mlx_lms_numbers(monkeypatch):
+    """The fused kernel reads the packed cache's views through their strides, or (quantized_sdpa_packed)
+    the buffers themselves, rows [:n] of a longer buffer; its algorithm (the CPU reference) gives the same
+    output either way as from mlx-lm's six buffers. While mlx-lm's attention goes through a dispatcher, a
+    fetch is lazy (`Fetched`: no view made until read); else it is mlx-lm's tuples."""
     from mlx_lm.models.cache import QuantizedKVCache as MlxLm
 
-    from mlxrewrite.backends.kernels import quantized_sdpa
+    from mlxrewrite.backends.kernels import quantized_sdpa, quantized_sdpa_packed
+    from mlxrewrite.core import regions
     from mlxrewrite.mlx_lm import packed_cache
 
+    monkeypatch.setattr(regions, "installed", lambda path: path == packed_cache.ATTENTION)
     mx.random.seed(4)
     k, v = mx.random.normal((1, 2, 300, 64)), mx.random.normal((1, 2, 300, 64))
     plain, packed = MlxLm(), packed_cache.pack(MlxLm())
     (pk, pv), (qk, qv) = plain.update_and_fetch(k, v), packed.update_and_fetch(k, v)
-    assert [a.shape for a in qk + qv] == [a.shape for a in pk + pv]
+    assert type(qk) is packed_cache.Fetched and qk.packed is qv.packed and qk.packed.words.shape[2] == 512
+    assert len(qk) == 3 and [a.shape for a in (*qk, *qv)] == [a.shape for a in (*pk, *pv)]
     q = mx.random.normal((1, 4, 3, 64))
-    outs = [quantized_sdpa(q, kk, vv, scale=0.125, group_size=64, bits=8, mask="causal", impl="reference")
-            for kk, vv in ((pk, pv), (qk, qv))]
-    assert mx.array_equal(*outs).item()
+    common = dict(scale=0.125, group_size=64, bits=8, mask="causal", impl="reference")
+    outs = [quantized_sdpa(q, kk, vv, **common) for kk, vv in ((pk, pv), (qk, qv))]
+    outs.append(quantized_sdpa_packed(q, qk.packed, **common))
+    assert all(mx.array_equal(outs[0], out).item() for out in outs[1:])
+    monkeypatch.setattr(regions, "installed", lambda path: False)
+    fetched = packed.update_and_fetch(k[:, :, :1], v[:, :, :1])
+    assert all(type(half) is tuple for half in fetched)
+    with pytest.raises(ValueError, match="are not K and V of one shape"):
+        quantized_sdpa_packed(q, qk.packed._replace(n=600), **common)
 
 
 def test_kv_pack_rows_are_mx_quantizes_and_its_kernel_waits_for_verification():

@@ -114,3 +114,20 @@ def test_cuda_launch_plan_writes_its_constants_and_sizes_its_work_buffer(monkeyp
         assert line in kernel["source"].splitlines()
     assert kernel["input_names"] == ["q", "kw", "ks", "kb", "vw", "vs", "vb", "mask", "sinks", "params"]
     assert kernel["output_names"] == ["out", "work"] and not kernel["ensure_row_contiguous"]
+    packed, _ = cuda.plan(B, Hq, Hkv, M, D, N, chunk, 8, 64, mx.float16, cuda.MASK_NONE, None, None, packed=True)
+    cuda._kernel.cache_clear()
+    assert packed["input_names"] == ["q", "words", "sb", "params"] and "qsdpa::split_packed<" in packed["source"]
+    assert packed["name"].startswith("qsdpa_packed_") and packed["header"] == kernel["header"]
+
+
+def test_the_kernel_source_includes_its_device_code_by_path():
+    """MLX hashes each kernel's whole source at every evaluation: the 11 KB of device code are #included
+    (qsdpa.cuh, shipped in the wheel) with their hash, so an edited file is a new kernel."""
+    import hashlib
+    import importlib
+
+    cuda = importlib.import_module("mlxrewrite.backends.kernels.quantized_sdpa_cuda")
+    text = cuda.HEADER_PATH.read_text()
+    assert "__device__ void split_packed(" in text and len(cuda._HEADER) < 200
+    assert cuda._HEADER == (f'#include "{cuda.HEADER_PATH.resolve()}"  '
+                            f'// sha256 {hashlib.sha256(text.encode()).hexdigest()[:16]}\n')  # MLX appends to it

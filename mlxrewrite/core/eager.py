@@ -298,7 +298,10 @@ class EagerRewriter:
             return call.run_original()
         try:
             values, arrays, key = table.signature.split(call.args, call.kwargs)
-            analysis = table.analyses.get(key) or table.analyses.get((key, _exact(arrays)))
+            analysis = table.analyses.get(key)
+            if analysis is None or analysis.fast is None:  # the slow ways take lazy operands' arrays
+                arrays = _concrete_arrays(arrays)
+                analysis = analysis or table.analyses.get((key, _exact(arrays)))
         except TypeError:  # arguments this fast path does not take apart (or an unhashable one): as written
             return call.run_original()
         if analysis is None:
@@ -316,7 +319,8 @@ class EagerRewriter:
             return call.run_original()
         rule = analysis.rule
 
-        def bound(values: tuple, arrays: list[mx.array]) -> Any:
+        def bound(values: tuple, arrays: list) -> Any:  # the fast path hands it lazy operands as they came
+            arrays = _concrete_arrays(arrays)
             result = rule.apply(Bound(analysis.sources, [], arrays, analysis.site.params), decision)
             return materialise(analysis.output, [], arrays, result)
 
@@ -339,7 +343,7 @@ class EagerRewriter:
         if direct is None:
             return bound, result
 
-        def fast(values: tuple, arrays: list[mx.array]) -> Any:
+        def fast(values: tuple, arrays: list) -> Any:
             out = direct(decision, *values)
             return bound(values, arrays) if out is None else out
 
@@ -376,6 +380,7 @@ class EagerRewriter:
     def _analyse_region(self, table: "_RegionTable", key: tuple, call: regions.RegionCall, arguments: tuple,
                         arrays: list[mx.array], forward_pass: ForwardPass) -> Analysis:
         rules = table.rules
+        arguments = tuple(regions.concrete(value) for value in arguments)  # traced and decided as arrays
         with self._lock:
             number = len(self._analyses) + 1
             name = call.path.rsplit(":", 1)[-1]
@@ -387,7 +392,8 @@ class EagerRewriter:
                 analysis.sources, analysis.output = found.sources, found.output
                 decision = found.decision
                 analysis.rule = next((r for r in rules if decision and r.name == decision.rule), None)
-                if not self._free_claim_holds(call, rules, arguments, _array_facts(key), found, forward_pass.backend):
+                facts = _array_facts(table.signature.describe(arguments)[1])
+                if not self._free_claim_holds(call, rules, arguments, facts, found, forward_pass.backend):
                     analysis.note = "its decision changed with the dims the rule declares free: keyed by exact shapes"
                     key = (key, _exact(arrays))
             except Exception as error:  # noqa: BLE001 - any failure means "run as written, reported once"
@@ -519,6 +525,13 @@ def _exact(arrays: list[mx.array]) -> tuple:
     return tuple(a.shape for a in arrays)
 
 
+def _concrete_arrays(arrays: list) -> list[mx.array]:
+    """`arrays` with each lazy operand replaced by its arrays (the flatten order of the tuple it stands for)."""
+    if all(type(a) is mx.array for a in arrays):
+        return arrays
+    return [x for a in arrays for x in (a.materialise() if isinstance(a, regions.LazyOperand) else (a,))]
+
+
 _MISSING = object()
 
 
@@ -532,7 +545,10 @@ class _RegionSignature:
 
     def __init__(self, names: tuple[str, ...], defaults: dict[str, Any], free: dict[str, int]):
         self.names = names
-        self._tail = tuple((name, defaults.get(name, _MISSING)) for name in names)
+        # per count of positional arguments: the other parameters' names, defaults, and which are required
+        self._rest = tuple((names[n:], tuple(defaults.get(name, _MISSING) for name in names[n:]),
+                            tuple(i for i in range(n, len(names)) if names[i] not in defaults))
+                           for n in range(len(names)))
         self._allowed = tuple(frozenset(names[n:]) for n in range(len(names) + 1))
         self._free = tuple(free.get(name) for name in names)  # the dim each argument's arrays leave free
         self._keyers: list[Callable[[tuple], tuple | None]] = []
@@ -544,20 +560,26 @@ class _RegionSignature:
         n = len(args)
         if n > len(self.names) or (kwargs and not kwargs.keys() <= self._allowed[n]):
             raise TypeError("arguments do not fit the region's parameters")
-        values = args + tuple([kwargs[name] if default is _MISSING else kwargs.get(name, default)
-                               for name, default in self._tail[n:]]) if n < len(self.names) else args
+        values = args
+        if n < len(self.names):  # the rest by name or default, one C-level loop
+            rest, defaults, required = self._rest[n]
+            values = args + tuple(map(kwargs.get, rest, defaults))
+            for i in required:
+                if values[i] is _MISSING:
+                    raise TypeError("a required argument of the region is missing")
         for keyer in self._keyers:
             found = keyer(values)
             if found is not None:
                 return values, found[0], found[1]
-        arrays, key, layout = self._describe(values)
+        arrays, key, layout = self.describe(values)
         if len(self._keyers) < self.MAX_LAYOUTS:
             self._keyers.append(_keyer(layout, self._free))
         return values, arrays, key
 
-    def _describe(self, values: tuple) -> tuple[list[mx.array], tuple, list]:
-        """The general way: arrays, key and layout (per argument "array", (tuple or list, length) or "static")."""
-        arrays: list[mx.array] = []
+    def describe(self, values: tuple) -> tuple[list, tuple, list]:
+        """The general way: arrays, key and layout (per argument "array", (tuple or list, length), ("lazy",
+        its type) or "static"). A lazy operand is one entry of the arrays, keyed by its `region_layout`."""
+        arrays: list = []
         key, layout = [], []
         for value, free in zip(values, self._free):
             kind = type(value)
@@ -565,6 +587,10 @@ class _RegionSignature:
                 arrays.append(value)
                 key.append(_array_key(value, free))
                 layout.append("array")
+            elif isinstance(value, regions.LazyOperand):
+                arrays.append(value)
+                key.append(("lazy", kind, value.region_layout))
+                layout.append(("lazy", kind))
             elif (kind is tuple or kind is list) and value and all(type(a) is mx.array for a in value):
                 arrays.extend(value)
                 key.append((kind, tuple([_array_key(a, free) for a in value])))
@@ -587,7 +613,7 @@ def _array_key(a: mx.array, free: int | None) -> tuple:
 
 
 def _keyer(layout: list, free: tuple) -> Callable[[tuple], tuple | None]:
-    """A function of the argument values giving (arrays, key) exactly as `_describe` would, or None where
+    """A function of the argument values giving (arrays, key) exactly as `describe` would, or None where
     the values do not have this layout."""
     outer, inner, arrays, key, unpack = [], [], [], [], []
 
@@ -599,13 +625,19 @@ def _keyer(layout: list, free: tuple) -> Callable[[tuple], tuple | None]:
         tail = "" if dim == -1 else f" + s_{name}[{dim + 1}:]"  # one shape read per array: each builds a tuple
         return f"({name}.dtype, (s_{name} := {name}.shape)[:{dim}] + F{tail})"
 
+    scope = {"A": mx.array, "F": _FREE, "Lazy": regions.LazyOperand, "NOT_STATIC": frozenset({mx.array, tuple, list})}
     for i, (entry, dim) in enumerate(zip(layout, free)):
         name = f"x{i}"
         if entry == "array":
             key.append(array(name, dim, outer))
         elif entry == "static":
-            outer.append(f"type({name}) is A or type({name}) is tuple or type({name}) is list")
+            outer.append(f"type({name}) in NOT_STATIC or isinstance({name}, Lazy)")
             key.append(f"('static', {name})")
+        elif entry[0] == "lazy":
+            scope[f"L{i}"] = entry[1]
+            outer.append(f"type({name}) is not L{i}")
+            arrays.append(name)
+            key.append(f"('lazy', L{i}, {name}.region_layout)")
         else:
             kind, length = entry
             items = [f"{name}_{j}" for j in range(length)]
@@ -622,7 +654,6 @@ def _keyer(layout: list, free: tuple) -> Callable[[tuple], tuple | None]:
         "        return None",
         f"    return [{', '.join(arrays)}], ({''.join(k + ', ' for k in key)})",
     ])
-    scope = {"A": mx.array, "F": _FREE}
     exec(compile(source, "<region key>", "exec"), scope)  # noqa: S102 - our own generated guard, as Dynamo's
     return scope["keyer"]
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import importlib
 import sys
 import threading
+from types import FrameType
 from typing import Any, Callable
 
 from . import intercept
@@ -22,14 +23,47 @@ _LOCK = threading.Lock()
 _REAL: dict[str, Callable] = {}  # path -> the function the dispatcher stands in for
 
 
+class LazyOperand:
+    """An argument that stands for a tuple of arrays and makes them only when read: a packed cache's fetch,
+    whose views a fused rewrite never needs. Iterating, indexing or `len` reads it as that tuple. A region's
+    key reads `region_layout` in its place (it must fix everything about the arrays' dtypes and shapes but
+    the region's free dims, as their key would), and the slow path takes `materialise()`, so a decode step
+    that a rule's direct form serves makes none of them."""
+
+    __slots__ = ()
+    region_layout: tuple
+
+    def materialise(self) -> tuple:
+        raise NotImplementedError
+
+    def __iter__(self):
+        return iter(self.materialise())
+
+    def __getitem__(self, index):
+        return self.materialise()[index]
+
+    def __len__(self) -> int:
+        return len(self.materialise())
+
+
+def concrete(value: Any) -> Any:
+    """`value`, or the tuple a lazy operand stands for."""
+    return value.materialise() if isinstance(value, LazyOperand) else value
+
+
 class RegionCall:
     """One call of a region function: its arguments as passed, and where it was made (a plain slotted class:
     one is made per call, on a decode step's path)."""
 
-    __slots__ = ("path", "real", "args", "kwargs", "where")
+    __slots__ = ("path", "real", "args", "kwargs", "caller")
 
-    def __init__(self, path: str, real: Callable, args: tuple, kwargs: dict[str, Any], where: tuple[str, int] | None):
-        self.path, self.real, self.args, self.kwargs, self.where = path, real, args, kwargs, where
+    def __init__(self, path: str, real: Callable, args: tuple, kwargs: dict[str, Any], caller: FrameType | None):
+        self.path, self.real, self.args, self.kwargs, self.caller = path, real, args, kwargs, caller
+
+    @property
+    def where(self) -> tuple[str, int] | None:
+        """(file, line) of the call, read from the caller's frame only when asked (while the call runs)."""
+        return None if self.caller is None else (self.caller.f_code.co_filename, self.caller.f_lineno)
 
     @property
     def api(self) -> str:
@@ -41,7 +75,20 @@ class RegionCall:
         return None if self.where is None else f"{self.where[0]}:{self.where[1]}"
 
     def run_original(self) -> Any:
-        return self.real(*self.args, **self.kwargs)
+        return _run(self.real, self.args, self.kwargs)
+
+
+def _run(real: Callable, args: tuple, kwargs: dict[str, Any]) -> Any:
+    """The function as written, lazy operands made into the tuples they stand for."""
+    if any(isinstance(a, LazyOperand) for a in args) or any(isinstance(a, LazyOperand) for a in kwargs.values()):
+        args = tuple(concrete(a) for a in args)
+        kwargs = {name: concrete(value) for name, value in kwargs.items()}
+    return real(*args, **kwargs)
+
+
+def installed(path: str) -> bool:
+    """Whether calls of the function at `path` go through a dispatcher (so it may be given lazy operands)."""
+    return path in _REAL
 
 
 def install(path: str) -> str | None:
@@ -65,9 +112,8 @@ def _dispatcher(path: str, real: Callable) -> Callable:
     def dispatcher(*args: Any, **kwargs: Any) -> Any:
         handle = getattr(intercept.active_handler(), "region", None)
         if handle is None:
-            return real(*args, **kwargs)
-        frame = sys._getframe(1)
-        return handle(RegionCall(path, real, args, kwargs, (frame.f_code.co_filename, frame.f_lineno)))
+            return _run(real, args, kwargs)
+        return handle(RegionCall(path, real, args, kwargs, sys._getframe(1)))
 
     dispatcher.__name__ = real.__name__
     dispatcher.__doc__ = real.__doc__

@@ -22,10 +22,35 @@ from typing import Any
 import mlx.core as mx
 from mlx_lm.models.cache import QuantizedKVCache as MlxLmQuantizedKVCache
 
-from ..backends.kernels import kv_pack
-from ..core import guard
+from ..backends.kernels import kv_layout, kv_pack
+from ..core import guard, regions
+from ..core.regions import LazyOperand
 
-Parts = kv_pack.Parts
+Parts = kv_layout.Parts
+# mlx-lm's quantized attention, the one reader of a fetch (its models call it through `base`'s module
+# global): while a dispatcher stands in for it, the fetch is lazy (a `Fetched`), since the dispatcher
+# makes it a tuple wherever the function itself runs
+ATTENTION = "mlx_lm.models.base:quantized_scaled_dot_product_attention"
+
+
+class Fetched(LazyOperand):
+    """What `update_and_fetch` returns for K (which 0) or V (1): mlx-lm's (weights, scales, biases) of the
+    cache's rows so far, made when first read (iterating, indexing). The fused attention rule reads `packed`
+    instead, the buffers themselves: a decode step it serves makes no view of the cache. The buffers are
+    the values of this update (later updates do not show through)."""
+
+    __slots__ = ("packed", "which", "region_layout", "_pair")
+
+    def __init__(self, packed: kv_layout.Packed, which: int, region_layout: tuple, pair: list):
+        self.packed, self.which, self.region_layout, self._pair = packed, which, region_layout, pair
+
+    def materialise(self) -> Parts:
+        if not self._pair:  # K's and V's views are made together, once
+            self._pair.extend(self.packed.parts())
+        return self._pair[self.which]
+
+    def __len__(self) -> int:
+        return 3
 
 
 class _Half:
@@ -46,7 +71,8 @@ class QuantizedKVCache(MlxLmQuantizedKVCache):
     """A packed `QuantizedKVCache` (named as mlx-lm's so that saved caches load as mlx-lm's)."""
 
     # set by `pack`: _plain ([keys, values] as assigned, packed at the next update) or _words and _sb (None
-    # while empty), _dims (K words, K groups, V groups: where `kv_pack.split` cuts)
+    # while empty), _dims (K words, K groups, V groups: where `kv_layout.split` cuts), _layout (its fetches'
+    # region layout, made at the first update after the buffers are replaced)
 
     keys = _Half(0)
     values = _Half(1)
@@ -61,7 +87,7 @@ class QuantizedKVCache(MlxLmQuantizedKVCache):
         update packs them."""
         plain = list(self._plain or (self._half(0), self._half(1)))
         plain[which] = value
-        self._plain, self._words, self._sb = plain, None, None
+        self._plain, self._words, self._sb, self._layout = plain, None, None, None
 
     def _pack(self) -> None:
         keys, values = self._plain
@@ -70,29 +96,44 @@ class QuantizedKVCache(MlxLmQuantizedKVCache):
             return
         _check_packable(keys, values)
         self._dims = (keys[0].shape[-1], keys[1].shape[-1], values[1].shape[-1])
-        self._words, self._sb = kv_pack.join(keys, values)
+        self._words, self._sb = kv_layout.join(keys, values)
 
     def _views(self, end: int | None) -> tuple[Parts, Parts]:
         """mlx-lm's (weights, scales, biases) of K and of V, as views of rows [:end] (all rows for None)."""
-        words = self._words if end is None else self._words[..., :end, :]
-        sb = self._sb if end is None else self._sb[..., :end, :]
-        return kv_pack.split(words, sb, *self._dims)
+        words = self._words if end is None else self._words[:, :, :end]
+        sb = self._sb if end is None else self._sb[:, :, :end]
+        return kv_layout.split(words, sb, *self._dims)
 
-    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[Parts, Parts]:
+    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[Fetched, Fetched]:
         packing = self._plain is not None
         if packing:
             self._pack()
         prev, n = self.offset, keys.shape[2]
         end = prev + n
-        if self._words is None or end > self._words.shape[2]:
+        words = self._words
+        if words is None or end > words.shape[2]:
             self._grow(keys, values, n)
+            words = self._words
         if packing:
             self._settle()
-        words, sb = kv_pack.kv_pack(keys, values, self.group_size, self.bits)
-        self._words[..., prev:end, :] = words
-        self._sb[..., prev:end, :] = sb
+        rows, sb_rows = kv_pack.kv_pack(keys, values, self.group_size, self.bits)
+        sb = self._sb
+        words[:, :, prev:end] = rows
+        sb[:, :, prev:end] = sb_rows
         self.offset = end
-        return self._views(None if end == self._words.shape[2] else end)
+        # copies of the array objects (not of data): the next update's slice update rebinds the cache's own
+        packed = kv_layout.Packed(words.__copy__(), sb.__copy__(), end, self._dims)
+        if not regions.installed(ATTENTION):  # mlx-lm's attention would get them as they are: tuples now
+            return packed.parts()
+        layout = self._layout or self._region_layout()
+        pair: list = []
+        return Fetched(packed, 0, layout, pair), Fetched(packed, 1, layout, pair)
+
+    def _region_layout(self) -> tuple:
+        """What fixes the arrays of this cache's fetches but their rows: a region keys them by it (the dtype by
+        name: the cache must deep-copy)."""
+        self._layout = (self._words.shape[:2], self._words.shape[3], self._sb.shape[3], str(self._sb.dtype), self._dims)
+        return self._layout
 
     def _settle(self) -> None:
         """Evaluate the packed (and grown) buffers now, so that mlx-lm's go before the next layer packs: one
@@ -145,7 +186,7 @@ def pack(cache: MlxLmQuantizedKVCache) -> QuantizedKVCache:
         _check_packable(cache.keys, cache.values)
     plain = [vars(cache).pop("keys"), vars(cache).pop("values")]
     cache.__class__ = QuantizedKVCache
-    cache._plain, cache._words, cache._sb, cache._dims = plain, None, None, None
+    cache._plain, cache._words, cache._sb, cache._dims, cache._layout = plain, None, None, None, None
     return cache
 
 

@@ -4,8 +4,8 @@ mlx-lm's `QuantizedKVCache` keeps six buffers per layer (K and V weights, scales
 with two quantize calls and six slice updates: on a GPU decode step, where every op costs the host several
 microseconds, that is more than the attention itself. A packed cache (mlxrewrite.mlx_lm.packed_cache)
 keeps two buffers: `words` (B, H, N, K's packed words then V's) and `sb` (B, H, N, K scales, K biases,
-V scales, V biases). `kv_pack` gives one token's (or a prompt's) rows of both; the cache then writes them
-with two slice updates. The numbers are `mx.quantize`'s, bitwise.
+V scales, V biases). `kv_pack` gives one token's (or a prompt's) rows of both (kv_layout's layout); the
+cache then writes them with two slice updates. The numbers are `mx.quantize`'s, bitwise.
 
 `reference` is the definition in MLX ops. The CUDA kernel (kv_pack_cuda) is used only where `verified`
 found it bitwise equal to the installed `mx.quantize` on this device, for that dtype, bits, group size and
@@ -22,22 +22,8 @@ from typing import Callable
 import mlx.core as mx
 
 from . import kv_pack_cuda as cuda
+from .kv_layout import join
 from .quantized_sdpa import on_cuda
-
-
-Parts = tuple[mx.array, mx.array, mx.array]  # mlx-lm's (weights, scales, biases) of K or of V
-
-
-def join(k: Parts, v: Parts) -> tuple[mx.array, mx.array]:
-    """The packed layout of K's and V's parts: (words, sb), each concatenated along the last axis."""
-    return mx.concatenate([k[0], v[0]], axis=-1), mx.concatenate([k[1], k[2], v[1], v[2]], axis=-1)
-
-
-def split(words: mx.array, sb: mx.array, k_words: int, k_groups: int, v_groups: int) -> tuple[Parts, Parts]:
-    """`join` undone, as views: K's and V's parts (four calls, each a C++ slice or split)."""
-    kw, vw = mx.split(words, [k_words], axis=-1)
-    ks, kb, vs, vb = mx.split(sb, [k_groups, 2 * k_groups, 2 * k_groups + v_groups], axis=-1)
-    return (kw, ks, kb), (vw, vs, vb)
 
 
 def reference(keys: mx.array, values: mx.array, group_size: int, bits: int) -> tuple[mx.array, mx.array]:

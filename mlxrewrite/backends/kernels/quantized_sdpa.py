@@ -10,11 +10,13 @@ in index order. `reference` writes that algorithm in MLX ops so the CPU tests ca
 
 from __future__ import annotations
 
+import functools
 from functools import lru_cache
-from typing import Sequence
+from typing import Callable, Sequence
 
 import mlx.core as mx
 
+from . import kv_layout
 from . import quantized_sdpa_cuda as cuda
 
 Quantized = Sequence[mx.array]  # (packed uint32 weights, scales, biases)
@@ -48,9 +50,10 @@ def _lowest(dtype: mx.Dtype) -> float:
 
 
 @lru_cache(maxsize=256)
-def _params(scale: float, fill: float, chunk: int) -> mx.array:
-    """The kernel's float scalars, one cached array per distinct value set (no per-call array creation)."""
-    return mx.array([scale, fill, float(chunk)], dtype=mx.float32)
+def _params(scale: float, fill: float, chunk: int, n: int = 0) -> mx.array:
+    """The kernel's float scalars (N: a packed cache's rows), one cached array per distinct value set: a
+    decode step's layers share one."""
+    return mx.array([scale, fill, float(chunk), float(n)], dtype=mx.float32)
 
 
 def _check(q: Shape, k: Shape, v: Shape, group_size: int, bits: int, mask: Shape | None = None,
@@ -71,19 +74,40 @@ def _check(q: Shape, k: Shape, v: Shape, group_size: int, bits: int, mask: Shape
 @lru_cache(maxsize=4096)
 def _cuda_plan(q: Shape, k: Shape, v: Shape, dtype: mx.Dtype, group_size: int, bits: int, split: int | None,
                kind: int, mask: Shape | None, mask_dtype: mx.Dtype | None, sinks: Shape | None,
-               sinks_dtype: mx.Dtype | None) -> tuple[tuple, int]:
+               sinks_dtype: mx.Dtype | None, packed: bool = False) -> tuple[tuple, int]:
     """Validation and launch parameters, once per shape: a decode step then costs one kernel call."""
     _check(q, k, v, group_size, bits, mask, sinks)
     chunk = split or chunk_size(k[2])
     if chunk % _CHUNK_QUANTUM:
         raise ValueError(f"quantized_sdpa: split must be a multiple of {_CHUNK_QUANTUM} on CUDA, not {chunk}")
     B, Hq, M, D = q
-    return cuda.plan(B, Hq, k[1], M, D, k[2], chunk, bits, group_size, dtype, kind, mask_dtype, sinks_dtype), chunk
+    return cuda.plan(B, Hq, k[1], M, D, k[2], chunk, bits, group_size, dtype, kind, mask_dtype, sinks_dtype,
+                     packed), chunk
 
 
 def _as_4d(mask: mx.array) -> mx.array:
     """A view with 4 axes (leading size-1 axes), so the kernel indexes it by strides; never a copy."""
     return mask if mask.ndim == 4 else mx.expand_dims(mask, tuple(range(4 - mask.ndim)))
+
+
+def _resolve(impl: str) -> str:
+    if impl == "auto":
+        return "cuda" if on_cuda() else "reference"
+    if impl not in ("cuda", "reference"):
+        raise ValueError(f"quantized_sdpa: impl must be 'auto', 'cuda' or 'reference', not {impl!r}")
+    return impl
+
+
+def _cuda_mask(mask: Mask) -> tuple[int, mx.array | None]:
+    """The kernel's mask kind and array."""
+    if mask is None:
+        return cuda.MASK_NONE, None
+    if isinstance(mask, str):
+        if mask != "causal":
+            raise ValueError(f"quantized_sdpa: unknown mask {mask!r}")
+        return cuda.MASK_CAUSAL, None
+    mask = _as_4d(mask)
+    return (cuda.MASK_BOOL if mask.dtype == mx.bool_ else cuda.MASK_ADD), mask
 
 
 def quantized_sdpa(q: mx.array, k: Quantized, v: Quantized, *, scale: float, group_size: int, bits: int,
@@ -96,8 +120,7 @@ def quantized_sdpa(q: mx.array, k: Quantized, v: Quantized, *, scale: float, gro
     denominator. split: keys per chunk (default `chunk_size(N)`; a multiple of 256 on CUDA).
     impl: "auto" (the CUDA kernel on a CUDA GPU, else the reference), "cuda" or "reference".
     """
-    if impl == "auto":
-        impl = "cuda" if on_cuda() else "reference"
+    impl = _resolve(impl)
     if fill is None:
         fill = _lowest(q.dtype)
     if impl == "reference":
@@ -105,22 +128,56 @@ def quantized_sdpa(q: mx.array, k: Quantized, v: Quantized, *, scale: float, gro
         _check(q.shape, k[0].shape, v[0].shape, group_size, bits, mshape, None if sinks is None else sinks.shape)
         return reference(q, k, v, scale=scale, group_size=group_size, bits=bits, mask=mask, fill=fill,
                          sinks=sinks, chunk=split or chunk_size(k[0].shape[2]))
-    if impl != "cuda":
-        raise ValueError(f"quantized_sdpa: impl must be 'auto', 'cuda' or 'reference', not {impl!r}")
-    if mask is None:
-        kind, mask_arr = cuda.MASK_NONE, None
-    elif isinstance(mask, str):
-        if mask != "causal":
-            raise ValueError(f"quantized_sdpa: unknown mask {mask!r}")
-        kind, mask_arr = cuda.MASK_CAUSAL, None
-    else:
-        mask_arr = _as_4d(mask)
-        kind = cuda.MASK_BOOL if mask.dtype == mx.bool_ else cuda.MASK_ADD
+    kind, mask_arr = _cuda_mask(mask)
     plan, chunk = _cuda_plan(
         q.shape, k[0].shape, v[0].shape, q.dtype, group_size, bits, split, kind,
         None if mask_arr is None else mask_arr.shape, None if mask_arr is None else mask_arr.dtype,
         None if sinks is None else sinks.shape, None if sinks is None else sinks.dtype)
-    return cuda.launch(plan, q, k, v, mask_arr, _params(float(scale), float(fill), chunk), sinks)
+    return cuda.launch(plan, q, (*k, *v), mask_arr, sinks, params=_params(float(scale), float(fill), chunk))
+
+
+def quantized_sdpa_packed(q: mx.array, packed: kv_layout.Packed, *, scale: float, group_size: int, bits: int,
+                          mask: Mask = None, fill: float | None = None, sinks: mx.array | None = None,
+                          impl: str = "auto") -> mx.array:
+    """`quantized_sdpa` over rows [:n] of a packed cache's two buffers (kv_layout), read where they are.
+
+    The same kernel and numbers as over the six parts `kv_layout.split` makes of them, without making them:
+    a decode step then builds no view of the cache (on CUDA; the reference takes the parts).
+    """
+    words, sb = packed.words, packed.sb
+    if _resolve(impl) == "reference":
+        _packed_rows(words.shape, sb.shape, packed.n, packed.dims)
+        k, v = packed.parts()
+        return quantized_sdpa(q, k, v, scale=scale, group_size=group_size, bits=bits, mask=mask, fill=fill,
+                              sinks=sinks, impl="reference")
+    kind, mask_arr = _cuda_mask(mask)
+    launch = _packed_launch(q.shape, q.dtype, words.shape, sb.shape, packed.n, packed.dims, group_size, bits,
+                            scale, fill, kind, None if mask_arr is None else mask_arr.shape,
+                            None if mask_arr is None else mask_arr.dtype, None if sinks is None else sinks.shape,
+                            None if sinks is None else sinks.dtype)
+    return launch(q, (words, sb), mask_arr, sinks)
+
+
+def _packed_rows(words: Shape, sb: Shape, n: int, dims: tuple[int, int, int]) -> Shape:
+    """The shape of K's (and V's) words over rows [:n]; ValueError where the buffers are not one K/V shape."""
+    k_words, k_groups, v_groups = dims
+    if words[-1] != 2 * k_words or sb[-1] != 4 * k_groups or v_groups != k_groups or n > words[2]:
+        raise ValueError(f"quantized_sdpa_packed: buffers {words}, {sb} with dims {dims} and {n} rows are not K "
+                         "and V of one shape")
+    return (*words[:2], n, k_words)
+
+
+@lru_cache(maxsize=1024)
+def _packed_launch(q: Shape, dtype: mx.Dtype, words: Shape, sb: Shape, n: int, dims: tuple[int, int, int],
+                   group_size: int, bits: int, scale: float, fill: float | None, kind: int, mask: Shape | None,
+                   mask_dtype: mx.Dtype | None, sinks: Shape | None, sinks_dtype: mx.Dtype | None) -> Callable:
+    """The packed form's launch for one shape and row count, its scalars made: a decode step's layers share
+    it, and each call is the kernel's alone (the 16 layers of a step cost one miss)."""
+    part = _packed_rows(words, sb, n, dims)
+    plan, chunk = _cuda_plan(q, part, part, dtype, group_size, bits, None, kind, mask, mask_dtype, sinks,
+                             sinks_dtype, True)
+    params = _params(float(scale), float(_lowest(dtype) if fill is None else fill), chunk, n)
+    return functools.partial(cuda.launch, plan, params=params)
 
 
 def _causal(M: int, N: int) -> mx.array:

@@ -1,0 +1,62 @@
+"""The fused kernel's packed form on the GPU: bitwise the six-part form over the same cache.
+
+Run (GPU machine): python3 -m bench.gpu_packed_attention OUT_DIR
+`quantized_sdpa_packed` reads rows [:n] of a packed cache's two buffers (longer than n, as the cache grows
+them) where `quantized_sdpa` reads the six views `kv_layout.split` makes of them; the kernel is the same,
+only its addressing differs, so the outputs must be bitwise equal. Over dtypes, bits, group sizes, head
+dims, query heads per kv head, M (decode and verification), masks, sinks and unaligned n; each point also
+against float32 attention over the dequantized cache (bench.gpu_fused_attention.dense).
+"""
+
+from __future__ import annotations
+
+import itertools
+import sys
+from pathlib import Path
+
+import mlx.core as mx
+
+from bench import record
+from bench.gpu_fused_attention import dense, make_mask
+from mlxrewrite.backends.kernels import kv_layout, kv_pack, quantized_sdpa, quantized_sdpa_packed
+
+
+def point(dtype, bits: int, gs: int, D: int, rep: int, M: int, mask_kind: str, sinks: bool, n: int) -> dict:
+    B, Hkv = 1 if rep > 1 else 2, 2
+    Hq, cap = Hkv * rep, -(-(n + 1) // 256) * 256
+    keys, values = (mx.random.normal((B, Hkv, cap, D)).astype(dtype) for _ in range(2))
+    words, sb = kv_pack.reference(keys, values, gs, bits)
+    packed = kv_layout.Packed(words, sb, n, (D * bits // 32, D // gs, D // gs))
+    k, v = packed.parts()
+    q = mx.random.normal((B, Hq, M, D)).astype(dtype)
+    mask = {"none": None, "causal": "causal"}.get(mask_kind) or make_mask(mask_kind, B, Hq, M, n, dtype)
+    sk = mx.random.normal((Hq,)).astype(dtype) if sinks else None
+    common = dict(scale=D ** -0.5, group_size=gs, bits=bits, mask=mask, sinks=sk)
+    got = quantized_sdpa_packed(q, packed, **common)
+    want = quantized_sdpa(q, k, v, **common)
+    ref = dense(q, k, v, scale=D ** -0.5, gs=gs, bits=bits, mask=mask, sinks=sk)
+    err = (mx.max(mx.abs(got.astype(mx.float32) - ref)) / mx.max(mx.abs(ref))).item()
+    return dict(dtype=str(dtype).split(".")[-1], bits=bits, gs=gs, D=D, rep=rep, M=M, mask=mask_kind, sinks=sinks,
+                n=n, bitwise_six_parts=mx.array_equal(got, want).item(), rel_err_vs_float32=round(err, 7))
+
+
+def main() -> None:
+    out_dir = Path(next((a for a in sys.argv[1:] if not a.startswith("--")), "."))
+    mx.random.seed(0)
+    rows = []
+    # each point compiles two kernel instantiations (packed and six-part forms): a few seconds each
+    grid = itertools.product((mx.float16, mx.bfloat16, mx.float32), (4, 8), (64,), (128,), (4,), (1,), ("none",),
+                             (False,), (4093,))
+    extra = [(mx.float16, 8, 64, 128, 4, 16, "causal", False, 4093), (mx.float16, 4, 64, 64, 1, 1, "none", False, 300),
+             (mx.float16, 8, 32, 256, 8, 4, "bool", True, 300), (mx.bfloat16, 4, 128, 128, 16, 1, "additive", False, 33),
+             (mx.float16, 8, 32, 96, 2, 3, "bool", False, 70000), (mx.float16, 8, 64, 128, 4, 1, "none", False, 256)]
+    for args in list(grid) + extra:
+        rows.append(point(*args))
+    bad = [r for r in rows if not r["bitwise_six_parts"]]
+    record.write_json(out_dir, "packed_attention.json", {"points": len(rows), "bitwise": len(rows) - len(bad),
+                                                          "max_rel_err_vs_float32": max(r["rel_err_vs_float32"] for r in rows),
+                                                          "not_bitwise": bad, "rows": rows})
+
+
+if __name__ == "__main__":
+    main()

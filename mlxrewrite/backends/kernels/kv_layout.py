@@ -1,0 +1,42 @@
+"""The packed KV cache's layout: two buffers per layer where mlx-lm's `QuantizedKVCache` keeps six.
+
+`words` (B, H, N, K's packed words then V's) and `sb` (B, H, N, K scales, K biases, V scales, V biases).
+`join` makes them from mlx-lm's (weights, scales, biases) of K and of V, `split` gives those back as views,
+and `Packed` is rows [:n] of a cache's buffers as the fused attention kernel reads them, in place. Defined
+once here: the row kernel (kv_pack), the cache (mlxrewrite.mlx_lm.packed_cache) and attention all use it.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import mlx.core as mx
+
+Parts = tuple[mx.array, mx.array, mx.array]  # mlx-lm's (weights, scales, biases) of K or of V
+
+
+class Packed(NamedTuple):
+    """Rows [:n] of a packed cache's buffers (which may be longer); dims = (K words, K groups, V groups)."""
+
+    words: mx.array
+    sb: mx.array
+    n: int
+    dims: tuple[int, int, int]
+
+    def parts(self) -> tuple[Parts, Parts]:
+        """mlx-lm's (weights, scales, biases) of K and of V, as views of rows [:n]."""
+        full = self.n == self.words.shape[2]
+        return split(self.words if full else self.words[:, :, :self.n], self.sb if full else self.sb[:, :, :self.n],
+                     *self.dims)
+
+
+def join(k: Parts, v: Parts) -> tuple[mx.array, mx.array]:
+    """The packed layout of K's and V's parts: (words, sb), each concatenated along the last axis."""
+    return mx.concatenate([k[0], v[0]], axis=-1), mx.concatenate([k[1], k[2], v[1], v[2]], axis=-1)
+
+
+def split(words: mx.array, sb: mx.array, k_words: int, k_groups: int, v_groups: int) -> tuple[Parts, Parts]:
+    """`join` undone, as views: K's and V's parts (two C++ splits)."""
+    kw, vw = mx.split(words, [k_words], axis=-1)
+    ks, kb, vs, vb = mx.split(sb, [k_groups, 2 * k_groups, 2 * k_groups + v_groups], axis=-1)
+    return (kw, ks, kb), (vw, vs, vb)
