@@ -3,9 +3,8 @@
 mlx-lm's `QuantizedKVCache` keeps six buffers per layer (K and V weights, scales, biases) and adds each token
 with two quantize calls and six slice updates: on a GPU decode step, where every op costs the host several
 microseconds, that is more than the attention itself. A packed cache (mlxrewrite.mlx_lm.packed_cache)
-keeps two buffers: `words` (B, H, N, K's packed words then V's) and `sb` (B, H, N, K scales, K biases,
-V scales, V biases). `kv_pack` gives one token's (or a prompt's) rows of both (kv_layout's layout); the
-cache then writes them with two slice updates. The numbers are `mx.quantize`'s, bitwise.
+keeps two buffers (`kv_layout`); `kv_pack` gives one token's (or a prompt's) rows of both, which the cache
+writes with two slice updates. The numbers are `mx.quantize`'s, bitwise.
 
 `reference` is the definition in MLX ops. The CUDA kernel (kv_pack_cuda) is used only where `verified`
 found it bitwise equal to the installed `mx.quantize` on this device, for that dtype, bits, group size and
