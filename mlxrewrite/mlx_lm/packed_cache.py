@@ -5,8 +5,9 @@ quantized cache adds a token with two quantize calls and six slice updates per l
 slice updates), which made an 8-bit cache slower than a float one even with a fused attention kernel.
 Here a layer's cache is `words` (B, H, N, K's packed words | V's) and `sb` (B, H, N, K scales | K biases |
 V scales | V biases); a token is one `kv_pack` (one kernel on CUDA) and two slice updates. Attention gets
-the same (weights, scales, biases) tuples as from mlx-lm, as views of the two buffers (the fused kernel
-reads them through their strides, no copy); the numbers are mlx-lm's, bitwise (`kv_pack` is
+what `update_and_fetch` returns: mlx-lm's (weights, scales, biases) tuples, as views of the two buffers,
+made only when read (`Fetched`, while mlx-lm's attention goes through a dispatcher); the fused kernel reads
+the buffers themselves, so a step it serves makes no view. The numbers are mlx-lm's, bitwise (`kv_pack` is
 `mx.quantize`'s, and verified so on the device before its kernel is used).
 
 The object stays an mlx-lm `QuantizedKVCache` to every reader: `keys`, `values`, `state` (and so
