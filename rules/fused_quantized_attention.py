@@ -193,7 +193,9 @@ def direct(decision: Decision, queries: mx.array, q_keys: tuple, q_values: tuple
     p = decision.params
     packed = getattr(q_keys, "packed", None)  # a packed cache's fetch: the kernel reads its two buffers
     if packed is not None and getattr(q_values, "packed", None) is packed and q_keys.which == 0 == 1 - q_values.which:
-        # the guard saw these arrays (their shapes, K's and V's alike, and dtypes are in the region's key)
+        # the guard saw these arrays (their shapes, K's and V's alike, are in the region's key)
+        if queries.dtype != packed.sb.dtype:
+            return None
         return quantized_sdpa_packed(queries, packed, scale=scale, group_size=p["group_size"], bits=p["bits"],
                                      mask=mask, fill=p["fill"])
     if queries.dtype != q_keys[1].dtype:

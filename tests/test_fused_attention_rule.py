@@ -183,6 +183,22 @@ def test_a_packed_cache_reaches_the_kernel_as_its_buffers(cuda, kv_heads, monkey
     # and the decode's first call (traced, its bound rewrite checked against the direct form); no other
 
 
+def test_the_direct_form_leaves_a_promoted_query_over_a_packed_fetch_to_the_bound_rewrite(monkeypatch):
+    """As over mlx-lm's views: a float16 query over float32 scales is mlx-lm's matmul promoting it after the
+    scaling, which the kernel (one float dtype) does not do; the bound rewrite takes it."""
+    from mlxrewrite.core import regions
+    from mlxrewrite.core.rule import Decision
+    from mlxrewrite.mlx_lm import packed_cache
+
+    monkeypatch.setattr(regions, "installed", lambda path: path == packed_cache.ATTENTION)
+    k, v = mx.random.normal((1, 2, 40, 64)), mx.random.normal((1, 2, 40, 64))
+    pk, pv = packed_cache.pack(QuantizedKVCache(group_size=64, bits=8)).update_and_fetch(k, v)
+    decision = Decision(fused.NAME, "fused", "test", {"group_size": 64, "bits": 8, "fill": None})
+    q = mx.random.normal((1, 4, 1, 64))
+    assert fused.direct(decision, q.astype(mx.float16), pk, pv, SCALE, None, 64, 8) is None
+    assert fused.direct(decision, q, pk, pv, SCALE, None, 64, 8) is not None  # float32 over float32: the kernel
+
+
 def test_a_rule_without_a_direct_form_gets_a_packed_fetch_as_arrays(cuda):
     """The bound rewrite (no direct form) takes the region's arrays: a packed cache's lazy fetch reaches it
     made into views, decode after decode."""
