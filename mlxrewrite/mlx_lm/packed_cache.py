@@ -81,7 +81,7 @@ class QuantizedKVCache(MlxLmQuantizedKVCache):
     def _half(self, which: int) -> Parts | None:
         if self._plain is not None:
             return self._plain[which]
-        return None if self._words is None else self._views(None)[which]
+        return None if self._words is None else self._rows(self._words.shape[2]).parts()[which]
 
     def _set_half(self, which: int, value: Parts | None) -> None:
         """Keep mlx-lm's tuples as assigned (`state`'s setter assigns one half, then the other); the next
@@ -99,11 +99,9 @@ class QuantizedKVCache(MlxLmQuantizedKVCache):
         self._dims = (keys[0].shape[-1], keys[1].shape[-1], values[1].shape[-1])
         self._words, self._sb = kv_layout.join(keys, values)
 
-    def _views(self, end: int | None) -> tuple[Parts, Parts]:
-        """mlx-lm's (weights, scales, biases) of K and of V, as views of rows [:end] (all rows for None)."""
-        words = self._words if end is None else self._words[:, :, :end]
-        sb = self._sb if end is None else self._sb[:, :, :end]
-        return kv_layout.split(words, sb, *self._dims)
+    def _rows(self, n: int) -> kv_layout.Packed:
+        """Rows [:n] of the buffers (`parts()`: mlx-lm's tuples of K and of V, as views)."""
+        return kv_layout.Packed(self._words, self._sb, n, self._dims)
 
     def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[Fetched, Fetched]:
         packing = self._plain is not None
@@ -165,7 +163,7 @@ class QuantizedKVCache(MlxLmQuantizedKVCache):
     def keys_and_values(self) -> tuple[Parts, Parts]:
         if self._plain is not None:
             self._pack()
-        return self._views(None if self.offset == self._words.shape[2] else self.offset)
+        return self._rows(self.offset).parts()
 
 
 def _check_packable(keys: Parts, values: Parts) -> None:
