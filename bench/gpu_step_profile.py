@@ -8,7 +8,7 @@ into encoding (`mx.async_eval` returns once MLX has encoded every op: host time)
 and the share of kv_pack and the fused kernel's own Python inside them. The two variants take turns every
 few steps, so the host's drift falls on both. Timers wrap the functions (a few
 hundred ns each), so the parts add up to slightly more than the step. `--cprofile` also prints the kv8
-steps' top functions by own time.
+steps' top functions by own time (the profiler slows those steps: such a run's numbers are not a record).
 """
 
 from __future__ import annotations

@@ -69,7 +69,7 @@ def main() -> None:
     tokens = mx.random.randint(0, 1000, (1, PROMPT + STEPS))
     runs = {}
     for label, bits in (("float cache", None), ("kv8 wrapped, packed", 8)):
-        model, cache = _model(), None
+        model = _model()
         cache = make_prompt_cache(model)
         mx.eval(model(tokens[:, :PROMPT], cache=cache))
         if bits:
