@@ -7,7 +7,7 @@ which the wrapper's region sits under), the rest of the step's graph building, a
 into encoding (`mx.async_eval` returns once MLX has encoded every op: host time) and the wait for the GPU;
 and the share of kv_pack and the fused kernel's own Python inside them. The two variants take turns every
 few steps, so the host's drift falls on both. Timers wrap the functions (a few
-hundred ns each), so the parts add up to slightly more than the step. `--cprofile` also prints the kv8
+hundred ns each), so the parts add up to slightly more than the step. `--cprofile` also prints (and writes) the kv8
 steps' top functions by own time (the profiler slows those steps: such a run's numbers are not a record).
 """
 
@@ -106,7 +106,10 @@ def main() -> None:
                         samples[variant][name].append(seconds * 1e6 / LAYERS)
         t += BLOCK
     if profile is not None:
-        pstats.Stats(profile, stream=sys.stdout).sort_stats("tottime").print_stats(25)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        with open(out_dir / f"step_profile_n{PROMPT}_cprofile.txt", "w") as text:
+            pstats.Stats(profile, stream=text).sort_stats("tottime").print_stats(25)
+        print((out_dir / f"step_profile_n{PROMPT}_cprofile.txt").read_text())
     results = {variant: {name: round(sorted(v)[len(v) // 2], 2) for name, v in sorted(parts.items())}
                for variant, parts in samples.items()}
     for variant, (model, _, _) in runs.items():

@@ -131,3 +131,42 @@ def test_the_kernel_source_includes_its_device_code_by_path():
     assert "__device__ void split_packed(" in text and len(cuda._HEADER) < 200
     assert cuda._HEADER == (f'#include "{cuda.HEADER_PATH.resolve()}"  '
                             f'// sha256 {hashlib.sha256(text.encode()).hexdigest()[:16]}\n')  # MLX appends to it
+
+
+def test_a_decode_loop_over_a_packed_cache_plans_once_per_chunk_and_keeps_few_scalar_arrays(monkeypatch):
+    """A packed cache's row count changes every token; the launch depends on it only through the count of
+    chunks (the rows themselves come in the scalars), so 100 tokens cost one plan per 256 of them. The
+    scalars are one small array per token, and only a few are kept: MLX allocates host-visible memory anew
+    (about 180 us on an H200 host) for each one while the old ones stay alive."""
+    import importlib
+
+    from mlxrewrite.backends.kernels import kv_layout, quantized_sdpa_packed
+
+    sdpa = importlib.import_module("mlxrewrite.backends.kernels.quantized_sdpa")
+    cuda = importlib.import_module("mlxrewrite.backends.kernels.quantized_sdpa_cuda")
+    launches = []
+
+    def kernel(**_):
+        def call(inputs, output_shapes, output_dtypes, grid, **__):
+            launches.append((grid, inputs[-1].tolist()))
+            return [mx.zeros(s, d) for s, d in zip(output_shapes, output_dtypes)]
+        return call
+
+    monkeypatch.setattr(mx.fast, "cuda_kernel", kernel)
+    for cached in (cuda._kernel, sdpa._cuda_plan, sdpa._packed_launch, sdpa._params):
+        cached.cache_clear()
+    D, bits, gs = 128, 8, 64
+    words, sb = mx.zeros((1, 4, 4352, 2 * D * bits // 32), mx.uint32), mx.zeros((1, 4, 4352, 4 * D // gs), mx.float16)
+    q = mx.zeros((1, 16, 1, D), mx.float16)
+    for n in range(4000, 4100):
+        quantized_sdpa_packed(q, kv_layout.Packed(words, sb, n, (D * bits // 32, D // gs, D // gs)), scale=0.125,
+                              group_size=gs, bits=bits, impl="cuda")
+    assert [params[3] for _, params in launches] == list(range(4000, 4100))
+    assert all(grid[0] == -(-params[3] // 256) * cuda.THREADS for grid, params in launches)
+    assert sdpa._cuda_plan.cache_info().misses == 2  # 16 chunks up to 4096 rows, 17 after
+    assert sdpa._params.cache_info().currsize <= 16
+    with pytest.raises(ValueError, match="4353 rows asked of buffers of 4352"):
+        quantized_sdpa_packed(q, kv_layout.Packed(words, sb, 4353, (D * bits // 32, D // gs, D // gs)), scale=0.125,
+                              group_size=gs, bits=bits, impl="cuda")
+    for cached in (cuda._kernel, sdpa._cuda_plan, sdpa._packed_launch, sdpa._params):
+        cached.cache_clear()

@@ -49,10 +49,12 @@ def _lowest(dtype: mx.Dtype) -> float:
     return float(mx.finfo(dtype).min)
 
 
-@lru_cache(maxsize=256)
+@lru_cache(maxsize=16)
 def _params(scale: float, fill: float, chunk: int, n: int = 0) -> mx.array:
-    """The kernel's float scalars (N: a packed cache's rows), one cached array per distinct value set: a
-    decode step's layers share one."""
+    """The kernel's float scalars (n: a packed cache's rows), one cached array per distinct value set: a
+    decode step's layers share one. Few are kept: each array MLX makes from Python data is host-visible
+    memory, which costs about 180 us to allocate on an H200 host unless a freed one is reused
+    (bench/results/cuda-nvidia-h200/step_profile_n4096_cprofile.txt), so a decode loop's old ones must go."""
     return mx.array([scale, fill, float(chunk), float(n)], dtype=mx.float32)
 
 
@@ -151,11 +153,16 @@ def quantized_sdpa_packed(q: mx.array, packed: kv_layout.Packed, *, scale: float
         return quantized_sdpa(q, k, v, scale=scale, group_size=group_size, bits=bits, mask=mask, fill=fill,
                               sinks=sinks, impl="reference")
     kind, mask_arr = _cuda_mask(mask)
-    launch = _packed_launch(q.shape, q.dtype, words.shape, sb.shape, packed.n, packed.dims, group_size, bits,
-                            scale, fill, kind, None if mask_arr is None else mask_arr.shape,
+    n = packed.n
+    if n > words.shape[2]:
+        raise ValueError(f"quantized_sdpa_packed: {n} rows asked of buffers of {words.shape[2]}")
+    chunk = chunk_size(n)
+    launch = _packed_launch(q.shape, q.dtype, words.shape, sb.shape, -(-n // chunk) * chunk, chunk, packed.dims,
+                            group_size, bits, kind, None if mask_arr is None else mask_arr.shape,
                             None if mask_arr is None else mask_arr.dtype, None if sinks is None else sinks.shape,
                             None if sinks is None else sinks.dtype)
-    return launch(q, (words, sb), mask_arr, sinks)
+    fill = _lowest(q.dtype) if fill is None else fill
+    return launch(q, (words, sb), mask_arr, sinks, params=_params(float(scale), float(fill), chunk, n))
 
 
 def _packed_rows(words: Shape, sb: Shape, n: int, dims: tuple[int, int, int]) -> Shape:
@@ -168,16 +175,16 @@ def _packed_rows(words: Shape, sb: Shape, n: int, dims: tuple[int, int, int]) ->
 
 
 @lru_cache(maxsize=1024)
-def _packed_launch(q: Shape, dtype: mx.Dtype, words: Shape, sb: Shape, n: int, dims: tuple[int, int, int],
-                   group_size: int, bits: int, scale: float, fill: float | None, kind: int, mask: Shape | None,
+def _packed_launch(q: Shape, dtype: mx.Dtype, words: Shape, sb: Shape, chunked_rows: int, chunk: int,
+                   dims: tuple[int, int, int], group_size: int, bits: int, kind: int, mask: Shape | None,
                    mask_dtype: mx.Dtype | None, sinks: Shape | None, sinks_dtype: mx.Dtype | None) -> Callable:
-    """The packed form's launch for one shape and row count, its scalars made: a decode step's layers share
-    it, and each call is the kernel's alone (the 16 layers of a step cost one miss)."""
-    part = _packed_rows(words, sb, n, dims)
-    plan, chunk = _cuda_plan(q, part, part, dtype, group_size, bits, None, kind, mask, mask_dtype, sinks,
-                             sinks_dtype, True)
-    params = _params(float(scale), float(_lowest(dtype) if fill is None else fill), chunk, n)
-    return functools.partial(cuda.launch, plan, params=params)
+    """The packed form's launch for one shape and count of chunks (a launch depends on the rows only
+    through them, as its row count comes in the scalars): a decode loop misses once per chunk's worth of
+    tokens, not once per token."""
+    part = _packed_rows(words, sb, min(chunked_rows, words[2]), dims)
+    plan, _ = _cuda_plan(q, part, part, dtype, group_size, bits, chunk, kind, mask, mask_dtype, sinks, sinks_dtype,
+                         True)
+    return functools.partial(cuda.launch, plan)
 
 
 def _causal(M: int, N: int) -> mx.array:
