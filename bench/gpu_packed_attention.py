@@ -21,6 +21,15 @@ from bench.gpu_fused_attention import dense, make_mask
 from mlxrewrite.backends.kernels import kv_layout, kv_pack, quantized_sdpa, quantized_sdpa_packed
 
 
+# each point compiles two kernel instantiations (packed and six-part forms): a few seconds each
+GRID = [*itertools.product((mx.float16, mx.bfloat16, mx.float32), (4, 8), (64,), (128,), (4,), (1,), ("none",),
+                           (False,), (4093,)),
+        (mx.float16, 8, 64, 128, 4, 16, "causal", False, 4093), (mx.float16, 4, 64, 64, 1, 1, "none", False, 300),
+        (mx.float16, 8, 32, 256, 8, 4, "bool", True, 300), (mx.bfloat16, 4, 128, 128, 16, 1, "additive", False, 33),
+        (mx.float16, 8, 32, 96, 2, 3, "bool", False, 70000), (mx.float16, 8, 64, 128, 4, 1, "none", False, 256),
+        (mx.float16, 8, 64, 128, 4, 1, "none", True, 32768)]
+
+
 def point(dtype, bits: int, gs: int, D: int, rep: int, M: int, mask_kind: str, sinks: bool, n: int) -> dict:
     B, Hkv = 1 if rep > 1 else 2, 2
     Hq, cap = Hkv * rep, -(-(n + 1) // 256) * 256
@@ -44,13 +53,7 @@ def main() -> None:
     out_dir = Path(next((a for a in sys.argv[1:] if not a.startswith("--")), "."))
     mx.random.seed(0)
     rows = []
-    # each point compiles two kernel instantiations (packed and six-part forms): a few seconds each
-    grid = itertools.product((mx.float16, mx.bfloat16, mx.float32), (4, 8), (64,), (128,), (4,), (1,), ("none",),
-                             (False,), (4093,))
-    extra = [(mx.float16, 8, 64, 128, 4, 16, "causal", False, 4093), (mx.float16, 4, 64, 64, 1, 1, "none", False, 300),
-             (mx.float16, 8, 32, 256, 8, 4, "bool", True, 300), (mx.bfloat16, 4, 128, 128, 16, 1, "additive", False, 33),
-             (mx.float16, 8, 32, 96, 2, 3, "bool", False, 70000), (mx.float16, 8, 64, 128, 4, 1, "none", False, 256)]
-    for args in list(grid) + extra:
+    for args in GRID:
         rows.append(point(*args))
     bad = [r for r in rows if not r["bitwise_six_parts"]]
     record.write_json(out_dir, "packed_attention.json", {"points": len(rows), "bitwise": len(rows) - len(bad),

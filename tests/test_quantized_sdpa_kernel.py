@@ -148,7 +148,7 @@ def test_a_decode_loop_over_a_packed_cache_plans_once_per_chunk_and_keeps_few_sc
 
     def kernel(**_):
         def call(inputs, output_shapes, output_dtypes, grid, **__):
-            launches.append((grid, inputs[-1].tolist()))
+            launches.append((grid, inputs[-1].tolist()))  # the scalars come last
             return [mx.zeros(s, d) for s, d in zip(output_shapes, output_dtypes)]
         return call
 
@@ -165,6 +165,10 @@ def test_a_decode_loop_over_a_packed_cache_plans_once_per_chunk_and_keeps_few_sc
     assert all(grid[0] == -(-params[3] // 256) * cuda.THREADS for grid, params in launches)
     assert sdpa._cuda_plan.cache_info().misses == 2  # 16 chunks up to 4096 rows, 17 after
     assert sdpa._params.cache_info().currsize <= 16
+    mask = mx.ones((1, 1, 1, 4050), dtype=mx.bool_)  # a mask's last axis is n itself, not whole chunks
+    quantized_sdpa_packed(q, kv_layout.Packed(words, sb, 4050, (D * bits // 32, D // gs, D // gs)), scale=0.125,
+                          group_size=gs, bits=bits, mask=mask, impl="cuda")
+    assert launches[-1][1][3] == 4050
     with pytest.raises(ValueError, match="4353 rows asked of buffers of 4352"):
         quantized_sdpa_packed(q, kv_layout.Packed(words, sb, 4353, (D * bits // 32, D // gs, D // gs)), scale=0.125,
                               group_size=gs, bits=bits, impl="cuda")

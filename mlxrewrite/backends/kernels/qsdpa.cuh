@@ -331,26 +331,50 @@ __device__ void split(
   __syncthreads();
   if (!last) return;
   __threadfence();
-  constexpr int RPP = THREADS / D;  // rows merged per pass
-  const int rl = tid / D, d = tid % D;
-  for (int r0 = 0; r0 < rv; r0 += RPP) {
-    const int r = r0 + rl;
-    if (rl >= RPP || r >= rv) continue;
+  // The chunks' (max, sum) of this block's rows come to shared memory in one parallel pass (the V region is
+  // free now: the plan allows at most 128 chunks), then one thread per row computes the top, the chunk weights and
+  // the denominator, and each output element sums its chunks' partials, loads in flight eight at a time.
+  // Every sum runs over the chunks in index order, as one fmaf chain.
+  float* ml_sm = vsm;                   // [rv][nc][2]
+  float* w_sm = vsm + rv * nc * 2;      // [rv][nc]
+  float* l_sm2 = w_sm + rv * nc;        // [rv]
+  for (int i = tid; i < rv * nc * 2; i += THREADS) {
+    const int r = i / (2 * nc), k2 = i % (2 * nc);
     const int64_t row = (static_cast<int64_t>(b) * Hq + row_head(r)) * M + row_pos(r);
-    const float* ml = pml + row * nc * 2;
-    const float* pr = po + row * nc * D + d;
+    ml_sm[i] = __ldcg(pml + row * nc * 2 + k2);
+  }
+  __syncthreads();
+  if (tid < rv) {
+    const float* ml = ml_sm + tid * nc * 2;
     float top = NEG_INF;
-    for (int k = 0; k < nc; ++k) top = fmaxf(top, __ldcg(ml + 2 * k));
+    for (int k = 0; k < nc; ++k) top = fmaxf(top, ml[2 * k]);
     float sink = NEG_INF;
-    if constexpr (SINKS) { sink = to_f(sinks[row_head(r)]); top = fmaxf(top, sink); }
-    float l = 0.f, o = 0.f;
+    if constexpr (SINKS) { sink = to_f(sinks[row_head(tid)]); top = fmaxf(top, sink); }
+    float l = 0.f;
     for (int k = 0; k < nc; ++k) {
-      const float w = expf(__ldcg(ml + 2 * k) - top);
-      l = fmaf(w, __ldcg(ml + 2 * k + 1), l);
-      o = fmaf(w, __ldcg(pr + k * D), o);
+      const float w = expf(ml[2 * k] - top);
+      w_sm[tid * nc + k] = w;
+      l = fmaf(w, ml[2 * k + 1], l);
     }
     if constexpr (SINKS) l += expf(sink - top);
-    out[row * D + d] = static_cast<T>(o / l);
+    l_sm2[tid] = l;
+  }
+  __syncthreads();
+  for (int i = tid; i < rv * D; i += THREADS) {
+    const int r = i / D, d = i % D;
+    const int64_t row = (static_cast<int64_t>(b) * Hq + row_head(r)) * M + row_pos(r);
+    const float* pr = po + row * nc * D + d;
+    const float* w = w_sm + r * nc;
+    float o = 0.f;
+    for (int k0 = 0; k0 < nc; k0 += 8) {
+      float part[8];
+#pragma unroll
+      for (int u = 0; u < 8; ++u) part[u] = k0 + u < nc ? __ldcg(pr + (k0 + u) * D) : 0.f;
+#pragma unroll
+      for (int u = 0; u < 8; ++u)
+        if (k0 + u < nc) o = fmaf(w[k0 + u], part[u], o);
+    }
+    out[row * D + d] = static_cast<T>(o / l_sm2[r]);
   }
 }
 

@@ -24,7 +24,9 @@ Mask = mx.array | str | None
 Shape = tuple[int, ...]
 
 _TARGET_CHUNKS = 64
-_CHUNK_QUANTUM = 256  # a multiple of every tile size of the CUDA kernel (32, 64, 128 keys)
+_CHUNK_QUANTUM = 256  # default chunks are whole multiples of this
+_SPLIT_MULTIPLE = 128  # a chunk the CUDA kernel takes: whole tiles (64 keys at head dim 128, 128 at 64)
+_MAX_CHUNKS = 128  # the CUDA kernel merges the chunks of a row in shared memory
 
 
 def chunk_size(N: int) -> int:
@@ -80,8 +82,10 @@ def _cuda_plan(q: Shape, k: Shape, v: Shape, dtype: mx.Dtype, group_size: int, b
     """Validation and launch parameters, once per shape: a decode step then costs one kernel call."""
     _check(q, k, v, group_size, bits, mask, sinks)
     chunk = split or chunk_size(k[2])
-    if chunk % _CHUNK_QUANTUM:
-        raise ValueError(f"quantized_sdpa: split must be a multiple of {_CHUNK_QUANTUM} on CUDA, not {chunk}")
+    if chunk % _SPLIT_MULTIPLE:
+        raise ValueError(f"quantized_sdpa: split must be a multiple of {_SPLIT_MULTIPLE} on CUDA, not {chunk}")
+    if -(-k[2] // chunk) > _MAX_CHUNKS:
+        raise ValueError(f"quantized_sdpa: split {chunk} cuts {k[2]} keys into more than {_MAX_CHUNKS} chunks")
     B, Hq, M, D = q
     return cuda.plan(B, Hq, k[1], M, D, k[2], chunk, bits, group_size, dtype, kind, mask_dtype, sinks_dtype,
                      packed), chunk
@@ -119,7 +123,7 @@ def quantized_sdpa(q: mx.array, k: Quantized, v: Quantized, *, scale: float, gro
 
     mask: None, "causal", a bool array (False -> `fill`, default the finite minimum of q's dtype, as mlx-lm)
     or an additive float array, broadcastable to (B, Hq, M, N). sinks: (Hq,) logits joining the softmax
-    denominator. split: keys per chunk (default `chunk_size(N)`; a multiple of 256 on CUDA).
+    denominator. split: keys per chunk (default `chunk_size(N)`; a multiple of 128 on CUDA).
     impl: "auto" (the CUDA kernel on a CUDA GPU, else the reference), "cuda" or "reference".
     """
     impl = _resolve(impl)
@@ -157,7 +161,10 @@ def quantized_sdpa_packed(q: mx.array, packed: kv_layout.Packed, *, scale: float
     if n > words.shape[2]:
         raise ValueError(f"quantized_sdpa_packed: {n} rows asked of buffers of {words.shape[2]}")
     chunk = chunk_size(n)
-    launch = _packed_launch(q.shape, q.dtype, words.shape, sb.shape, -(-n // chunk) * chunk, chunk, packed.dims,
+    # the rows a launch is planned for: whole chunks (a decode loop plans once per chunk), or exactly n where
+    # a mask array, whose last axis is n, is checked against them
+    rows = n if mask_arr is not None else -(-n // chunk) * chunk
+    launch = _packed_launch(q.shape, q.dtype, words.shape, sb.shape, rows, chunk, packed.dims,
                             group_size, bits, kind, None if mask_arr is None else mask_arr.shape,
                             None if mask_arr is None else mask_arr.dtype, None if sinks is None else sinks.shape,
                             None if sinks is None else sinks.dtype)
@@ -175,13 +182,12 @@ def _packed_rows(words: Shape, sb: Shape, n: int, dims: tuple[int, int, int]) ->
 
 
 @lru_cache(maxsize=1024)
-def _packed_launch(q: Shape, dtype: mx.Dtype, words: Shape, sb: Shape, chunked_rows: int, chunk: int,
+def _packed_launch(q: Shape, dtype: mx.Dtype, words: Shape, sb: Shape, rows: int, chunk: int,
                    dims: tuple[int, int, int], group_size: int, bits: int, kind: int, mask: Shape | None,
                    mask_dtype: mx.Dtype | None, sinks: Shape | None, sinks_dtype: mx.Dtype | None) -> Callable:
-    """The packed form's launch for one shape and count of chunks (a launch depends on the rows only
-    through them, as its row count comes in the scalars): a decode loop misses once per chunk's worth of
-    tokens, not once per token."""
-    part = _packed_rows(words, sb, min(chunked_rows, words[2]), dims)
+    """The packed form's launch for one shape and `rows` (whole chunks, or n: a launch depends on the row
+    count only through the count of chunks, as n itself comes in the scalars)."""
+    part = _packed_rows(words, sb, min(rows, words[2]), dims)
     plan, _ = _cuda_plan(q, part, part, dtype, group_size, bits, chunk, kind, mask, mask_dtype, sinks, sinks_dtype,
                          True)
     return functools.partial(cuda.launch, plan)
