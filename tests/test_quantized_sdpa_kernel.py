@@ -90,6 +90,11 @@ def test_chunking_depends_on_n_only_and_rejects_bad_input():
         quantized_sdpa(q, k, v, scale=1.0, group_size=64, bits=8, mask=mx.ones((1, 9), dtype=mx.bool_))
     with pytest.raises(ValueError):
         quantized_sdpa(q, k, v, scale=1.0, group_size=64, bits=8, sinks=mx.zeros((2,)))
+    k, v = cache(1, 2, 20000, 64, 8, 64, mx.float32)  # the CUDA kernel merges at most 128 chunks per row
+    with pytest.raises(ValueError, match="split 128 cuts 20000 keys into more than 128 chunks"):
+        quantized_sdpa(q, k, v, scale=1.0, group_size=64, bits=8, split=128, impl="cuda")
+    with pytest.raises(ValueError, match="multiple of 128"):
+        quantized_sdpa(q, k, v, scale=1.0, group_size=64, bits=8, split=192, impl="cuda")
 
 
 def test_cuda_launch_plan_writes_its_constants_and_sizes_its_work_buffer(monkeypatch):

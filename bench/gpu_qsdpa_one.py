@@ -1,0 +1,22 @@
+"""A few launches of the fused kernel at one decode shape, for a profiler (ncu) to look at one of them.
+
+Run (GPU machine): ncu --clock-control none -k regex:qsdpa --launch-skip 3 --launch-count 1 \
+    --section LaunchStats --section Occupancy --section WarpStateStats --section SpeedOfLight \
+    python3 -m bench.gpu_qsdpa_one [N]
+B=1, 16 q / 4 kv heads, head dim 128, M=1, fp16, an 8-bit packed cache of N keys (default 32768).
+"""
+
+import sys
+
+import mlx.core as mx
+
+from mlxrewrite.backends.kernels import kv_layout, kv_pack, quantized_sdpa_packed
+
+n = int(sys.argv[1]) if len(sys.argv) > 1 else 32768
+words, sb = kv_pack.reference(*(mx.random.normal((1, 4, n, 128)).astype(mx.float16) for _ in range(2)), 64, 8)
+packed = kv_layout.Packed(words, sb, n, (32, 2, 2))
+q = mx.random.normal((1, 16, 1, 128)).astype(mx.float16)
+mx.eval(words, sb, q)
+for _ in range(6):
+    mx.eval(quantized_sdpa_packed(q, packed, scale=128 ** -0.5, group_size=64, bits=8))
+print("ok", n)
