@@ -1,0 +1,77 @@
+"""How many query rows one thread block serves: the kernel's ROWS_PER_BLOCK, 8 (today) against 16.
+
+Run (GPU machine): python3 -m bench.gpu_rows_per_block OUT_DIR
+A block serves n_rep heads x MBE query positions; past that, another row group's blocks read the same K/V
+chunk again, so a verification step of M=16 over 4 kv heads at n_rep 4 reads its cache 8 times
+(bench/results/cuda-nvidia-h200/fused_attention_v4.json: 2.5% of HBM). Rows per block bound the
+accumulators (RB x DPT floats a thread, DPT 4 up to 8 rows, 2 above), so 16 halves the re-reads at the
+same register budget. Per setting: us per call in a decode chain (bench.gpu_chunk_latency) at M 1, 4 and
+16, N 4096 and 32768; M-invariance (bench.gpu_fused_attention.m_invariance, bitwise); and the packed
+grid's points against float32 attention (bench.gpu_packed_attention).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import mlx.core as mx
+
+from bench import record
+from bench.gpu_fused_attention import m_invariance
+from bench.gpu_packed_attention import GRID, point
+from mlxrewrite.backends.kernels import kv_layout, kv_pack, quantized_sdpa_packed
+from mlxrewrite.backends.kernels import quantized_sdpa_cuda as cuda
+
+REPS = 48
+
+
+def chain_us(call, M: int) -> float:
+    def run(n: int) -> float:
+        q = mx.random.normal((1, 16, M, 128)).astype(mx.float16)
+        mx.eval(q)
+        for _ in range(n):
+            q = call(q)
+        start = time.perf_counter()
+        mx.eval(q)
+        return time.perf_counter() - start
+
+    run(REPS)
+    lo = min(run(REPS // 4) for _ in range(3))
+    hi = min(run(REPS) for _ in range(3))
+    return round((hi - lo) / (REPS - REPS // 4) * 1e6, 2)
+
+
+def _forget() -> None:
+    sdpa = sys.modules["mlxrewrite.backends.kernels.quantized_sdpa"]
+    for cached in (cuda._kernel, sdpa._cuda_plan, sdpa._packed_launch):
+        cached.cache_clear()
+
+
+def main() -> None:
+    out_dir = Path(next((a for a in sys.argv[1:] if not a.startswith("--")), "."))
+    caches = {}
+    for n in (4096, 32768):
+        mx.random.seed(0)
+        words, sb = kv_pack.reference(*(mx.random.normal((1, 4, n, 128)).astype(mx.float16) for _ in range(2)), 64, 8)
+        mx.eval(words, sb)
+        caches[n] = kv_layout.Packed(words, sb, n, (32, 2, 2))
+    result = {}
+    for rows in (8, 16):
+        cuda.ROWS_PER_BLOCK = rows
+        _forget()
+        timing = {f"N{n}_M{M}": chain_us(lambda q, p=caches[n]: quantized_sdpa_packed(
+            q, p, scale=128 ** -0.5, group_size=64, bits=8), M) for n in caches for M in (1, 4, 16)}
+        entry = {"chain_us": timing}
+        if rows != 8:
+            entry["m_invariance"] = m_invariance()
+            entry["grid"] = [point(*args) for args in GRID[6:]]
+        result[f"rows_per_block_{rows}"] = entry
+        print(rows, entry, flush=True)
+    cuda.ROWS_PER_BLOCK = 8
+    record.write_json(out_dir, "rows_per_block.json", result)
+
+
+if __name__ == "__main__":
+    main()
