@@ -25,10 +25,10 @@ B, HQ, HKV, D, GS, BITS, DT = 1, 16, 4, 128, 64, 8, mx.float16
 REPS = 64
 
 
-def chain_us(call) -> float:
-    """us per call of a chain q -> call(q) -> call(...) of REPS calls in one graph."""
+def chain_us(call, M: int = 1) -> float:
+    """us per call of a chain q -> call(q) -> call(...) of REPS calls in one graph (queries of M rows)."""
     def run(n: int) -> float:
-        q = mx.random.normal((B, HQ, 1, D)).astype(DT)
+        q = mx.random.normal((B, HQ, M, D)).astype(DT)
         mx.eval(q)
         for _ in range(n):
             q = call(q)

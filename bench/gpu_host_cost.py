@@ -84,7 +84,7 @@ def main() -> None:
     packed = [kv_layout.Packed(w, s, N, dims) for w, s in zip(words, sb)]
     mx.eval(views)
     scale = D ** -0.5
-    rows = itertools.cycle(range(N - 2047, N + 1))  # more row counts than the launch cache holds
+    rows = itertools.cycle(range(N - 2047, N + 1))  # more row counts than the scalars cache holds
 
     def float_update(n: int) -> list[mx.array]:
         out = []
@@ -117,7 +117,7 @@ def main() -> None:
             q, views[i][0], views[i][1], scale=scale, group_size=GS, bits=BITS) for i in range(n)],
         "fused kernel over the 2 packed buffers": lambda n: [quantized_sdpa_packed(
             q, packed[i], scale=scale, group_size=GS, bits=BITS) for i in range(n)],
-        "fused kernel over the 2 packed buffers, a new row count each call (its launch not cached)": lambda n: [
+        "fused kernel over the 2 packed buffers, a new row count each call (a new scalars array)": lambda n: [
             quantized_sdpa_packed(q, kv_layout.Packed(packed[i].words, packed[i].sb, next(rows), dims), scale=scale,
                                   group_size=GS, bits=BITS) for i in range(n)],
         "mx.array of 4 floats (a kernel's scalars)": lambda n: [mx.array([0.5, -1.0, 256.0, float(i)]) for i in range(n)],

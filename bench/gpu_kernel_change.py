@@ -20,15 +20,14 @@ from bench import record
 from bench.gpu_chunk_latency import chain_us
 from bench.gpu_packed_attention import GRID
 from bench.gpu_fused_attention import make_mask
-from mlxrewrite.backends.kernels import kv_layout, kv_pack, quantized_sdpa
+from mlxrewrite.backends.kernels import clear_caches, kv_layout, kv_pack, quantized_sdpa
 from mlxrewrite.backends.kernels import quantized_sdpa_cuda as cuda
 
 
 def _use(header: Path) -> None:
     text = header.read_text()
     cuda._HEADER = f'#include "{header.resolve()}"  // sha256 {hashlib.sha256(text.encode()).hexdigest()[:16]}\n'
-    cuda._kernel.cache_clear()
-    sys.modules["mlxrewrite.backends.kernels.quantized_sdpa"]._cuda_plan.cache_clear()
+    clear_caches()
 
 
 def main() -> None:

@@ -17,7 +17,7 @@ import mlx.core as mx
 
 from bench import record
 from bench.gpu_chunk_latency import chain_us
-from mlxrewrite.backends.kernels import kv_layout, kv_pack, quantized_sdpa_packed
+from mlxrewrite.backends.kernels import clear_caches, kv_layout, kv_pack, quantized_sdpa_packed
 from mlxrewrite.backends.kernels import quantized_sdpa_cuda as cuda
 
 _REAL_KERNEL = cuda.mx.fast.cuda_kernel
@@ -49,13 +49,6 @@ def _bounded(min_blocks: int):
     return make
 
 
-def _forget() -> None:
-    """Drop the kernel objects made so far (and the launches holding them)."""
-    sdpa = sys.modules["mlxrewrite.backends.kernels.quantized_sdpa"]
-    for cached in (cuda._kernel, sdpa._cuda_plan, sdpa._packed_launch):
-        cached.cache_clear()
-
-
 def main() -> None:
     out_dir = Path(next((a for a in sys.argv[1:] if not a.startswith("--")), "."))
     rows = []
@@ -67,12 +60,12 @@ def main() -> None:
         mx.eval(words, sb, q)
         call = lambda x: quantized_sdpa_packed(x, packed, scale=128 ** -0.5, group_size=64, bits=8)  # noqa: E731
         cuda.mx.fast.cuda_kernel = _REAL_KERNEL
-        _forget()
+        clear_caches()
         want = call(q)
         row = {"N": n, "today_us": chain_us(call)}
         for blocks in (2, 3, 4):
             cuda.mx.fast.cuda_kernel = _bounded(blocks)
-            _forget()
+            clear_caches()
             try:
                 got = call(q)
                 row[f"min_blocks_{blocks}"] = {"bitwise": mx.array_equal(got, want).item(), "us": chain_us(call)}

@@ -13,41 +13,16 @@ grid's points against float32 attention (bench.gpu_packed_attention).
 from __future__ import annotations
 
 import sys
-import time
 from pathlib import Path
 
 import mlx.core as mx
 
 from bench import record
+from bench.gpu_chunk_latency import chain_us
 from bench.gpu_fused_attention import m_invariance
 from bench.gpu_packed_attention import GRID, point
-from mlxrewrite.backends.kernels import kv_layout, kv_pack, quantized_sdpa_packed
+from mlxrewrite.backends.kernels import clear_caches, kv_layout, kv_pack, quantized_sdpa_packed
 from mlxrewrite.backends.kernels import quantized_sdpa_cuda as cuda
-
-REPS = 48
-
-
-def chain_us(call, M: int) -> float:
-    def run(n: int) -> float:
-        q = mx.random.normal((1, 16, M, 128)).astype(mx.float16)
-        mx.eval(q)
-        for _ in range(n):
-            q = call(q)
-        start = time.perf_counter()
-        mx.eval(q)
-        return time.perf_counter() - start
-
-    run(REPS)
-    lo = min(run(REPS // 4) for _ in range(3))
-    hi = min(run(REPS) for _ in range(3))
-    return round((hi - lo) / (REPS - REPS // 4) * 1e6, 2)
-
-
-def _forget() -> None:
-    sdpa = sys.modules["mlxrewrite.backends.kernels.quantized_sdpa"]
-    for cached in (cuda._kernel, sdpa._cuda_plan, sdpa._packed_launch):
-        cached.cache_clear()
-
 
 def main() -> None:
     out_dir = Path(next((a for a in sys.argv[1:] if not a.startswith("--")), "."))
@@ -60,7 +35,7 @@ def main() -> None:
     result = {}
     for rows in (8, 16):
         cuda.ROWS_PER_BLOCK = rows
-        _forget()
+        clear_caches()
         timing = {f"N{n}_M{M}": chain_us(lambda q, p=caches[n]: quantized_sdpa_packed(
             q, p, scale=128 ** -0.5, group_size=64, bits=8), M) for n in caches for M in (1, 4, 16)}
         entry = {"chain_us": timing}

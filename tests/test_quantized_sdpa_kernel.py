@@ -95,6 +95,8 @@ def test_chunking_depends_on_n_only_and_rejects_bad_input():
         quantized_sdpa(q, k, v, scale=1.0, group_size=64, bits=8, split=128, impl="cuda")
     with pytest.raises(ValueError, match="multiple of 128"):
         quantized_sdpa(q, k, v, scale=1.0, group_size=64, bits=8, split=192, impl="cuda")
+    with pytest.raises(ValueError, match="32 query heads per kv head; the CUDA kernel takes at most 16"):
+        quantized_sdpa(mx.zeros((1, 64, 1, 64)), k, v, scale=1.0, group_size=64, bits=8, impl="cuda")
 
 
 def test_cuda_launch_plan_writes_its_constants_and_sizes_its_work_buffer(monkeypatch):
@@ -145,7 +147,7 @@ def test_a_decode_loop_over_a_packed_cache_plans_once_per_chunk_and_keeps_few_sc
     (about 180 us on an H200 host) for each one while the old ones stay alive."""
     import importlib
 
-    from mlxrewrite.backends.kernels import kv_layout, quantized_sdpa_packed
+    from mlxrewrite.backends.kernels import clear_caches, kv_layout, quantized_sdpa_packed
 
     sdpa = importlib.import_module("mlxrewrite.backends.kernels.quantized_sdpa")
     cuda = importlib.import_module("mlxrewrite.backends.kernels.quantized_sdpa_cuda")
@@ -158,24 +160,25 @@ def test_a_decode_loop_over_a_packed_cache_plans_once_per_chunk_and_keeps_few_sc
         return call
 
     monkeypatch.setattr(mx.fast, "cuda_kernel", kernel)
-    for cached in (cuda._kernel, sdpa._cuda_plan, sdpa._packed_launch, sdpa._params):
-        cached.cache_clear()
+    clear_caches()
     D, bits, gs = 128, 8, 64
+    dims = (D * bits // 32, D // gs, D // gs)
     words, sb = mx.zeros((1, 4, 4352, 2 * D * bits // 32), mx.uint32), mx.zeros((1, 4, 4352, 4 * D // gs), mx.float16)
     q = mx.zeros((1, 16, 1, D), mx.float16)
-    for n in range(4000, 4100):
-        quantized_sdpa_packed(q, kv_layout.Packed(words, sb, n, (D * bits // 32, D // gs, D // gs)), scale=0.125,
-                              group_size=gs, bits=bits, impl="cuda")
-    assert [params[3] for _, params in launches] == list(range(4000, 4100))
-    assert all(grid[0] == -(-params[3] // 256) * cuda.THREADS for grid, params in launches)
-    assert sdpa._cuda_plan.cache_info().misses == 2  # 16 chunks up to 4096 rows, 17 after
-    assert sdpa._params.cache_info().currsize <= 16
-    mask = mx.ones((1, 1, 1, 4050), dtype=mx.bool_)  # a mask's last axis is n itself, not whole chunks
-    quantized_sdpa_packed(q, kv_layout.Packed(words, sb, 4050, (D * bits // 32, D // gs, D // gs)), scale=0.125,
-                          group_size=gs, bits=bits, mask=mask, impl="cuda")
-    assert launches[-1][1][3] == 4050
-    with pytest.raises(ValueError, match="4353 rows asked of buffers of 4352"):
-        quantized_sdpa_packed(q, kv_layout.Packed(words, sb, 4353, (D * bits // 32, D // gs, D // gs)), scale=0.125,
-                              group_size=gs, bits=bits, impl="cuda")
-    for cached in (cuda._kernel, sdpa._cuda_plan, sdpa._packed_launch, sdpa._params):
-        cached.cache_clear()
+    try:
+        for n in range(4000, 4100):
+            quantized_sdpa_packed(q, kv_layout.Packed(words, sb, n, dims), scale=0.125, group_size=gs, bits=bits,
+                                  impl="cuda")
+        assert [params[3] for _, params in launches] == list(range(4000, 4100))
+        assert all(grid[0] == -(-params[3] // 256) * cuda.THREADS for grid, params in launches)
+        assert sdpa._cuda_plan.cache_info().misses == 2  # 16 chunks up to 4096 rows, 17 after
+        assert sdpa._params.cache_info().currsize <= 16  # not a token's worth each for the last 256 tokens
+        # a mask's last axis is n itself, not whole chunks: planning this call for 4096 rows used to raise
+        quantized_sdpa_packed(q, kv_layout.Packed(words, sb, 4050, dims), scale=0.125, group_size=gs, bits=bits,
+                              mask=mx.ones((1, 1, 1, 4050), dtype=mx.bool_), impl="cuda")
+        assert launches[-1][1][3] == 4050
+        with pytest.raises(ValueError, match="4353 rows asked of buffers of 4352"):
+            quantized_sdpa_packed(q, kv_layout.Packed(words, sb, 4353, dims), scale=0.125, group_size=gs, bits=bits,
+                                  impl="cuda")
+    finally:
+        clear_caches()  # no stub kernel left behind for later tests

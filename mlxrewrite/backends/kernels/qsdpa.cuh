@@ -332,12 +332,12 @@ __device__ void split(
   if (!last) return;
   __threadfence();
   // The chunks' (max, sum) of this block's rows come to shared memory in one parallel pass (the V region is
-  // free now: the plan allows at most 128 chunks), then one thread per row computes the top, the chunk weights and
+  // free now: the plan allows at most 128 chunks and 16 rows), then one thread per row computes the top, the chunk weights and
   // the denominator, and each output element sums its chunks' partials, loads in flight eight at a time.
   // Every sum runs over the chunks in index order, as one fmaf chain.
   float* ml_sm = vsm;                   // [rv][nc][2]
   float* w_sm = vsm + rv * nc * 2;      // [rv][nc]
-  float* l_sm2 = w_sm + rv * nc;        // [rv]
+  float* den_sm = w_sm + rv * nc;       // [rv]
   for (int i = tid; i < rv * nc * 2; i += THREADS) {
     const int r = i / (2 * nc), k2 = i % (2 * nc);
     const int64_t row = (static_cast<int64_t>(b) * Hq + row_head(r)) * M + row_pos(r);
@@ -357,7 +357,7 @@ __device__ void split(
       l = fmaf(w, ml[2 * k + 1], l);
     }
     if constexpr (SINKS) l += expf(sink - top);
-    l_sm2[tid] = l;
+    den_sm[tid] = l;
   }
   __syncthreads();
   for (int i = tid; i < rv * D; i += THREADS) {
@@ -374,7 +374,7 @@ __device__ void split(
       for (int u = 0; u < 8; ++u)
         if (k0 + u < nc) o = fmaf(w[k0 + u], part[u], o);
     }
-    out[row * D + d] = static_cast<T>(o / l_sm2[r]);
+    out[row * D + d] = static_cast<T>(o / den_sm[r]);
   }
 }
 

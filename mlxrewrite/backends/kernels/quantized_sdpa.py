@@ -25,8 +25,10 @@ Shape = tuple[int, ...]
 
 _TARGET_CHUNKS = 64
 _CHUNK_QUANTUM = 256  # default chunks are whole multiples of this
-_SPLIT_MULTIPLE = 128  # a chunk the CUDA kernel takes: whole tiles (64 keys at head dim 128, 128 at 64)
-_MAX_CHUNKS = 128  # the CUDA kernel merges the chunks of a row in shared memory
+_SPLIT_MULTIPLE = 128  # a chunk the CUDA kernel takes: whole tiles from head dim 64 up (a tile is 64 keys at
+#                        head dim 128, 128 at 64); at 32 a tile is 256 keys and the rest of it is masked
+_MAX_CHUNKS = 128  # the CUDA kernel merges a row's chunks in shared memory ...
+_MAX_REP = 16  # ... and holds at most 16 query heads of a kv head in one block
 
 
 def chunk_size(N: int) -> int:
@@ -60,6 +62,13 @@ def _params(scale: float, fill: float, chunk: int, n: int = 0) -> mx.array:
     return mx.array([scale, fill, float(chunk), float(n)], dtype=mx.float32)
 
 
+def clear_caches() -> None:
+    """Forget every kernel object, launch plan and scalars array made so far (tests and kernel experiments:
+    the next call builds them anew, with whatever `mx.fast.cuda_kernel` and device code are current)."""
+    for cached in (cuda._kernel, _cuda_plan, _packed_launch, _params):
+        cached.cache_clear()
+
+
 def _check(q: Shape, k: Shape, v: Shape, group_size: int, bits: int, mask: Shape | None = None,
            sinks: Shape | None = None) -> None:
     """Shapes the algorithm (and the kernel's indexing) relies on; raises ValueError otherwise."""
@@ -86,6 +95,9 @@ def _cuda_plan(q: Shape, k: Shape, v: Shape, dtype: mx.Dtype, group_size: int, b
         raise ValueError(f"quantized_sdpa: split must be a multiple of {_SPLIT_MULTIPLE} on CUDA, not {chunk}")
     if -(-k[2] // chunk) > _MAX_CHUNKS:
         raise ValueError(f"quantized_sdpa: split {chunk} cuts {k[2]} keys into more than {_MAX_CHUNKS} chunks")
+    if q[1] // k[1] > _MAX_REP:
+        raise ValueError(f"quantized_sdpa: {q[1] // k[1]} query heads per kv head; the CUDA kernel takes at most "
+                         f"{_MAX_REP}")
     B, Hq, M, D = q
     return cuda.plan(B, Hq, k[1], M, D, k[2], chunk, bits, group_size, dtype, kind, mask_dtype, sinks_dtype,
                      packed), chunk

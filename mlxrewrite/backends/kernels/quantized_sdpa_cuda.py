@@ -4,7 +4,9 @@ One launch. One block per (chunk of N, kv head, row group, batch) streams its pa
 once (16-byte loads, the next tile's loads in flight while the current one is computed) and serves every
 query row of that kv head in the block; it writes float32 (max, sum, unnormalised output) per row and chunk.
 The last block of a row group to finish (an atomic counter per row group, zeroed by MLX at each launch)
-merges the chunks in index order, adds the sinks and writes the output: no second launch.
+merges the chunks in index order, adds the sinks and writes the output: no second launch. It stages the
+chunks' statistics in shared memory first (at most 128 chunks; the default chunking makes at most 64), so
+its loads are in flight together rather than one chain.
 
 M-invariance: the chunk size depends on N alone and every per-row choice (tile, shuffle tree, which keys a
 thread sums in P.V, the order the key subsets and the chunks are added) depends on D and n_rep alone; M
