@@ -4,9 +4,10 @@ Run (GPU machine): python3 -m bench.gpu_chunk_latency OUT_DIR
 A decode step runs one attention per layer, each waiting on the one before: what counts there is a call's
 latency, not the throughput of many independent calls (bench/gpu_fused_attention.py). So the calls here
 form a chain (each query is the previous call's output), at the decode benchmark's shape (B=1, 16 q /
-4 kv heads, head dim 128, M=1, fp16, an 8-bit packed cache), for several N and chunk sizes: small chunks
+4 kv heads, head dim 128, M=1, fp16, an 8-bit packed cache), for several N (1k-32k) and chunk sizes: small chunks
 put more blocks on the GPU's 132 SMs at short N, at the cost of a longer merge. us per call =
-(t(reps) - t(reps/4)) / (3 reps / 4), so the one evaluation's own overhead cancels.
+(t(reps) - t(reps/4)) / (3 reps / 4), so the one evaluation's own overhead cancels. Each chunk size's
+output is also checked against float32 attention over the dequantized cache (up to 128 chunks).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pathlib import Path
 import mlx.core as mx
 
 from bench import record
+from bench.gpu_fused_attention import dense
 from mlxrewrite.backends.kernels import chunk_size, kv_layout, kv_pack
 from mlxrewrite.backends.kernels import quantized_sdpa
 
@@ -45,13 +47,14 @@ def chain_us(call, M: int = 1) -> float:
 def main() -> None:
     out_dir = Path(next((a for a in sys.argv[1:] if not a.startswith("--")), "."))
     rows = []
-    for n in (1024, 4096, 8192, 32768):
+    for n in (1024, 4096, 8192, 16384, 32768):
         mx.random.seed(0)
         kf, vf = (mx.random.normal((B, HKV, n + 256, D)).astype(DT) for _ in range(2))
         words, sb = kv_pack.reference(kf, vf, GS, BITS)
         packed = kv_layout.Packed(words, sb, n, (D * BITS // 32, D // GS, D // GS))
         mx.eval(kf, vf, words, sb)
         scale = D ** -0.5
+        q0 = mx.random.normal((B, HQ, 1, D)).astype(DT)
         row = {"N": n, "default_chunk": chunk_size(n),
                "float_sdpa_us": chain_us(lambda q: mx.fast.scaled_dot_product_attention(
                    q, kf[..., :n, :], vf[..., :n, :], scale=scale))}
@@ -59,8 +62,12 @@ def main() -> None:
             if -(-n // chunk) > 128 or (chunk > n and chunk != 128):
                 continue
             k, v = packed.parts()
-            row[f"fused_chunk_{chunk}_us"] = chain_us(lambda q, chunk=chunk: quantized_sdpa(
-                q, k, v, scale=scale, group_size=GS, bits=BITS, split=chunk))
+            call = lambda q, chunk=chunk: quantized_sdpa(q, k, v, scale=scale, group_size=GS, bits=BITS,  # noqa: E731
+                                                         split=chunk)
+            row[f"fused_chunk_{chunk}_us"] = chain_us(call)
+            ref = dense(q0, k, v, scale=scale, gs=GS, bits=BITS)
+            err = mx.max(mx.abs(call(q0).astype(mx.float32) - ref)) / mx.max(mx.abs(ref))
+            row[f"fused_chunk_{chunk}_rel_err"] = round(err.item(), 6)  # against float32 attention
         rows.append(row)
         print(row, flush=True)
     record.write_json(out_dir, "chunk_latency.json", {"shape": dict(B=B, Hq=HQ, Hkv=HKV, D=D, bits=BITS, group_size=GS,
