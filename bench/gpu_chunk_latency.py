@@ -19,7 +19,7 @@ from pathlib import Path
 import mlx.core as mx
 
 from bench import record
-from bench.gpu_fused_attention import dense
+from bench.gpu_fused_attention import dense, per_call_seconds
 from mlxrewrite.backends.kernels import chunk_size, kv_layout, kv_pack
 from mlxrewrite.backends.kernels import quantized_sdpa
 
@@ -38,10 +38,7 @@ def chain_us(call, M: int = 1) -> float:
         mx.eval(q)
         return time.perf_counter() - start
 
-    run(REPS)
-    lo = min(run(REPS // 4) for _ in range(5))
-    hi = min(run(REPS) for _ in range(5))
-    return round((hi - lo) / (REPS - REPS // 4) * 1e6, 2)
+    return round(per_call_seconds(run, REPS, rounds=5) * 1e6, 2)
 
 
 def main() -> None:

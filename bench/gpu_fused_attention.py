@@ -139,18 +139,24 @@ def m_invariance() -> list[dict]:
     return rows
 
 
+def per_call_seconds(run, reps: int, rounds: int = 3) -> float:
+    """Seconds per call from `run(n)` (the seconds one evaluation of n calls takes): (t(reps) - t(reps/4)) /
+    (3 reps / 4), each the best of `rounds`, so the evaluation's own overhead cancels."""
+    run(reps)
+    lo = min(run(reps // 4) for _ in range(rounds))
+    hi = min(run(reps) for _ in range(rounds))
+    return (hi - lo) / (reps - reps // 4)
+
+
 def graph_time(fn, nsets: int, reps: int) -> float:
-    """Seconds per call of fn(i) inside one evaluated graph, overhead of the eval cancelled."""
+    """Seconds per call of fn(i) inside one evaluated graph of independent calls."""
     def run(n):
         outs = [fn(i % nsets) for i in range(n)]
         t = time.perf_counter()
         mx.eval(outs)
         return time.perf_counter() - t
 
-    run(reps)
-    lo = min(run(reps // 4) for _ in range(3))
-    hi = min(run(reps) for _ in range(3))
-    return (hi - lo) / (reps - reps // 4)
+    return per_call_seconds(run, reps)
 
 
 def packed_bytes(B, Hkv, N, D, bits, gs, itemsize):
