@@ -10,7 +10,6 @@ keys: us per call, old and new.
 
 from __future__ import annotations
 
-import hashlib
 import sys
 from pathlib import Path
 
@@ -25,8 +24,7 @@ from mlxrewrite.backends.kernels import quantized_sdpa_cuda as cuda
 
 
 def _use(header: Path) -> None:
-    text = header.read_text()
-    cuda._HEADER = f'#include "{header.resolve()}"  // sha256 {hashlib.sha256(text.encode()).hexdigest()[:16]}\n'
+    cuda._HEADER = cuda._header(header)
     clear_caches()
 
 

@@ -116,6 +116,11 @@ def _resolve(impl: str) -> str:
     return impl
 
 
+def _shape_dtype(a: mx.array | None) -> tuple[Shape | None, mx.Dtype | None]:
+    """What a launch plan depends on of an optional operand (mask, sinks)."""
+    return (None, None) if a is None else (a.shape, a.dtype)
+
+
 def _cuda_mask(mask: Mask) -> tuple[int, mx.array | None]:
     """The kernel's mask kind and array."""
     if mask is None:
@@ -147,10 +152,8 @@ def quantized_sdpa(q: mx.array, k: Quantized, v: Quantized, *, scale: float, gro
         return reference(q, k, v, scale=scale, group_size=group_size, bits=bits, mask=mask, fill=fill,
                          sinks=sinks, chunk=split or chunk_size(k[0].shape[2]))
     kind, mask_arr = _cuda_mask(mask)
-    plan, chunk = _cuda_plan(
-        q.shape, k[0].shape, v[0].shape, q.dtype, group_size, bits, split, kind,
-        None if mask_arr is None else mask_arr.shape, None if mask_arr is None else mask_arr.dtype,
-        None if sinks is None else sinks.shape, None if sinks is None else sinks.dtype)
+    plan, chunk = _cuda_plan(q.shape, k[0].shape, v[0].shape, q.dtype, group_size, bits, split, kind,
+                             *_shape_dtype(mask_arr), *_shape_dtype(sinks))
     return cuda.launch(plan, q, (*k, *v), mask_arr, sinks, params=_params(float(scale), float(fill), chunk))
 
 
@@ -176,10 +179,8 @@ def quantized_sdpa_packed(q: mx.array, packed: kv_layout.Packed, *, scale: float
     # the rows a launch is planned for: whole chunks (a decode loop plans once per chunk), or exactly n where
     # a mask array, whose last axis is n, is checked against them
     rows = n if mask_arr is not None else -(-n // chunk) * chunk
-    launch = _packed_launch(q.shape, q.dtype, words.shape, sb.shape, rows, chunk, packed.dims,
-                            group_size, bits, kind, None if mask_arr is None else mask_arr.shape,
-                            None if mask_arr is None else mask_arr.dtype, None if sinks is None else sinks.shape,
-                            None if sinks is None else sinks.dtype)
+    launch = _packed_launch(q.shape, q.dtype, words.shape, sb.shape, rows, chunk, packed.dims, group_size, bits, kind,
+                            *_shape_dtype(mask_arr), *_shape_dtype(sinks))
     fill = _lowest(q.dtype) if fill is None else fill
     return launch(q, (words, sb), mask_arr, sinks, params=_params(float(scale), float(fill), chunk, n))
 

@@ -57,14 +57,14 @@ def _compact(source: str) -> str:
     return "\n".join(line for line in lines if line)
 
 
-def _header() -> str:
+def _header(device_code: Path = HEADER_PATH) -> str:
     """What every instantiation's source starts with. MLX hashes a kernel's whole source each time it
     evaluates it, and builds it anew at each call: the 11 KB header inline cost about 2.6 us per call on an
     H200, an #include of it by path 0.3 us (bench/results/cuda-nvidia-h200/host_cost_n4096.json). The line
     carries the file's hash, so an edited header is a new kernel, not one compiled earlier; a path that
     cannot be written in a C string gets the header inline."""
-    text = HEADER_PATH.read_text()
-    path = str(HEADER_PATH.resolve())
+    text = device_code.read_text()
+    path = str(device_code.resolve())
     if path.isascii() and path.isprintable() and '"' not in path and "\\" not in path:
         return f'#include "{path}"  // sha256 {hashlib.sha256(text.encode()).hexdigest()[:16]}\n'
     return _compact(text) + "\n"  # MLX appends its own code to the header's last line
