@@ -129,15 +129,20 @@ def test_cuda_launch_plan_writes_its_constants_and_sizes_its_work_buffer(monkeyp
 
 def test_the_kernel_source_includes_its_device_code_by_path():
     """MLX hashes each kernel's whole source at every evaluation: the 11 KB of device code are #included
-    (qsdpa.cuh, shipped in the wheel) with their hash, so an edited file is a new kernel."""
+    (qsdpa.cuh, and affine_quantize.cuh for new rows, shipped in the wheel) with their hashes, so an edited
+    file is a new kernel; kv_pack's kernel includes the same quantization code."""
     import hashlib
     import importlib
 
+    from mlxrewrite.backends.kernels.device_code import AFFINE_QUANTIZE
+
     cuda = importlib.import_module("mlxrewrite.backends.kernels.quantized_sdpa_cuda")
-    text = cuda.HEADER_PATH.read_text()
-    assert "__device__ void split_packed(" in text and len(cuda._HEADER) < 200
-    assert cuda._HEADER == (f'#include "{cuda.HEADER_PATH.resolve()}"  '
-                            f'// sha256 {hashlib.sha256(text.encode()).hexdigest()[:16]}\n')  # MLX appends to it
+    pack = importlib.import_module("mlxrewrite.backends.kernels.kv_pack_cuda")
+    lines = [f'#include "{path.resolve()}"  // sha256 {hashlib.sha256(path.read_text().encode()).hexdigest()[:16]}'
+             for path in (AFFINE_QUANTIZE, cuda.HEADER_PATH)]
+    assert "__device__ void split_packed(" in cuda.HEADER_PATH.read_text() and len(cuda._HEADER) < 400
+    assert cuda._HEADER == "\n".join(lines) + "\n"  # MLX appends its code to the last line
+    assert "affine_quantize::group<" in pack._SOURCE and "void group(" in AFFINE_QUANTIZE.read_text()
 
 
 def test_a_decode_loop_over_a_packed_cache_plans_once_per_chunk_and_keeps_few_scalar_arrays(monkeypatch):
@@ -182,3 +187,81 @@ def test_a_decode_loop_over_a_packed_cache_plans_once_per_chunk_and_keeps_few_sc
                                   impl="cuda")
     finally:
         clear_caches()  # no stub kernel left behind for later tests
+
+
+def test_launches_over_a_packed_cache_chain_their_counters_and_ask_mlx_to_fill_nothing(monkeypatch):
+    """A packed cache's launches take their row groups' counters from the previous launch's third output
+    (which that launch zeroes), so MLX zero-fills no output of theirs (two fill nodes fewer per call); the
+    chain is also their order on the GPU. The first launch starts from zeros; a query with more row groups
+    than the chain's counters hold, or buffers without a chain, launch as before (zero-filled work)."""
+    import importlib
+
+    from mlxrewrite.backends.kernels import clear_caches, kv_layout, quantized_sdpa_packed
+
+    cuda = importlib.import_module("mlxrewrite.backends.kernels.quantized_sdpa_cuda")
+    launches = []
+
+    def kernel(**made):
+        def call(inputs, output_shapes, output_dtypes, init_value, **__):
+            outs = [mx.zeros(s, d) for s, d in zip(output_shapes, output_dtypes)]
+            launches.append((made, inputs, outs, init_value))
+            return outs
+        return call
+
+    monkeypatch.setattr(mx.fast, "cuda_kernel", kernel)
+    clear_caches()
+    D, bits, gs, B, Hkv = 128, 8, 64, 2, 4
+    dims = (D * bits // 32, D // gs, D // gs)
+    words, sb = mx.zeros((B, Hkv, 512, 2 * D * bits // 32), mx.uint32), mx.zeros((B, Hkv, 512, 4 * D // gs), mx.float16)
+    chain: list = [None]
+    try:
+        for n, M in ((300, 1), (301, 1), (305, 4), (306, 1)):
+            q = mx.zeros((B, 16, M, D), mx.float16)
+            quantized_sdpa_packed(q, kv_layout.Packed(words, sb, n, dims, chain), scale=0.125, group_size=gs,
+                                  bits=bits, impl="cuda")
+            made, inputs, outs, init = launches[-1]
+            assert init is None and made["output_names"] == ["out", "work", "next"] and chain[0] is outs[2]
+            assert made["input_names"][-1] == "counters" and "const_cast<int*>(counters), next" in made["source"]
+            assert outs[2].shape == (B * Hkv * cuda.CHAIN_SLOTS,) and outs[2].dtype == mx.int32
+        assert mx.array_equal(launches[0][1][-1], mx.zeros((B * Hkv * cuda.CHAIN_SLOTS,), mx.int32)).item()
+        assert all(later[1][-1] is earlier[2][2] for earlier, later in zip(launches, launches[1:]))
+        for q, packed in ((mx.zeros((B, 16 * Hkv, 17, D), mx.float16), kv_layout.Packed(words, sb, 300, dims, chain)),
+                          (mx.zeros((B, 16, 1, D), mx.float16), kv_layout.Packed(words, sb, 300, dims))):
+            before = chain[0]
+            quantized_sdpa_packed(q, packed, scale=0.125, group_size=gs, bits=bits, impl="cuda")
+            made, inputs, outs, init = launches[-1]
+            assert init == 0 and made["output_names"] == ["out", "work"] and len(outs) == 2 and chain[0] is before
+    finally:
+        clear_caches()
+
+
+def test_the_kernel_quantizes_an_updates_rows_only_where_they_came_out_as_mx_quantizes(monkeypatch):
+    """The fused kernel quantizes an update's rows itself only where, on this device, its rows over kv_pack's
+    battery are `mx.quantize`'s bitwise; elsewhere (a kernel that gets them wrong, or no CUDA) it says why."""
+    import importlib
+
+    from mlxrewrite.backends.kernels import clear_caches, kv_pack
+
+    sdpa = importlib.import_module("mlxrewrite.backends.kernels.quantized_sdpa")
+    if not mx.cuda.is_available():
+        assert not sdpa.fresh_verified(mx.float16, 8, 64, 128)
+        assert "CUDA" in sdpa.FRESH_NOT_VERIFIED[mx.float16, 8, 64, 128]
+
+    def kernel(off_by: int):
+        def made(**_):
+            def call(inputs, output_shapes, output_dtypes, **__):
+                words, sb = kv_pack.reference(*inputs[-2:], 64, 8)  # the update's keys and values come last
+                return [mx.zeros(s, d) for s, d in zip(output_shapes[:3], output_dtypes[:3])] + [words + off_by, sb]
+            return call
+        return made
+
+    try:
+        for off_by, expected in ((0, True), (1, False)):
+            monkeypatch.setattr(mx.fast, "cuda_kernel", kernel(off_by))
+            clear_caches()
+            sdpa.fresh_verified.cache_clear()
+            assert sdpa.fresh_verified(mx.bfloat16, 8, 64, 128) is expected
+        assert sdpa.FRESH_NOT_VERIFIED[mx.bfloat16, 8, 64, 128] == "differs from mx.quantize on battery case 0"
+    finally:
+        sdpa.fresh_verified.cache_clear()
+        clear_caches()

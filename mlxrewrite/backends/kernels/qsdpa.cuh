@@ -7,6 +7,7 @@ using Strides = mlx::core::cu::Strides;
 constexpr int THREADS = 256;
 constexpr float NEG_INF = -cuda::std::numeric_limits<float>::infinity();
 constexpr float MAGIC = 8388608.f;  // 2^23: 0x4B000000 | u is the float 2^23 + u for u < 2^23
+constexpr int CHAIN_SLOTS = 16;  // counters per (batch, kv head) of a chained launch: one per row group
 
 template <int D> struct Geo {
   static constexpr int NPART = D / 32;                    // 32-element parts of a row
@@ -59,6 +60,28 @@ __device__ __forceinline__ void unpack(const Raw<BITS>& r, float (&out)[32]) {
   }
 }
 
+// A packed cache's update whose rows are not in its buffers yet (APPEND): `count` rows of K and V (B, Hkv,
+// count, D) as floats, which the blocks whose chunk holds them quantize (affine_quantize::group, mx.quantize's
+// arithmetic) into shared memory for their own tiles; the first row group's blocks also write them to `words`
+// (B, Hkv, count, K's words then V's) and `sb` (B, Hkv, count, K scales, K biases, V scales, V biases) for the
+// cache to store.
+template <typename T> struct NewRows {
+  const T* k;
+  const T* v;
+  Strides k_st, v_st;
+  int count;
+  uint32_t* words;
+  T* sb;
+};
+constexpr int MAX_NEW_ROWS = 16;
+
+template <int BITS>
+__device__ __forceinline__ void load_raw_shared(const uint32_t* row, int part, Raw<BITS>& r) {
+  const uint4* src = reinterpret_cast<const uint4*>(row + part * BITS);
+#pragma unroll
+  for (int i = 0; i < BITS / 4; ++i) r.w[i] = src[i];
+}
+
 __device__ __forceinline__ int64_t bidx(const Shape& sh, const Strides& st, int i, int d) {
   return sh[d] == 1 ? 0 : static_cast<int64_t>(i) * st[d];
 }
@@ -66,7 +89,7 @@ __device__ __forceinline__ int64_t bidx(const Shape& sh, const Strides& st, int 
 // MASK: 0 none, 1 bool (false -> fill), 2 additive, 3 causal (key n allowed iff n <= N - M + m).
 // Rows of a block: r = mm * NREP + rep for MBE query positions (MBE = min(M, MBMAX)), all n_rep heads.
 template <typename T, typename MT, typename ST, int D, int BITS, int GS, int NREP, int MBMAX, int MBE, int MASK,
-          bool SINKS>
+          bool SINKS, bool APPEND = false>
 __device__ void split(
     const T* q, const Shape& q_shape, const Strides& q_st, const int N,
     const uint32_t* kw, const Strides& kw_st,
@@ -74,7 +97,8 @@ __device__ void split(
     const uint32_t* vw, const Strides& vw_st,
     const T* vs, const Strides& vs_st, const T* vb, const Strides& vb_st,
     const MT* mask, const Shape& m_shape, const Strides& m_st, const ST* sinks,
-    const float* params, T* out, float* work) {
+    const float* params, T* out, float* work, int* done = nullptr, int* next = nullptr,
+    const NewRows<T>* fresh = nullptr) {
   using G = Geo<D>;
   constexpr int RB = NREP * MBE;
   using P = PVGeo<D, NREP * MBMAX>;
@@ -89,6 +113,9 @@ __device__ void split(
   float* l_sm = m_sm + RB;
   float* a_sm = l_sm + RB;
   int64_t* mrow = reinterpret_cast<int64_t*>(a_sm + RB + (RB & 1));  // [RB] mask row offsets
+  constexpr int KW = D * BITS / 32, KG = D / GS;  // words and groups of one row of K (and of V)
+  uint32_t* st_w = reinterpret_cast<uint32_t*>((reinterpret_cast<uintptr_t>(mrow + RB) + 15) & ~uintptr_t(15));
+  T* st_sb = reinterpret_cast<T*>(st_w + MAX_NEW_ROWS * 2 * KW);  // APPEND: the new rows, as a packed cache's
 
   const int tid = threadIdx.x;
   const int Hq = q_shape[1], M = q_shape[2];
@@ -96,11 +123,15 @@ __device__ void split(
   const int c = blockIdx.x / nrg, rg = blockIdx.x % nrg;
   const int nc = gridDim.x / nrg;
   const int kvh = blockIdx.y, b = blockIdx.z;
-  // work (zeroed by MLX): per row and chunk (max, sum), then the unnormalised outputs, then the counters
+  // work: per row and chunk (max, sum), then the unnormalised outputs (all written before they are read),
+  // then the row groups' counters, zeroed by MLX -- or, chained (`done` given), the counters are the previous
+  // launch's `next`, zeroed by it, and this launch zeroes its own `next` for the one after it
   const int64_t rows_nc = static_cast<int64_t>(q_shape[0]) * Hq * M * nc;
   float* pml = work;
   float* po = work + 2 * rows_nc;
-  int* done = reinterpret_cast<int*>(po + rows_nc * D);
+  const int slots = done ? CHAIN_SLOTS : nrg;
+  if (!done) done = reinterpret_cast<int*>(po + rows_nc * D);
+  if (next && c == 0 && rg == 0 && tid < CHAIN_SLOTS) next[(b * gridDim.y + kvh) * CHAIN_SLOTS + tid] = 0;
   const float scale = to_f(static_cast<T>(params[0])), fill = params[1];  // the scale in T, as mlx-lm's
   const int chunk = static_cast<int>(params[2]);
   const int n0 = c * chunk, n1 = min(N, n0 + chunk);
@@ -118,6 +149,30 @@ __device__ void split(
       x = to_f(static_cast<T>(to_f(q[b * q_st[0] + row_head(r) * q_st[1] + static_cast<int64_t>(row_pos(r)) * q_st[2] +
                                    p * 32 + i4 * 4 + e]) * scale));  // exact product, rounded once in T
     qsm[i] = x;
+  }
+  int prev = N;  // rows [prev, N) are an update's (APPEND), quantized here: one warp per group
+  if constexpr (APPEND) {
+    prev = N - fresh->count;
+    const int a0 = max(n0, prev) - prev, warp = tid / 32, lane = tid % 32;
+    for (int i = warp; i < (n1 - prev - a0) * 2 * KG; i += THREADS / 32) {
+      const int r = a0 + i / (2 * KG), g = i % (2 * KG);
+      const bool is_v = g >= KG;
+      const int gg = is_v ? g - KG : g;
+      const Strides& st = is_v ? fresh->v_st : fresh->k_st;
+      const T* src = (is_v ? fresh->v : fresh->k) + b * st[0] + kvh * st[1] + r * st[2] + gg * GS * st[3];
+      const int w_at = (is_v ? KW : 0) + gg * GS * BITS / 32, s_at = (is_v ? 2 * KG : 0) + gg;
+      uint32_t* w = st_w + r * 2 * KW + w_at;
+      T* sc = st_sb + r * 4 * KG + s_at;
+      affine_quantize::group_warp<T, BITS, GS>(src, st[3], w, sc, sc + KG, lane);
+      if (rg == 0) {  // one writer per row; each lane copies what it wrote
+        const int64_t row = (static_cast<int64_t>(b) * gridDim.y + kvh) * fresh->count + r;
+        if (lane < GS * BITS / 32) fresh->words[row * 2 * KW + w_at + lane] = w[lane];
+        if (lane == 0) {
+          fresh->sb[row * 4 * KG + s_at] = sc[0];
+          fresh->sb[row * 4 * KG + s_at + KG] = sc[KG];
+        }
+      }
+    }
   }
   __syncthreads();
   if (tid < RB * NPP) {
@@ -143,7 +198,16 @@ __device__ void split(
   float ksc = 0.f, kbi = 0.f, vsc = 0.f, vbi = 0.f;
   auto fetch = [&](int t0) {
     const int n = t0 + j;
-    if (p < NPART && n < n1) {
+    if (APPEND && p < NPART && n < n1 && n >= prev) {
+      const uint32_t* row = st_w + (n - prev) * 2 * KW;
+      load_raw_shared<BITS>(row, p, kr);
+      load_raw_shared<BITS>(row + KW, p, vr);
+      const T* sc = st_sb + (n - prev) * 4 * KG;
+      ksc = to_f(sc[g]);
+      kbi = to_f(sc[KG + g]);
+      vsc = to_f(sc[2 * KG + g]);
+      vbi = to_f(sc[3 * KG + g]);
+    } else if (p < NPART && n < n1) {
       load_raw<BITS>(kw + kbase + n * kw_st[2], p, kr);
       load_raw<BITS>(vw + vbase + n * vw_st[2], p, vr);
       ksc = to_f(ks[b * ks_st[0] + kvh * ks_st[1] + n * ks_st[2] + g]);
@@ -327,14 +391,14 @@ __device__ void split(
   __shared__ int last;
   __threadfence();
   __syncthreads();
-  if (tid == 0) last = atomicAdd(done + (static_cast<int64_t>(b) * gridDim.y + kvh) * nrg + rg, 1) == nc - 1;
+  if (tid == 0) last = atomicAdd(done + (static_cast<int64_t>(b) * gridDim.y + kvh) * slots + rg, 1) == nc - 1;
   __syncthreads();
   if (!last) return;
   __threadfence();
   // The chunks' (max, sum) of this block's rows come to shared memory in one parallel pass (the V region is
-  // free now: the plan allows at most 128 chunks and 16 rows), then one thread per row computes the top, the chunk weights and
-  // the denominator, and each output element sums its chunks' partials, loads in flight eight at a time.
-  // Every sum runs over the chunks in index order, as one fmaf chain.
+  // free now: the plan allows at most 128 chunks and 16 rows). A warp per row takes the top and the chunk
+  // weights across its lanes, its lane 0 the denominator; then each output element sums its chunks' partials
+  // with up to 32 loads in flight. Every sum runs over the chunks in index order, as one fmaf chain.
   float* ml_sm = vsm;                   // [rv][nc][2]
   float* w_sm = vsm + rv * nc * 2;      // [rv][nc]
   float* den_sm = w_sm + rv * nc;       // [rv]
@@ -344,34 +408,40 @@ __device__ void split(
     ml_sm[i] = __ldcg(pml + row * nc * 2 + k2);
   }
   __syncthreads();
-  if (tid < rv) {
-    const float* ml = ml_sm + tid * nc * 2;
-    float top = NEG_INF;
-    for (int k = 0; k < nc; ++k) top = fmaxf(top, ml[2 * k]);
-    float sink = NEG_INF;
-    if constexpr (SINKS) { sink = to_f(sinks[row_head(tid)]); top = fmaxf(top, sink); }
-    float l = 0.f;
-    for (int k = 0; k < nc; ++k) {
-      const float w = expf(ml[2 * k] - top);
-      w_sm[tid * nc + k] = w;
-      l = fmaf(w, ml[2 * k + 1], l);
+  {
+    const int warp = tid / 32, lane = tid % 32;
+    for (int r = warp; r < rv; r += THREADS / 32) {
+      const float* ml = ml_sm + r * nc * 2;
+      float top = NEG_INF;
+      for (int k = lane; k < nc; k += 32) top = fmaxf(top, ml[2 * k]);
+#pragma unroll
+      for (int off = 16; off > 0; off >>= 1) top = fmaxf(top, __shfl_xor_sync(0xffffffffu, top, off));
+      float sink = NEG_INF;
+      if constexpr (SINKS) { sink = to_f(sinks[row_head(r)]); top = fmaxf(top, sink); }
+      for (int k = lane; k < nc; k += 32) w_sm[r * nc + k] = expf(ml[2 * k] - top);
+      __syncwarp();
+      if (lane == 0) {
+        float l = 0.f;
+        for (int k = 0; k < nc; ++k) l = fmaf(w_sm[r * nc + k], ml[2 * k + 1], l);
+        if constexpr (SINKS) l += expf(sink - top);
+        den_sm[r] = l;
+      }
     }
-    if constexpr (SINKS) l += expf(sink - top);
-    den_sm[tid] = l;
   }
   __syncthreads();
+  constexpr int FLY = 32;
   for (int i = tid; i < rv * D; i += THREADS) {
     const int r = i / D, d = i % D;
     const int64_t row = (static_cast<int64_t>(b) * Hq + row_head(r)) * M + row_pos(r);
     const float* pr = po + row * nc * D + d;
     const float* w = w_sm + r * nc;
     float o = 0.f;
-    for (int k0 = 0; k0 < nc; k0 += 8) {
-      float part[8];
+    for (int k0 = 0; k0 < nc; k0 += FLY) {
+      float part[FLY];
 #pragma unroll
-      for (int u = 0; u < 8; ++u) part[u] = k0 + u < nc ? __ldcg(pr + (k0 + u) * D) : 0.f;
+      for (int u = 0; u < FLY; ++u) part[u] = k0 + u < nc ? __ldcg(pr + (k0 + u) * D) : 0.f;
 #pragma unroll
-      for (int u = 0; u < 8; ++u)
+      for (int u = 0; u < FLY; ++u)
         if (k0 + u < nc) o = fmaf(w[k0 + u], part[u], o);
     }
     out[row * D + d] = static_cast<T>(o / den_sm[r]);
@@ -379,17 +449,19 @@ __device__ void split(
 }
 
 // A packed cache (kv_pack.join's layout): K's words then V's in `words`, K scales, K biases, V scales, V biases
-// in `sb`, over rows [0, N) of buffers that may be longer; the six parts are column offsets of the two.
+// in `sb`, over rows [0, N) of buffers that may be longer (APPEND: rows [0, N - fresh->count), the update's rows
+// coming as floats); the six parts are column offsets of the two.
 template <typename T, typename MT, typename ST, int D, int BITS, int GS, int NREP, int MBMAX, int MBE, int MASK,
-          bool SINKS>
+          bool SINKS, bool APPEND = false>
 __device__ void split_packed(
     const T* q, const Shape& q_shape, const Strides& q_st, const uint32_t* words, const Strides& w_st,
     const T* sb, const Strides& sb_st, const MT* mask, const Shape& m_shape, const Strides& m_st, const ST* sinks,
-    const float* params, T* out, float* work) {
+    const float* params, T* out, float* work, int* done = nullptr, int* next = nullptr,
+    const NewRows<T>* fresh = nullptr) {
   constexpr int KW = D * BITS / 32, KG = D / GS;
-  split<T, MT, ST, D, BITS, GS, NREP, MBMAX, MBE, MASK, SINKS>(
+  split<T, MT, ST, D, BITS, GS, NREP, MBMAX, MBE, MASK, SINKS, APPEND>(
       q, q_shape, q_st, static_cast<int>(params[3]), words, w_st, sb, sb_st, sb + KG, sb_st, words + KW, w_st,
-      sb + 2 * KG, sb_st, sb + 3 * KG, sb_st, mask, m_shape, m_st, sinks, params, out, work);
+      sb + 2 * KG, sb_st, sb + 3 * KG, sb_st, mask, m_shape, m_st, sinks, params, out, work, done, next, fresh);
 }
 
 }  // namespace qsdpa
