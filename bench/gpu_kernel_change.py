@@ -5,8 +5,7 @@ PATH is an earlier `qsdpa.cuh` (`git show REV:mlxrewrite/backends/kernels/qsdpa.
 bench.gpu_packed_attention's grid (dtypes, bits, group sizes, head dims, query heads per kv head, M, masks,
 sinks, unaligned n) runs the six-part form with the current device code and with PATH's; they must be
 bitwise equal. Also timed, as a decode step's chain of calls (bench.gpu_chunk_latency), at 4096 and 32768
-keys: us per call, old and new, and the new packed form unchained, chained, and quantizing the update's row
-itself (as a packed cache launches it).
+keys: us per call, old and new, and the new packed form unchained and chained (as a packed cache launches it).
 """
 
 from __future__ import annotations
@@ -62,11 +61,6 @@ def main() -> None:
             packed = kv_layout.Packed(words, sb, n, (32, 2, 2), chain)
             row[f"{label}_us"] = chain_us(lambda q: quantized_sdpa_packed(q, packed, scale=128 ** -0.5, group_size=64,
                                                                           bits=8))
-        last = (mx.random.normal((1, 4, 1, 128)).astype(mx.float16),) * 2  # an update's row, quantized in the kernel
-        packed = kv_layout.Packed(words, sb, n, (32, 2, 2), [None])
-        row["new_packed_fresh_us"] = chain_us(lambda q: quantized_sdpa_packed(
-            q, packed._replace(pending=kv_layout.Pending(*last, [("raw",)], lambda: packed)), scale=128 ** -0.5,
-            group_size=64, bits=8))
         timing.append(row)
         print(row, flush=True)
     bad = [r for r in rows if not r["bitwise"]]

@@ -48,7 +48,6 @@ def _stub_kernels() -> None:
     for name in ("quantized_sdpa", "kv_pack"):
         importlib.import_module(f"mlxrewrite.backends.kernels.{name}").on_cuda = lambda: True
     importlib.import_module("mlxrewrite.backends.kernels.kv_pack").verified = lambda *_: True
-    importlib.import_module("mlxrewrite.backends.kernels.quantized_sdpa").fresh_verified = lambda *_: True
     Backend.current = classmethod(lambda cls: Backend("cuda", "sm_90"))
 
 

@@ -5,7 +5,6 @@ The kernel is CUDA-only; on CPU the rule runs (simulated CUDA backend) through `
 the same algorithm in MLX ops (tests/test_quantized_sdpa_kernel.py checks that against the definition)."""
 
 import dataclasses
-import re
 
 import mlx.core as mx
 import pytest
@@ -286,92 +285,3 @@ def test_region_keys_follow_each_argument_layout(cuda):
         assert mx.allclose(got.astype(mx.float32), expected, atol=2e-2).item(), (n, mask_kind, as_list)
     assert run.rewriter.traces == 4  # none, bool, causal, none with list K/V
     assert run.rewriter.calls == {"region quantized_scaled_dot_product_attention: fused-quantized-attention -> fused": 6}
-
-
-def _fake_cuda_kernels(monkeypatch, launched: list) -> None:
-    """CUDA as far as the rule, the packed cache and the kernels' Python can tell: each kernel object computes
-    what its CUDA kernel would from the inputs it is given (kv_pack's rows by `mx.quantize`, attention by the
-    reference over the buffers' rows plus, for a launch that quantizes an update's rows, those rows)."""
-    import importlib
-
-    from mlxrewrite.backends.kernels import clear_caches, kv_layout, kv_pack, quantized_sdpa
-
-    sdpa = importlib.import_module("mlxrewrite.backends.kernels.quantized_sdpa")
-
-    def kernel(name, source, **_):
-        constants = dict(re.findall(r"\b(BITS|GS|D|MASK) = (\d+)", source))
-        bits, gs = int(constants["BITS"]), int(constants["GS"])
-        D, kind = int(constants.get("D", 0)), int(constants.get("MASK", 0))
-
-        def call(inputs, output_shapes, output_dtypes, **__):
-            launched.append(name)
-            if name.startswith("kv_pack"):
-                return list(kv_pack.reference(*inputs, gs, bits))
-            rows = []
-            if not name.startswith("qsdpa_packed"):  # the six parts (no mask array, no sinks here)
-                q, k, v, params = inputs[0], tuple(inputs[1:4]), tuple(inputs[4:7]), inputs[7]
-                scale, fill = params.tolist()[:2]
-            else:
-                q, words, sb, params = inputs[:4]
-                scale, fill, _, n = params.tolist()
-                if "_fresh" in name:
-                    rows = list(kv_pack.reference(*inputs[-2:], gs, bits))
-                    prev = int(n) - rows[0].shape[2]
-                    words = mx.concatenate([words[:, :, :prev], rows[0]], axis=2)
-                    sb = mx.concatenate([sb[:, :, :prev], rows[1]], axis=2)
-                k, v = kv_layout.Packed(words, sb, int(n), (D * bits // 32, D // gs, D // gs)).parts()
-            out = quantized_sdpa(q, k, v, scale=scale, group_size=gs, bits=bits, fill=fill, impl="reference",
-                                 mask={0: None, 3: "causal"}[kind])
-            extra = [mx.zeros(s, d) for s, d in zip(output_shapes[1:3], output_dtypes[1:3])]
-            return [out, *extra, *rows]
-        return call
-
-    monkeypatch.setattr(mx.fast, "cuda_kernel", kernel)
-    monkeypatch.setattr(sdpa, "on_cuda", lambda: True)
-    monkeypatch.setattr(importlib.import_module("mlxrewrite.backends.kernels.kv_pack"), "on_cuda", lambda: True)
-    monkeypatch.setattr(kv_pack, "verified", lambda *_: True)
-    monkeypatch.setattr(sdpa, "fresh_verified", lambda *_: True)
-    clear_caches()
-
-
-@pytest.mark.parametrize("kv_heads", [2, 4], ids=["gqa", "mha"])
-def test_the_kernel_quantizes_an_updates_rows_and_the_cache_writes_them_at_its_next_update(cuda, kv_heads,
-                                                                                            monkeypatch):
-    """On CUDA a packed cache's update leaves its rows out of the buffers (a decode step then has no kv_pack
-    op): the fused kernel quantizes them itself (mx.quantize's arithmetic), reads them from there, and returns
-    them packed, and the cache writes them at its next update. With the CUDA kernels stood in for by what
-    they compute, a decode through a buffer growth gives the logits of the CPU path, bitwise, and leaves the
-    cache state mlx-lm's; after the first decode step (where the direct form is checked against the bound
-    rewrite) each layer's step is that one launch, no kv_pack, and a read of the state in between writes the
-    pending rows first."""
-    from mlxrewrite.backends.kernels import clear_caches
-
-    model = tiny("llama", num_key_value_heads=kv_heads)
-    mx.random.seed(7)
-    toks = mx.random.randint(0, 256, (1, 250 + 12))
-    runs, launched = [], []
-    for fake in (False, True):
-        if fake:
-            _fake_cuda_kernels(monkeypatch, launched)
-        mrl.wrap(model, packed_cache=True)
-        try:
-            cache = [QuantizedKVCache(group_size=64, bits=8) for _ in model.layers]
-            logits = [model(toks[:, :250], cache=cache)[:, -1]]
-            prompt_launches = len(launched)
-            for t in range(250, toks.shape[1]):
-                logits.append(model(toks[:, t:t + 1], cache=cache)[:, -1])
-                first_step = len(launched) if t == 250 else first_step
-                if t == 255:  # the state read mid-decode has every row so far
-                    assert all(c.keys[0].shape[2] == 256 and c.state[0][0].shape[2] == 256 for c in cache)
-            runs.append((mx.stack(logits, axis=1), [a for c in cache for a in (*c.keys, *c.values)], cache))
-        finally:
-            mrl.unwrap(model)
-            clear_caches()
-    (plain, plain_state, _), (got, state, cache) = runs
-    assert mx.array_equal(plain, got).item()
-    assert all(a.shape == b.shape and mx.array_equal(a, b).item() for a, b in zip(plain_state, state))
-    # the first decode step also checks the direct form against the bound rewrite (kv_pack's rows, six parts)
-    later = launched[first_step:]
-    assert len(later) == len(model.layers) * 11 and all("qsdpa_packed_chained_fresh" in name for name in later)
-    assert any(name.startswith("kv_pack") for name in launched[:prompt_launches])
-    assert all(c.offset == toks.shape[1] and c._words.shape[2] == 512 for c in cache)

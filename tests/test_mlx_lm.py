@@ -511,6 +511,26 @@ def test_packed_views_give_the_fused_algorithm_mlx_lms_numbers(monkeypatch):
         quantized_sdpa_packed(q, qk.packed._replace(n=600), **common)
 
 
+def test_a_packed_caches_fetches_share_one_kernel_chain_until_it_is_repacked(monkeypatch):
+    """The fused kernel's launches over one cache are chained through their merge counters (no zero-fill):
+    every fetch of the cache carries the cache's one chain, and a repack (state assigned) starts a new one,
+    as the buffers' shape may change with it."""
+    from mlx_lm.models.cache import QuantizedKVCache as MlxLm
+
+    from mlxrewrite.core import regions
+    from mlxrewrite.mlx_lm import packed_cache
+
+    monkeypatch.setattr(regions, "installed", lambda path: path == packed_cache.ATTENTION)
+    k = mx.random.normal((1, 2, 5, 64))
+    cache = packed_cache.pack(MlxLm())
+    first, second = cache.update_and_fetch(k, k)[0], cache.update_and_fetch(k[:, :, :1], k[:, :, :1])[1]
+    assert first.packed.chain is second.packed.chain == [None]
+    first.packed.chain[0] = "counters"  # what a launch leaves there
+    cache.state = cache.state
+    third = cache.update_and_fetch(k[:, :, :1], k[:, :, :1])[0]
+    assert third.packed.chain == [None] and third.packed.chain is not first.packed.chain
+
+
 def test_kv_pack_rows_are_mx_quantizes_and_its_kernel_waits_for_verification():
     from mlxrewrite.backends.kernels import kv_pack
 

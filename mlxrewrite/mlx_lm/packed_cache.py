@@ -1,18 +1,14 @@
-"""mlx-lm's `QuantizedKVCache` with two buffers instead of six, so a decode step adds a token in two slice updates.
+"""mlx-lm's `QuantizedKVCache` with two buffers instead of six, so a decode step adds a token in three ops.
 
 GPU decode at batch 1 is host-bound: every op costs several microseconds to build and launch. mlx-lm's
 quantized cache adds a token with two quantize calls and six slice updates per layer (a float cache: two
 slice updates), which made an 8-bit cache slower than a float one even with a fused attention kernel.
 Here a layer's cache is `words` (B, H, N, K's packed words | V's) and `sb` (B, H, N, K scales | K biases |
-V scales | V biases). Attention gets what `update_and_fetch` returns: mlx-lm's (weights, scales, biases)
-tuples, as views of the two buffers, made only when read (`Fetched`, while mlx-lm's attention goes through a
-dispatcher); the fused kernel reads the buffers themselves, so a step it serves makes no view.
-
-An update leaves its rows pending (kv_layout.Pending): the fused kernel quantizes them itself and returns
-them packed, and the next update writes them with two slice updates; any other reader of the cache (a
-fetch read as views, `keys`, `state`, ...) first writes them with `kv_pack` (one kernel on CUDA). So a decode
-step the kernel serves costs the cache two slice updates, as a float cache. The numbers are mlx-lm's,
-bitwise: both quantize as `mx.quantize`, verified so on the device before either kernel is used.
+V scales | V biases); a token is one `kv_pack` (one kernel on CUDA) and two slice updates. Attention gets
+what `update_and_fetch` returns: mlx-lm's (weights, scales, biases) tuples, as views of the two buffers,
+made only when read (`Fetched`, while mlx-lm's attention goes through a dispatcher); the fused kernel reads
+the buffers themselves, so a step it serves makes no view. The numbers are mlx-lm's, bitwise (`kv_pack` is
+`mx.quantize`'s, and verified so on the device before its kernel is used).
 
 The object stays an mlx-lm `QuantizedKVCache` to every reader: `keys`, `values`, `state` (and so
 `save_prompt_cache`, which writes it as mlx-lm's class, and loading back), `offset`, `trim`, `nbytes`.
@@ -22,7 +18,6 @@ place (one copy of what it holds, once); the mlx-lm wrapper does that on CUDA, w
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import mlx.core as mx
@@ -79,9 +74,7 @@ class QuantizedKVCache(MlxLmQuantizedKVCache):
     # set by `pack`: _plain ([keys, values] as assigned, packed at the next update) or _words and _sb (None
     # while empty), _dims (K words, K groups, V groups: where `kv_layout.split` cuts), _layout (its fetches'
     # region layout, made at the first update after the buffers are replaced), _chain (the fused kernel's
-    # counters for its next launch over this cache: kv_layout.Packed.chain, new with each packing), _pending
-    # (the last update's rows, not in the buffers yet: (start, end, keys, values, its kv_layout.Pending record);
-    # every reader of the buffers writes them first)
+    # counters for its next launch over this cache: kv_layout.Packed.chain, new with each packing)
 
     keys = _Half(0)
     values = _Half(1)
@@ -89,7 +82,6 @@ class QuantizedKVCache(MlxLmQuantizedKVCache):
     def _half(self, which: int) -> Parts | None:
         if self._plain is not None:
             return self._plain[which]
-        self._write_pending()
         return None if self._words is None else self._rows(self._words.shape[2]).parts()[which]
 
     def _set_half(self, which: int, value: Parts | None) -> None:
@@ -117,48 +109,26 @@ class QuantizedKVCache(MlxLmQuantizedKVCache):
         packing = self._plain is not None
         if packing:
             self._pack()
-        self._write_pending()
         prev, n = self.offset, keys.shape[2]
         end = prev + n
         words = self._words
         if words is None or end > words.shape[2]:
             self._grow(keys, values, n)
+            words = self._words
         if packing:
             self._settle()
+        rows, sb_rows = kv_pack.kv_pack(keys, values, self.group_size, self.bits)
+        sb = self._sb
+        words[:, :, prev:end] = rows
+        sb[:, :, prev:end] = sb_rows
         self.offset = end
-        if not regions.installed(ATTENTION):  # mlx-lm's attention would get them as they are: tuples, rows in
-            self._pending = (prev, end, keys, values, [("raw",)])
-            self._write_pending()
-            return self._rows(end).parts()
-        record: list = [("raw",)]
-        self._pending = (prev, end, keys, values, record)
-        pending = kv_layout.Pending(keys, values, record, functools.partial(self._settled, record, end, self._dims))
         # copies of the array objects (not of data): the next update's slice update rebinds the cache's own
-        packed = kv_layout.Packed(self._words.__copy__(), self._sb.__copy__(), end, self._dims, self._chain, pending)
+        packed = kv_layout.Packed(words.__copy__(), sb.__copy__(), end, self._dims, self._chain)
+        if not regions.installed(ATTENTION):  # mlx-lm's attention would get them as they are: tuples now
+            return packed.parts()
         layout = self._layout or self._region_layout()
         pair: list = []
         return Fetched(packed, 0, layout, pair), Fetched(packed, 1, layout, pair)
-
-    def _write_pending(self) -> None:
-        """The last update's rows into the buffers (two slice updates): the packed rows the fused kernel made of
-        them, or kv_pack's where it did not run. Its record then holds the buffers as they are after it, which
-        that update's fetch reads if it is read later (later updates do not show through)."""
-        if self._pending is None:
-            return
-        prev, end, keys, values, record = self._pending
-        self._pending = None
-        made = record[0]
-        rows, sb_rows = made[1:] if made[0] == "rows" else kv_pack.kv_pack(keys, values, self.group_size, self.bits)
-        self._words[:, :, prev:end] = rows
-        self._sb[:, :, prev:end] = sb_rows
-        record[0] = ("written", self._words.__copy__(), self._sb.__copy__())
-
-    def _settled(self, record: list, end: int, dims: tuple[int, int, int]) -> kv_layout.Packed:
-        """A fetch's rows with its update's rows written (kv_layout.Pending.settle)."""
-        if record[0][0] != "written":  # its update is the last one: write it now
-            self._write_pending()
-        _, words, sb = record[0]
-        return kv_layout.Packed(words, sb, end, dims)
 
     def _region_layout(self) -> tuple:
         """What fixes the arrays of this cache's fetches but their rows: a region keys them by it (the dtype by
@@ -195,7 +165,6 @@ class QuantizedKVCache(MlxLmQuantizedKVCache):
     def keys_and_values(self) -> tuple[Parts, Parts]:
         if self._plain is not None:
             self._pack()
-        self._write_pending()
         return self._rows(self.offset).parts()
 
 
@@ -219,7 +188,7 @@ def pack(cache: MlxLmQuantizedKVCache) -> QuantizedKVCache:
     plain = [vars(cache).pop("keys"), vars(cache).pop("values")]
     cache.__class__ = QuantizedKVCache
     cache._plain, cache._words, cache._sb, cache._dims, cache._layout = plain, None, None, None, None
-    cache._chain, cache._pending = [None], None
+    cache._chain = [None]
     return cache
 
 

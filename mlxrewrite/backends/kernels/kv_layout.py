@@ -8,49 +8,26 @@ once here: the row kernel (kv_pack), the cache (mlxrewrite.mlx_lm.packed_cache) 
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 import mlx.core as mx
 
 Parts = tuple[mx.array, mx.array, mx.array]  # mlx-lm's (weights, scales, biases) of K or of V
 
 
-class Pending(NamedTuple):
-    """An update's rows that are not in a packed cache's buffers yet: its keys and values (B, H, rows, D) as
-    floats. `record` is the cache's one-item list saying what became of them: ("raw",) until the fused kernel
-    quantizes them itself and puts ("rows", words, sb) there (kv_pack's rows, bitwise), which the cache writes
-    at its next update; `settle()` writes them into the buffers now (kv_pack where the kernel did not) and
-    gives the Packed to read instead."""
-
-    keys: mx.array
-    values: mx.array
-    record: list
-    settle: Callable[[], "Packed"]
-
-
 class Packed(NamedTuple):
     """Rows [:n] of a packed cache's buffers (which may be longer); dims = (K words, K groups, V groups).
     chain: the cache's one-item list holding the CUDA kernel's counters for its next launch over this cache
-    (None until the first; quantized_sdpa_packed replaces it at each launch), or None: no chain.
-    pending: where the last rows are an update's not yet in the buffers (rows [:n - its rows] are)."""
+    (None until the first; quantized_sdpa_packed replaces it at each launch), or None: no chain."""
 
     words: mx.array
     sb: mx.array
     n: int
     dims: tuple[int, int, int]
     chain: list | None = None
-    pending: Pending | None = None
-
-    def settled(self) -> "Packed":
-        """These rows with the pending update's written into the buffers (itself where none is pending)."""
-        if self.pending is None:
-            return self
-        return self.pending.settle()._replace(n=self.n, chain=self.chain)
 
     def parts(self) -> tuple[Parts, Parts]:
         """mlx-lm's (weights, scales, biases) of K and of V, as views of rows [:n]."""
-        if self.pending is not None:
-            return self.settled().parts()
         full = self.n == self.words.shape[2]
         return split(self.words if full else self.words[:, :, :self.n], self.sb if full else self.sb[:, :, :self.n],
                      *self.dims)

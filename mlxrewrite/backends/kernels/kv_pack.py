@@ -56,34 +56,26 @@ NOT_VERIFIED: dict[tuple, str] = {}  # (dtype, bits, group size, K dim, V dim) -
 def verified(dtype: mx.Dtype, bits: int, group_size: int, dk: int, dv: int) -> bool:
     """The kernel's rows equal `reference`'s bitwise on this device (a few small arrays, once per process);
     where not, `NOT_VERIFIED` says why."""
+    why = None
     if dtype not in cuda.CUDA_TYPES or bits not in (2, 4, 8) or dk % group_size or dv % group_size \
             or group_size % (32 // bits):
         why = "outside what the kernel covers"
     else:
-        why = battery_verdict(lambda k, v: cuda.launch(cuda.plan(*k.shape, dv, dtype, group_size, bits), k, v),
-                              dtype, dk, dv, group_size, bits)
+        try:
+            for i, (keys, values) in enumerate(_battery(dtype, dk, dv)):
+                got = cuda.launch(cuda.plan(*keys.shape, dv, dtype, group_size, bits), keys, values)
+                want = reference(keys, values, group_size, bits)
+                if not all(mx.array_equal(g.view(mx.uint8), w.view(mx.uint8)).item() for g, w in zip(got, want)):
+                    why = f"differs from mx.quantize on battery case {i}"
+                    break
+        except Exception as error:  # noqa: BLE001 - a kernel that does not build or run here is not used
+            why = f"{type(error).__name__}: {str(error)[:200]}"
     if why is not None:
         NOT_VERIFIED[dtype, bits, group_size, dk, dv] = why
     return why is None
 
 
-def battery_verdict(rows: Callable[[mx.array, mx.array], tuple], dtype: mx.Dtype, dk: int, dv: int, group_size: int,
-                    bits: int) -> str | None:
-    """Why `rows` (keys, values -> packed rows, by a kernel) is not `reference` bitwise over the battery, or None
-    where it is; a kernel that does not build or run here is not used either."""
-    try:
-        for i, (keys, values) in enumerate(battery(dtype, dk, dv)):
-            want = reference(keys, values, group_size, bits)
-            if not all(mx.array_equal(g.view(mx.uint8), w.view(mx.uint8)).item()
-                       for g, w in zip(rows(keys, values), want)):
-                return f"differs from mx.quantize on battery case {i}"
-    except Exception as error:  # noqa: BLE001 - a kernel that does not build or run here is not used
-        return f"{type(error).__name__}: {str(error)[:200]}"
-    return None
-
-
-def battery(dtype: mx.Dtype, dk: int, dv: int) -> list[tuple[mx.array, mx.array]]:
-    """Keys and values whose quantization a kernel must get bitwise right (the fused kernel's rows too)."""
+def _battery(dtype: mx.Dtype, dk: int, dv: int) -> list[tuple[mx.array, mx.array]]:
     keys = mx.random.split(mx.random.key(12), 12)
     rows = []
     for i, magnitude in enumerate((1e-4, 0.03, 1.0, 7.0, 1e3)):

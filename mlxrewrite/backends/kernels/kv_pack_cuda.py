@@ -1,7 +1,6 @@
 """CUDA kernel for `kv_pack`: new K/V rows quantized as `mx.quantize` does, written as packed cache rows.
 
-One thread per quantization group (K's groups, then V's, of one row of one head), computed by
-`affine_quantize::group` (affine_quantize.cuh, which the fused kernel's new rows share). Its arithmetic is MLX's
+One thread per quantization group (K's groups, then V's, of one row of one head). Its arithmetic is MLX's
 `affine_quantize` kernel's (mlx/backend/cuda/quantized/affine_quantize.cu), operation for operation in
 float32 with IEEE division: min and max of the group (max starting at 0, as MLX's), the scale from the
 range, the edge that must be exact, the bias, then `min(round((w - bias) / scale), 2^bits - 1)` packed
@@ -19,8 +18,6 @@ from typing import Any
 
 import mlx.core as mx
 
-from .device_code import AFFINE_QUANTIZE, header
-
 THREADS = 256
 
 _SOURCE = r"""
@@ -36,10 +33,37 @@ const T* src = is_v ? v : k;
 const int64_t s3 = is_v ? v_strides[3] : k_strides[3];
 const int64_t base = is_v ? b * v_strides[0] + h * v_strides[1] + n * v_strides[2] + gg * GS * s3
                           : b * k_strides[0] + h * k_strides[1] + n * k_strides[2] + gg * GS * s3;
+constexpr float eps = 1e-7f;
+constexpr float n_bins = (1 << BITS) - 1;
+constexpr int PER_WORD = 32 / BITS;
+float w_min = 3.402823466e+38f, w_max = 0.f;
+for (int e = 0; e < GS; ++e) {
+  const float x = static_cast<float>(src[base + e * s3]);
+  w_min = fminf(w_min, x);
+  w_max = fmaxf(w_max, x);
+}
+float scale = fmaxf(__fdiv_rn(__fsub_rn(w_max, w_min), n_bins), eps);
+const bool side = fabsf(w_min) > fabsf(w_max);
+scale = side ? scale : -scale;
+const float edge = side ? w_min : w_max;
+const float q0 = roundf(__fdiv_rn(edge, scale));
+const bool at_zero = q0 == 0.0f;
+scale = at_zero ? scale : __fdiv_rn(edge, q0);
+const float bias = at_zero ? 0.f : edge;
 T* sb_row = sb + row * (2 * (GK + GV));
 const int sb_at = is_v ? 2 * GK + gg : gg;
+sb_row[sb_at] = static_cast<T>(scale);
+sb_row[sb_at + (is_v ? GV : GK)] = static_cast<T>(bias);
 uint32_t* w_row = words + row * ((GK + GV) * GS * BITS / 32) + (is_v ? GK * GS * BITS / 32 : 0) + gg * GS * BITS / 32;
-affine_quantize::group<T, BITS, GS>(src + base, s3, w_row, sb_row + sb_at, sb_row + sb_at + (is_v ? GV : GK));
+for (int wi = 0; wi < GS / PER_WORD; ++wi) {
+  uint32_t word = 0;
+  for (int e = 0; e < PER_WORD; ++e) {
+    const float x = static_cast<float>(src[base + (wi * PER_WORD + e) * s3]);
+    const uint8_t val = fminf(roundf(__fdiv_rn(__fsub_rn(x, bias), scale)), n_bins);
+    word |= static_cast<uint32_t>(val) << (BITS * e);
+  }
+  w_row[wi] = word;
+}
 """
 
 CUDA_TYPES = {mx.float16: "__half", mx.bfloat16: "__nv_bfloat16", mx.float32: "float"}
@@ -51,7 +75,7 @@ def _kernel(dtype: mx.Dtype, bits: int, group_size: int, groups_k: int, groups_v
                  f"GK = {groups_k}, GV = {groups_v};\n")
     tag = f"{str(dtype).rsplit('.', 1)[-1]}_{bits}_{group_size}_{groups_k}_{groups_v}"
     return mx.fast.cuda_kernel(name=f"kv_pack_{tag}", input_names=["k", "v"], output_names=["words", "sb"],
-                               source=constants + _SOURCE, header=header(AFFINE_QUANTIZE), ensure_row_contiguous=False)
+                               source=constants + _SOURCE, ensure_row_contiguous=False)
 
 
 def plan(B: int, H: int, n: int, dk: int, dv: int, dtype: mx.Dtype, group_size: int, bits: int) -> tuple:

@@ -60,28 +60,6 @@ __device__ __forceinline__ void unpack(const Raw<BITS>& r, float (&out)[32]) {
   }
 }
 
-// A packed cache's update whose rows are not in its buffers yet (APPEND): `count` rows of K and V (B, Hkv,
-// count, D) as floats, which the blocks whose chunk holds them quantize (affine_quantize::group, mx.quantize's
-// arithmetic) into shared memory for their own tiles; the first row group's blocks also write them to `words`
-// (B, Hkv, count, K's words then V's) and `sb` (B, Hkv, count, K scales, K biases, V scales, V biases) for the
-// cache to store.
-template <typename T> struct NewRows {
-  const T* k;
-  const T* v;
-  Strides k_st, v_st;
-  int count;
-  uint32_t* words;
-  T* sb;
-};
-constexpr int MAX_NEW_ROWS = 16;
-
-template <int BITS>
-__device__ __forceinline__ void load_raw_shared(const uint32_t* row, int part, Raw<BITS>& r) {
-  const uint4* src = reinterpret_cast<const uint4*>(row + part * BITS);
-#pragma unroll
-  for (int i = 0; i < BITS / 4; ++i) r.w[i] = src[i];
-}
-
 __device__ __forceinline__ int64_t bidx(const Shape& sh, const Strides& st, int i, int d) {
   return sh[d] == 1 ? 0 : static_cast<int64_t>(i) * st[d];
 }
@@ -89,7 +67,7 @@ __device__ __forceinline__ int64_t bidx(const Shape& sh, const Strides& st, int 
 // MASK: 0 none, 1 bool (false -> fill), 2 additive, 3 causal (key n allowed iff n <= N - M + m).
 // Rows of a block: r = mm * NREP + rep for MBE query positions (MBE = min(M, MBMAX)), all n_rep heads.
 template <typename T, typename MT, typename ST, int D, int BITS, int GS, int NREP, int MBMAX, int MBE, int MASK,
-          bool SINKS, bool APPEND = false>
+          bool SINKS>
 __device__ void split(
     const T* q, const Shape& q_shape, const Strides& q_st, const int N,
     const uint32_t* kw, const Strides& kw_st,
@@ -97,8 +75,7 @@ __device__ void split(
     const uint32_t* vw, const Strides& vw_st,
     const T* vs, const Strides& vs_st, const T* vb, const Strides& vb_st,
     const MT* mask, const Shape& m_shape, const Strides& m_st, const ST* sinks,
-    const float* params, T* out, float* work, int* done = nullptr, int* next = nullptr,
-    const NewRows<T>* fresh = nullptr) {
+    const float* params, T* out, float* work, int* done = nullptr, int* next = nullptr) {
   using G = Geo<D>;
   constexpr int RB = NREP * MBE;
   using P = PVGeo<D, NREP * MBMAX>;
@@ -113,9 +90,6 @@ __device__ void split(
   float* l_sm = m_sm + RB;
   float* a_sm = l_sm + RB;
   int64_t* mrow = reinterpret_cast<int64_t*>(a_sm + RB + (RB & 1));  // [RB] mask row offsets
-  constexpr int KW = D * BITS / 32, KG = D / GS;  // words and groups of one row of K (and of V)
-  uint32_t* st_w = reinterpret_cast<uint32_t*>((reinterpret_cast<uintptr_t>(mrow + RB) + 15) & ~uintptr_t(15));
-  T* st_sb = reinterpret_cast<T*>(st_w + MAX_NEW_ROWS * 2 * KW);  // APPEND: the new rows, as a packed cache's
 
   const int tid = threadIdx.x;
   const int Hq = q_shape[1], M = q_shape[2];
@@ -150,30 +124,6 @@ __device__ void split(
                                    p * 32 + i4 * 4 + e]) * scale));  // exact product, rounded once in T
     qsm[i] = x;
   }
-  int prev = N;  // rows [prev, N) are an update's (APPEND), quantized here: one warp per group
-  if constexpr (APPEND) {
-    prev = N - fresh->count;
-    const int a0 = max(n0, prev) - prev, warp = tid / 32, lane = tid % 32;
-    for (int i = warp; i < (n1 - prev - a0) * 2 * KG; i += THREADS / 32) {
-      const int r = a0 + i / (2 * KG), g = i % (2 * KG);
-      const bool is_v = g >= KG;
-      const int gg = is_v ? g - KG : g;
-      const Strides& st = is_v ? fresh->v_st : fresh->k_st;
-      const T* src = (is_v ? fresh->v : fresh->k) + b * st[0] + kvh * st[1] + r * st[2] + gg * GS * st[3];
-      const int w_at = (is_v ? KW : 0) + gg * GS * BITS / 32, s_at = (is_v ? 2 * KG : 0) + gg;
-      uint32_t* w = st_w + r * 2 * KW + w_at;
-      T* sc = st_sb + r * 4 * KG + s_at;
-      affine_quantize::group_warp<T, BITS, GS>(src, st[3], w, sc, sc + KG, lane);
-      if (rg == 0) {  // one writer per row; each lane copies what it wrote
-        const int64_t row = (static_cast<int64_t>(b) * gridDim.y + kvh) * fresh->count + r;
-        if (lane < GS * BITS / 32) fresh->words[row * 2 * KW + w_at + lane] = w[lane];
-        if (lane == 0) {
-          fresh->sb[row * 4 * KG + s_at] = sc[0];
-          fresh->sb[row * 4 * KG + s_at + KG] = sc[KG];
-        }
-      }
-    }
-  }
   __syncthreads();
   if (tid < RB * NPP) {
     const int r = tid / NPP, p = tid % NPP;
@@ -198,16 +148,7 @@ __device__ void split(
   float ksc = 0.f, kbi = 0.f, vsc = 0.f, vbi = 0.f;
   auto fetch = [&](int t0) {
     const int n = t0 + j;
-    if (APPEND && p < NPART && n < n1 && n >= prev) {
-      const uint32_t* row = st_w + (n - prev) * 2 * KW;
-      load_raw_shared<BITS>(row, p, kr);
-      load_raw_shared<BITS>(row + KW, p, vr);
-      const T* sc = st_sb + (n - prev) * 4 * KG;
-      ksc = to_f(sc[g]);
-      kbi = to_f(sc[KG + g]);
-      vsc = to_f(sc[2 * KG + g]);
-      vbi = to_f(sc[3 * KG + g]);
-    } else if (p < NPART && n < n1) {
+    if (p < NPART && n < n1) {
       load_raw<BITS>(kw + kbase + n * kw_st[2], p, kr);
       load_raw<BITS>(vw + vbase + n * vw_st[2], p, vr);
       ksc = to_f(ks[b * ks_st[0] + kvh * ks_st[1] + n * ks_st[2] + g]);
@@ -449,19 +390,17 @@ __device__ void split(
 }
 
 // A packed cache (kv_pack.join's layout): K's words then V's in `words`, K scales, K biases, V scales, V biases
-// in `sb`, over rows [0, N) of buffers that may be longer (APPEND: rows [0, N - fresh->count), the update's rows
-// coming as floats); the six parts are column offsets of the two.
+// in `sb`, over rows [0, N) of buffers that may be longer; the six parts are column offsets of the two.
 template <typename T, typename MT, typename ST, int D, int BITS, int GS, int NREP, int MBMAX, int MBE, int MASK,
-          bool SINKS, bool APPEND = false>
+          bool SINKS>
 __device__ void split_packed(
     const T* q, const Shape& q_shape, const Strides& q_st, const uint32_t* words, const Strides& w_st,
     const T* sb, const Strides& sb_st, const MT* mask, const Shape& m_shape, const Strides& m_st, const ST* sinks,
-    const float* params, T* out, float* work, int* done = nullptr, int* next = nullptr,
-    const NewRows<T>* fresh = nullptr) {
+    const float* params, T* out, float* work, int* done = nullptr, int* next = nullptr) {
   constexpr int KW = D * BITS / 32, KG = D / GS;
-  split<T, MT, ST, D, BITS, GS, NREP, MBMAX, MBE, MASK, SINKS, APPEND>(
+  split<T, MT, ST, D, BITS, GS, NREP, MBMAX, MBE, MASK, SINKS>(
       q, q_shape, q_st, static_cast<int>(params[3]), words, w_st, sb, sb_st, sb + KG, sb_st, words + KW, w_st,
-      sb + 2 * KG, sb_st, sb + 3 * KG, sb_st, mask, m_shape, m_st, sinks, params, out, work, done, next, fresh);
+      sb + 2 * KG, sb_st, sb + 3 * KG, sb_st, mask, m_shape, m_st, sinks, params, out, work, done, next);
 }
 
 }  // namespace qsdpa

@@ -90,8 +90,7 @@ def _check(q: Shape, k: Shape, v: Shape, group_size: int, bits: int, mask: Shape
 @lru_cache(maxsize=4096)
 def _cuda_plan(q: Shape, k: Shape, v: Shape, dtype: mx.Dtype, group_size: int, bits: int, split: int | None,
                kind: int, mask: Shape | None, mask_dtype: mx.Dtype | None, sinks: Shape | None,
-               sinks_dtype: mx.Dtype | None, packed: bool = False, chained: bool = False,
-               fresh: int = 0) -> tuple[tuple, int]:
+               sinks_dtype: mx.Dtype | None, packed: bool = False, chained: bool = False) -> tuple[tuple, int]:
     """Validation and launch parameters, once per shape: a decode step then costs one kernel call."""
     _check(q, k, v, group_size, bits, mask, sinks)
     chunk = split or chunk_size(k[2])
@@ -104,7 +103,7 @@ def _cuda_plan(q: Shape, k: Shape, v: Shape, dtype: mx.Dtype, group_size: int, b
                          f"{_MAX_REP}")
     B, Hq, M, D = q
     return cuda.plan(B, Hq, k[1], M, D, k[2], chunk, bits, group_size, dtype, kind, mask_dtype, sinks_dtype,
-                     packed, chained, fresh), chunk
+                     packed, chained), chunk
 
 
 def _as_4d(mask: mx.array) -> mx.array:
@@ -167,19 +166,14 @@ def quantized_sdpa_packed(q: mx.array, packed: kv_layout.Packed, *, scale: float
     """`quantized_sdpa` over rows [:n] of a packed cache's two buffers (kv_layout), read where they are.
 
     The same kernel and numbers as over the six parts `kv_layout.split` makes of them, without making them:
-    a decode step then builds no view of the cache (on CUDA; the reference takes the parts). An update's rows
-    not yet in the buffers (`packed.pending`) the kernel quantizes itself where it can (it records their
-    packed rows for the cache to write); elsewhere they are written into the buffers first.
+    a decode step then builds no view of the cache (on CUDA; the reference takes the parts).
     """
-    pending = packed.pending
+    words, sb = packed.words, packed.sb
     if _resolve(impl) == "reference":
-        packed = packed.settled()
-        words, sb = packed.words, packed.sb
         _packed_rows(words.shape, sb.shape, packed.n, packed.dims)
         k, v = packed.parts()
         return quantized_sdpa(q, k, v, scale=scale, group_size=group_size, bits=bits, mask=mask, fill=fill,
                               sinks=sinks, impl="reference")
-    words, sb = packed.words, packed.sb
     kind, mask_arr = _cuda_mask(mask)
     n, shape = packed.n, words.shape
     if n > shape[2]:
@@ -189,25 +183,16 @@ def quantized_sdpa_packed(q: mx.array, packed: kv_layout.Packed, *, scale: float
     # a mask array, whose last axis is n, is checked against them
     rows = n if mask_arr is not None else -(-n // chunk) * chunk
     chain = packed.chain
-    fresh = None if pending is None or pending.record[0][0] != "raw" else (pending.keys, pending.values)
     dtype = q.dtype
-    launch, chained, quantizes = _packed_launch(
-        q.shape, dtype, shape, sb.shape, rows, chunk, packed.dims, group_size, bits, kind,
-        *_shape_dtype(mask_arr), *_shape_dtype(sinks), chain is not None,
-        None if fresh is None else (*_shape_dtype(fresh[0]), *_shape_dtype(fresh[1])))
-    if pending is not None and not quantizes:  # the update's rows go into the buffers first
-        packed = packed.settled()
-        words, sb = packed.words, packed.sb
+    launch, chained = _packed_launch(q.shape, dtype, shape, sb.shape, rows, chunk, packed.dims, group_size, bits,
+                                     kind, *_shape_dtype(mask_arr), *_shape_dtype(sinks), chain is not None)
     params = _params(float(scale), float(_lowest(dtype) if fill is None else fill), chunk, n)
     if not chained:
         return launch(q, (words, sb), mask_arr, sinks, params=params)
     counters = chain[0]
     if counters is None or counters.shape[0] != shape[0] * shape[1] * cuda.CHAIN_SLOTS:
         counters = cuda.chain_counters(shape[0], shape[1])
-    out, chain[0], *rows_made = launch(q, (words, sb), mask_arr, sinks, params=params, counters=counters,
-                                       fresh=fresh if quantizes else ())
-    if quantizes:
-        pending.record[0] = ("rows", *rows_made)
+    out, chain[0] = launch(q, (words, sb), mask_arr, sinks, params=params, counters=counters)
     return out
 
 
@@ -224,52 +209,16 @@ def _packed_rows(words: Shape, sb: Shape, n: int, dims: tuple[int, int, int]) ->
 def _packed_launch(q: Shape, dtype: mx.Dtype, words: Shape, sb: Shape, rows: int, chunk: int,
                    dims: tuple[int, int, int], group_size: int, bits: int, kind: int, mask: Shape | None,
                    mask_dtype: mx.Dtype | None, sinks: Shape | None, sinks_dtype: mx.Dtype | None,
-                   chain: bool, fresh: tuple | None) -> tuple[Callable, bool, bool]:
+                   chain: bool) -> tuple[Callable, bool]:
     """The packed form's launch for one shape and `rows` (whole chunks, or n: a launch depends on the row
-    count only through the count of chunks, as n itself comes in the scalars); whether it is chained (where
-    a chain is offered and the query's row groups fit its counters); and whether it quantizes the update's
-    rows itself (fresh: their keys' and values' shapes and dtypes), which it does where they fit the kernel and
-    kv_pack's kernel, whose arithmetic it shares, is verified on this device."""
+    count only through the count of chunks, as n itself comes in the scalars), and whether it is chained:
+    where a chain is offered and the query's row groups fit its counters."""
     part = _packed_rows(words, sb, min(rows, words[2]), dims)
     n_rep = q[1] // words[1] if len(q) == 4 and words[1] and q[1] % words[1] == 0 else 0
     chained = chain and n_rep > 0 and -(-q[2] // cuda.geometry(q[3], n_rep, q[2])[2]) <= cuda.CHAIN_SLOTS
-    count = 0
-    if chained and fresh is not None:
-        k_shape, k_dtype, v_shape, v_dtype = fresh
-        count = k_shape[2] if len(k_shape) == 4 else 0
-        if not (k_shape == v_shape == (*words[:2], count, q[3]) and k_dtype == v_dtype == dtype and
-                0 < count <= min(cuda.MAX_NEW_ROWS, chunk, rows) and fresh_verified(dtype, bits, group_size, q[3])):
-            count = 0
     plan, _ = _cuda_plan(q, part, part, dtype, group_size, bits, chunk, kind, mask, mask_dtype, sinks, sinks_dtype,
-                         True, chained, count)
-    return functools.partial(cuda.launch_chained if chained else cuda.launch, plan), chained, count > 0
-
-
-FRESH_NOT_VERIFIED: dict[tuple, str] = {}  # (dtype, bits, group size, head dim) -> why the kernel does not
-#                                            quantize an update's rows itself there
-
-
-@lru_cache(maxsize=None)
-def fresh_verified(dtype: mx.Dtype, bits: int, group_size: int, D: int) -> bool:
-    """The kernel's own quantization of an update's rows gives `mx.quantize`'s rows bitwise on this device, over
-    kv_pack's battery (once per process); where not, `FRESH_NOT_VERIFIED` says why and kv_pack quantizes them."""
-    from . import kv_pack  # it imports this module
-
-    def rows(keys: mx.array, values: mx.array) -> list[mx.array]:
-        B, H, n, _ = keys.shape  # every row an update's: rows [0, n) of buffers that hold none yet
-        words = mx.zeros((B, H, n, 2 * D * bits // 32), dtype=mx.uint32)
-        sb = mx.zeros((B, H, n, 4 * D // group_size), dtype=dtype)
-        q = mx.zeros((B, H, 1, D), dtype=dtype)
-        part = (B, H, n, D * bits // 32)
-        plan, chunk = _cuda_plan(q.shape, part, part, dtype, group_size, bits, None, cuda.MASK_NONE, None, None, None,
-                                 None, True, True, n)
-        return cuda.launch_chained(plan, q, (words, sb), None, None, counters=cuda.chain_counters(B, H),
-                                   params=_params(1.0, 0.0, chunk, n), fresh=(keys, values))[2:]
-
-    why = kv_pack.battery_verdict(rows, dtype, D, D, group_size, bits)
-    if why is not None:
-        FRESH_NOT_VERIFIED[dtype, bits, group_size, D] = why
-    return why is None
+                         True, chained)
+    return functools.partial(cuda.launch_chained if chained else cuda.launch, plan), chained
 
 
 def _causal(M: int, N: int) -> mx.array:

@@ -11,10 +11,7 @@ warp per row takes their weights, and each output element's partials are loaded 
 Over a packed cache the launches are chained: each takes its counters from the previous launch over that
 cache (which zeroed them) and zeroes its own for the next, so MLX zero-fills none of its outputs (two graph
 nodes fewer per call), and the chain orders the launches on the GPU (each one's counters are the previous
-one's output). A chained launch may also take an update's rows as floats, not yet in the buffers: the
-blocks whose chunk holds them quantize them (a warp per group, mx.quantize's arithmetic: affine_quantize.cuh,
-kv_pack's code) into shared memory and read them from there, and the first row group's blocks write them
-out as packed rows, which the cache stores at its next update. A decode step then has no kv_pack op.
+one's output).
 
 M-invariance: the chunk size depends on N alone and every per-row choice (tile, shuffle tree, which keys a
 thread sums in P.V, the order the key subsets and the chunks are added) depends on D and n_rep alone; M
@@ -31,13 +28,12 @@ must be contiguous, which the kernel checks (a violation writes NaN rather than 
 
 from __future__ import annotations
 
+import hashlib
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Sequence
 
 import mlx.core as mx
-
-from .device_code import AFFINE_QUANTIZE, header
 
 THREADS = 256
 ROWS_PER_BLOCK = 8  # n_rep * MBMAX <= this (or n_rep alone above 8): bounds the accumulators at 32 floats
@@ -45,17 +41,15 @@ _V_REGION = 9216  # floats: one tile of dequantized V (TK x 36 x D/32), reused f
 
 HEADER_PATH = Path(__file__).with_name("qsdpa.cuh")  # the kernel's device code
 
-_TEMPLATE = "<T, MT, ST, D, BITS, GS, NREP, MBMAX, MBE, MASK, SINKS{append}>"
+_TEMPLATE = "<T, MT, ST, D, BITS, GS, NREP, MBMAX, MBE, MASK, SINKS>"
 # mlx-lm's six parts (N from the K words' shape), or a packed cache's two buffers (N from params[3])
 _CALLS = {False: ("qsdpa::split" + _TEMPLATE + "(q, q_shape, q_strides, kw_shape[2], kw, kw_strides, ks, ks_strides, "
                   "kb, kb_strides, vw, vw_strides, vs, vs_strides, vb, vb_strides, {mask}, {sinks}, params, out, work);"),
-          True: ("{fresh}qsdpa::split_packed" + _TEMPLATE + "(q, q_shape, q_strides, words, words_strides, sb, "
-                 "sb_strides, {mask}, {sinks}, params, out, work{chain});")}
+          True: ("qsdpa::split_packed" + _TEMPLATE + "(q, q_shape, q_strides, words, words_strides, sb, sb_strides, "
+                 "{mask}, {sinks}, params, out, work{chain});")}
 _CHAIN = ", const_cast<int*>(counters), next"  # a chained launch's counters (written in place) and its `next`
-_FRESH = "qsdpa::NewRows<T> fresh{kn, vn, kn_strides, vn_strides, kn_shape[2], rows_w, rows_sb};\n"
 _KV_NAMES = {False: ["kw", "ks", "kb", "vw", "vs", "vb"], True: ["words", "sb"]}
 CHAIN_SLOTS = 16  # counters per (batch, kv head) of a chained launch (qsdpa.cuh): at most 16 row groups
-MAX_NEW_ROWS = 16  # an update's rows that a launch quantizes itself (qsdpa.cuh)
 _ARRAY_MASK = "mask, mask_shape, mask_strides"
 _NO_MASK = "static_cast<const MT*>(nullptr), q_shape, q_strides"  # unused when MASK is 0 or 3
 _CUDA_TYPES = {mx.float16: ("__half", "f16"), mx.bfloat16: ("__nv_bfloat16", "bf16"), mx.float32: ("float", "f32"),
@@ -64,9 +58,23 @@ _CUDA_TYPES = {mx.float16: ("__half", "f16"), mx.bfloat16: ("__nv_bfloat16", "bf
 MASK_NONE, MASK_BOOL, MASK_ADD, MASK_CAUSAL = 0, 1, 2, 3
 
 
+def _compact(source: str) -> str:
+    """The header without comments and indentation."""
+    lines = (line.split("//")[0].strip() for line in source.splitlines())
+    return "\n".join(line for line in lines if line)
+
+
 def _header(device_code: Path = HEADER_PATH) -> str:
-    """What every instantiation's source starts with: the device code (and mx.quantize's, for new rows)."""
-    return header(AFFINE_QUANTIZE, device_code)
+    """What every instantiation's source starts with. MLX hashes a kernel's whole source each time it
+    evaluates it, and builds it anew at each call: the 11 KB header inline cost about 2.6 us per call on an
+    H200, an #include of it by path 0.3 us (bench/results/cuda-nvidia-h200/host_cost_n4096.json). The line
+    carries the file's hash, so an edited header is a new kernel, not one compiled earlier; a path that
+    cannot be written in a C string gets the header inline."""
+    text = device_code.read_text()
+    path = str(device_code.resolve())
+    if path.isascii() and path.isprintable() and '"' not in path and "\\" not in path:
+        return f'#include "{path}"  // sha256 {hashlib.sha256(text.encode()).hexdigest()[:16]}\n'
+    return _compact(text) + "\n"  # MLX appends its own code to the header's last line
 
 
 _HEADER = _header()
@@ -74,11 +82,11 @@ _HEADER = _header()
 
 @lru_cache(maxsize=None)
 def _kernel(constants: tuple, array_mask: bool, sinks: bool, shared_memory: int, packed: bool,
-            chained: bool = False, fresh: bool = False) -> Any:
+            chained: bool = False) -> Any:
     """One kernel object per instantiation, its template arguments written into the source: MLX formats
     template arguments anew on every call, constants in the source cost nothing per call."""
     names = ["q"] + _KV_NAMES[packed] + (["mask"] if array_mask else []) + (["sinks"] if sinks else []) + ["params"] \
-        + (["counters"] if chained else []) + (["kn", "vn"] if fresh else [])
+        + (["counters"] if chained else [])
     lines = []
     for name, value in constants:
         if isinstance(value, mx.Dtype):
@@ -87,13 +95,11 @@ def _kernel(constants: tuple, array_mask: bool, sinks: bool, shared_memory: int,
             lines.append(f"constexpr {'bool' if isinstance(value, bool) else 'int'} {name} = {str(value).lower()};")
     call = _CALLS[packed].format(mask=_ARRAY_MASK if array_mask else _NO_MASK,
                                  sinks="sinks" if sinks else "static_cast<const ST*>(nullptr)",
-                                 chain=_CHAIN + (", &fresh" if fresh else "") if chained else "",
-                                 fresh=_FRESH if fresh else "", append=", true" if fresh else "")
+                                 chain=_CHAIN if chained else "")
     tag = "_".join(_CUDA_TYPES[v][1] if isinstance(v, mx.Dtype) else str(int(v)) for _, v in constants)
     return mx.fast.cuda_kernel(
-        name=f"qsdpa{'_packed' if packed else ''}{'_chained' if chained else ''}{'_fresh' if fresh else ''}_{tag}",
-        input_names=names, output_names=["out", "work"] + (["next"] if chained else []) +
-        (["rows_w", "rows_sb"] if fresh else []),
+        name=f"qsdpa{'_packed' if packed else ''}{'_chained' if chained else ''}_{tag}", input_names=names,
+        output_names=["out", "work"] + (["next"] if chained else []),
         source="\n".join(lines + [call]), header=_HEADER, ensure_row_contiguous=False, shared_memory=shared_memory)
 
 
@@ -108,48 +114,39 @@ def geometry(D: int, n_rep: int, M: int) -> tuple[int, int, int]:
     return THREADS // npp, mbmax, min(M, mbmax)
 
 
-def shared_bytes(D: int, n_rep: int, M: int, fresh_row_bytes: int = 0) -> int:
-    """fresh_row_bytes: a packed row's bytes (words, scales, biases) where a launch quantizes new rows."""
+def shared_bytes(D: int, n_rep: int, M: int) -> int:
     tk, _, mbe = geometry(D, n_rep, M)
     rb = n_rep * mbe
     npp = THREADS // tk
     floats = _V_REGION + rb * 32 * npp + rb * tk + rb * npp + 3 * rb + (rb & 1)
-    return 4 * floats + 8 * rb + (16 + MAX_NEW_ROWS * fresh_row_bytes if fresh_row_bytes else 0)
+    return 4 * floats + 8 * rb
 
 
 def plan(B: int, Hq: int, Hkv: int, M: int, D: int, N: int, chunk: int, bits: int, group_size: int,
          dtype: mx.Dtype, mask_kind: int, mask_dtype: mx.Dtype | None, sinks_dtype: mx.Dtype | None,
-         packed: bool = False, chained: bool = False, fresh: int = 0) -> tuple:
+         packed: bool = False, chained: bool = False) -> tuple:
     """Everything about a launch that depends only on shapes and dtypes (the caller caches it per shape).
     packed: K and V come as a packed cache's two buffers (`launch` gets them as `kv`), else as six parts.
     chained (packed only): the launch takes `counters` (`chain_counters`, or the previous chained launch's
-    third output, which it zeroes) instead of counters in a zero-filled work buffer, so MLX fills nothing.
-    fresh (chained only): the last `fresh` of the N rows are an update's, given as floats (`kn`, `vn`): the
-    launch quantizes them (mx.quantize's arithmetic) and also returns them as packed rows."""
+    third output, which it zeroes) instead of counters in a zero-filled work buffer, so MLX fills nothing."""
     n_rep = Hq // Hkv
     _, mbmax, mbe = geometry(D, n_rep, M)
     nc = -(-N // chunk)
     nrg = -(-M // mbe)
     if chained and (not packed or nrg > CHAIN_SLOTS):
         raise ValueError(f"quantized_sdpa: a chained launch takes a packed cache and at most {CHAIN_SLOTS} row groups")
-    if fresh and (not chained or fresh > min(MAX_NEW_ROWS, chunk, N)):
-        raise ValueError(f"quantized_sdpa: a launch quantizes at most {MAX_NEW_ROWS} new rows, of a chained launch")
     rows_nc = B * Hq * M * nc
     shapes, dtypes = [(B, Hq, M, D), (rows_nc * (D + 2) + B * Hkv * nrg,)], [dtype, mx.float32]
     if chained:
         shapes.append((B * Hkv * CHAIN_SLOTS,))
         dtypes.append(mx.int32)
-    if fresh:
-        shapes += [(B, Hkv, fresh, 2 * D * bits // 32), (B, Hkv, fresh, 4 * D // group_size)]
-        dtypes += [mx.uint32, dtype]
     launch_args = dict(output_shapes=shapes, output_dtypes=dtypes, init_value=None if chained else 0,
                        grid=(nrg * nc * THREADS, Hkv, B), threadgroup=(THREADS, 1, 1))
     constants = (("T", dtype), ("MT", mask_dtype or dtype), ("ST", sinks_dtype or dtype), ("D", D), ("BITS", bits),
                  ("GS", group_size), ("NREP", n_rep), ("MBMAX", mbmax), ("MBE", mbe), ("MASK", mask_kind),
                  ("SINKS", sinks_dtype is not None))
-    row_bytes = 8 * D * bits // 32 + 4 * (D // group_size) * dtype.size if fresh else 0
-    kernel = _kernel(constants, mask_kind in (MASK_BOOL, MASK_ADD), sinks_dtype is not None,
-                     shared_bytes(D, n_rep, M, row_bytes), packed, chained, bool(fresh))
+    kernel = _kernel(constants, mask_kind in (MASK_BOOL, MASK_ADD), sinks_dtype is not None, shared_bytes(D, n_rep, M),
+                     packed, chained)
     return kernel, launch_args
 
 
@@ -168,12 +165,10 @@ def launch(plan_: tuple, q: mx.array, kv: Sequence[mx.array], mask: mx.array | N
 
 
 def launch_chained(plan_: tuple, q: mx.array, kv: Sequence[mx.array], mask: mx.array | None,
-                   sinks: mx.array | None, *, params: mx.array, counters: mx.array,
-                   fresh: Sequence[mx.array] = ()) -> list[mx.array]:
-    """A chained launch (plan(chained=True)): [output, the counters for the next launch], and where `fresh`
-    (an update's keys and values: plan(fresh=their rows)), their packed rows: words, scales and biases."""
+                   sinks: mx.array | None, *, params: mx.array, counters: mx.array) -> tuple[mx.array, mx.array]:
+    """A chained launch (plan(chained=True)): (output, the counters for the next launch)."""
     kernel, launch_args = plan_
     inputs = [q, *kv] + ([mask] if mask is not None else []) + ([sinks] if sinks is not None else []) + \
-        [params, counters, *fresh]
-    out, _, *rest = kernel(inputs=inputs, **launch_args)
-    return [out, *rest]
+        [params, counters]
+    out, _, following = kernel(inputs=inputs, **launch_args)
+    return out, following
