@@ -57,7 +57,7 @@ def main() -> None:
         for label, header in (("old", old), ("new", new)):
             _use(header)
             row[f"{label}_us"] = chain_us(lambda q: quantized_sdpa(q, k, v, scale=128 ** -0.5, group_size=64, bits=8))
-        for label, chain in (("new_packed", None), ("new_packed_chained", [None])):  # as a packed cache launches
+        for label, chain in (("new_packed", None), ("new_packed_chained", kv_layout.Chain())):  # as a packed cache launches
             packed = kv_layout.Packed(words, sb, n, (32, 2, 2), chain)
             row[f"{label}_us"] = chain_us(lambda q: quantized_sdpa_packed(q, packed, scale=128 ** -0.5, group_size=64,
                                                                           bits=8))

@@ -45,7 +45,7 @@ def point(dtype, bits: int, gs: int, D: int, rep: int, M: int, mask_kind: str, s
     common = dict(scale=D ** -0.5, group_size=gs, bits=bits, mask=mask, sinks=sk)
     got = quantized_sdpa_packed(q, packed, **common)
     want = quantized_sdpa(q, k, v, **common)
-    chain: list = [None]  # three chained launches built before any is evaluated: one graph, ordered by the chain
+    chain = kv_layout.Chain()  # three chained launches built before any is evaluated: one graph, ordered by the chain
     chained = [quantized_sdpa_packed(q, packed._replace(chain=chain), **common) for _ in range(3)]
     ref = dense(q, k, v, scale=D ** -0.5, gs=gs, bits=bits, mask=mask, sinks=sk)
     err = (mx.max(mx.abs(got.astype(mx.float32) - ref)) / mx.max(mx.abs(ref))).item()

@@ -511,10 +511,14 @@ def test_packed_views_give_the_fused_algorithm_mlx_lms_numbers(monkeypatch):
         quantized_sdpa_packed(q, qk.packed._replace(n=600), **common)
 
 
-def test_a_packed_caches_fetches_share_one_kernel_chain_until_it_is_repacked(monkeypatch):
-    """The fused kernel's launches over one cache are chained through their merge counters (no zero-fill):
-    every fetch of the cache carries the cache's one chain, and a repack (state assigned) starts a new one,
-    as the buffers' shape may change with it."""
+def test_a_packed_caches_fetches_share_one_kernel_chain_and_a_copy_gets_its_own(monkeypatch):
+    """The fused kernel's launches over one cache are chained through their merge counters (no zero-fill),
+    which it writes in place: every fetch of the cache carries the cache's one chain; a repack (state
+    assigned, the buffers' shape may change) and a copy (deepcopy, pickle: launches over the two could run at
+    once) start a new one, while a shallow copy shares it (its launches then run in turn)."""
+    import copy
+    import pickle
+
     from mlx_lm.models.cache import QuantizedKVCache as MlxLm
 
     from mlxrewrite.core import regions
@@ -524,11 +528,15 @@ def test_a_packed_caches_fetches_share_one_kernel_chain_until_it_is_repacked(mon
     k = mx.random.normal((1, 2, 5, 64))
     cache = packed_cache.pack(MlxLm())
     first, second = cache.update_and_fetch(k, k)[0], cache.update_and_fetch(k[:, :, :1], k[:, :, :1])[1]
-    assert first.packed.chain is second.packed.chain == [None]
-    first.packed.chain[0] = "counters"  # what a launch leaves there
+    chain = first.packed.chain
+    assert chain is second.packed.chain and chain.counters is None
+    chain.counters = mx.zeros((32,), dtype=mx.int32)  # what a launch leaves there
+    for twin in (copy.deepcopy(cache), pickle.loads(pickle.dumps(cache))):
+        assert twin._chain is not chain and twin._chain.counters is None
+    assert copy.copy(cache)._chain is chain
     cache.state = cache.state
     third = cache.update_and_fetch(k[:, :, :1], k[:, :, :1])[0]
-    assert third.packed.chain == [None] and third.packed.chain is not first.packed.chain
+    assert third.packed.chain is not chain and third.packed.chain.counters is None
 
 
 def test_kv_pack_rows_are_mx_quantizes_and_its_kernel_waits_for_verification():

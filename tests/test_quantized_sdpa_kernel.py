@@ -208,24 +208,24 @@ def test_launches_over_a_packed_cache_chain_their_counters_and_ask_mlx_to_fill_n
     D, bits, gs, B, Hkv = 128, 8, 64, 2, 4
     dims = (D * bits // 32, D // gs, D // gs)
     words, sb = mx.zeros((B, Hkv, 512, 2 * D * bits // 32), mx.uint32), mx.zeros((B, Hkv, 512, 4 * D // gs), mx.float16)
-    chain: list = [None]
+    chain = kv_layout.Chain()
     try:
         for n, M in ((300, 1), (301, 1), (305, 4), (306, 1)):
             q = mx.zeros((B, 16, M, D), mx.float16)
             quantized_sdpa_packed(q, kv_layout.Packed(words, sb, n, dims, chain), scale=0.125, group_size=gs,
                                   bits=bits, impl="cuda")
             made, inputs, outs, init = launches[-1]
-            assert init is None and made["output_names"] == ["out", "work", "next"] and chain[0] is outs[2]
+            assert init is None and made["output_names"] == ["out", "work", "next"] and chain.counters is outs[2]
             assert made["input_names"][-1] == "counters" and "const_cast<int*>(counters), next" in made["source"]
             assert outs[2].shape == (B * Hkv * cuda.CHAIN_SLOTS,) and outs[2].dtype == mx.int32
         assert mx.array_equal(launches[0][1][-1], mx.zeros((B * Hkv * cuda.CHAIN_SLOTS,), mx.int32)).item()
         assert all(later[1][-1] is earlier[2][2] for earlier, later in zip(launches, launches[1:]))
         for q, packed in ((mx.zeros((B, 16 * Hkv, 17, D), mx.float16), kv_layout.Packed(words, sb, 300, dims, chain)),
                           (mx.zeros((B, 16, 1, D), mx.float16), kv_layout.Packed(words, sb, 300, dims))):
-            before = chain[0]
+            before = chain.counters
             quantized_sdpa_packed(q, packed, scale=0.125, group_size=gs, bits=bits, impl="cuda")
             made, inputs, outs, init = launches[-1]
-            assert init == 0 and made["output_names"] == ["out", "work"] and len(outs) == 2 and chain[0] is before
+            assert init == 0 and made["output_names"] == ["out", "work"] and len(outs) == 2 and chain.counters is before
     finally:
         clear_caches()
 

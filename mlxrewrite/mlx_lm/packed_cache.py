@@ -74,7 +74,7 @@ class QuantizedKVCache(MlxLmQuantizedKVCache):
     # set by `pack`: _plain ([keys, values] as assigned, packed at the next update) or _words and _sb (None
     # while empty), _dims (K words, K groups, V groups: where `kv_layout.split` cuts), _layout (its fetches'
     # region layout, made at the first update after the buffers are replaced), _chain (the fused kernel's
-    # counters for its next launch over this cache: kv_layout.Packed.chain, new with each packing)
+    # counters for its next launch over this cache: kv_layout.Chain, new with each packing and each copy)
 
     keys = _Half(0)
     values = _Half(1)
@@ -97,7 +97,7 @@ class QuantizedKVCache(MlxLmQuantizedKVCache):
         if keys is None or values is None:
             return
         _check_packable(keys, values)
-        self._chain = [None]
+        self._chain = kv_layout.Chain()
         self._dims = (keys[0].shape[-1], keys[1].shape[-1], values[1].shape[-1])
         self._words, self._sb = kv_layout.join(keys, values)
 
@@ -188,7 +188,7 @@ def pack(cache: MlxLmQuantizedKVCache) -> QuantizedKVCache:
     plain = [vars(cache).pop("keys"), vars(cache).pop("values")]
     cache.__class__ = QuantizedKVCache
     cache._plain, cache._words, cache._sb, cache._dims, cache._layout = plain, None, None, None, None
-    cache._chain = [None]
+    cache._chain = kv_layout.Chain()
     return cache
 
 

@@ -15,16 +15,34 @@ import mlx.core as mx
 Parts = tuple[mx.array, mx.array, mx.array]  # mlx-lm's (weights, scales, biases) of K or of V
 
 
+class Chain:
+    """The fused kernel's merge counters for its next launch over one packed cache (None before the first):
+    each launch takes them and leaves its own, which it zeroes. Launches that share a Chain run one after
+    another on the GPU (each reads the previous one's output). A copy of a cache gets a new Chain
+    (`copy.deepcopy`, pickle): two launches starting from the same counters could run at once and corrupt
+    each other's merge, as the kernel writes them in place."""
+
+    __slots__ = ("counters",)
+
+    def __init__(self) -> None:
+        self.counters: mx.array | None = None
+
+    def __deepcopy__(self, memo: dict) -> "Chain":
+        return Chain()
+
+    def __reduce__(self) -> tuple:
+        return Chain, ()
+
+
 class Packed(NamedTuple):
     """Rows [:n] of a packed cache's buffers (which may be longer); dims = (K words, K groups, V groups).
-    chain: the cache's one-item list holding the CUDA kernel's counters for its next launch over this cache
-    (None until the first; quantized_sdpa_packed replaces it at each launch), or None: no chain."""
+    chain: the cache's `Chain` (the CUDA kernel's counters for its next launch over the cache), or None."""
 
     words: mx.array
     sb: mx.array
     n: int
     dims: tuple[int, int, int]
-    chain: list | None = None
+    chain: Chain | None = None
 
     def parts(self) -> tuple[Parts, Parts]:
         """mlx-lm's (weights, scales, biases) of K and of V, as views of rows [:n]."""

@@ -189,10 +189,10 @@ def quantized_sdpa_packed(q: mx.array, packed: kv_layout.Packed, *, scale: float
     params = _params(float(scale), float(_lowest(dtype) if fill is None else fill), chunk, n)
     if not chained:
         return launch(q, (words, sb), mask_arr, sinks, params=params)
-    counters = chain[0]
+    counters = chain.counters
     if counters is None or counters.shape[0] != shape[0] * shape[1] * cuda.CHAIN_SLOTS:
         counters = cuda.chain_counters(shape[0], shape[1])
-    out, chain[0] = launch(q, (words, sb), mask_arr, sinks, params=params, counters=counters)
+    out, chain.counters = launch(q, (words, sb), mask_arr, sinks, params=params, counters=counters)
     return out
 
 
