@@ -17,10 +17,10 @@ Parts = tuple[mx.array, mx.array, mx.array]  # mlx-lm's (weights, scales, biases
 
 class Chain:
     """The fused kernel's merge counters for its next launch over one packed cache (None before the first):
-    each launch takes them and leaves its own, which it zeroes. Launches that share a Chain run one after
-    another on the GPU (each reads the previous one's output). A copy of a cache gets a new Chain
-    (`copy.deepcopy`, pickle): two launches starting from the same counters could run at once and corrupt
-    each other's merge, as the kernel writes them in place."""
+    each launch takes them and leaves its own, which it zeroes (and it leaves the ones it took at zero
+    again). Launches that share a Chain run one after another on the GPU (each reads the previous one's
+    output). A copy of a cache gets a new Chain (`copy.deepcopy`, pickle): two launches starting from the
+    same counters could run at once and corrupt each other's merge, as the kernel writes them in place."""
 
     __slots__ = ("counters",)
 

@@ -332,7 +332,12 @@ __device__ void split(
   __shared__ int last;
   __threadfence();
   __syncthreads();
-  if (tid == 0) last = atomicAdd(done + (static_cast<int64_t>(b) * gridDim.y + kvh) * slots + rg, 1) == nc - 1;
+  if (tid == 0) {
+    int* count = done + (static_cast<int64_t>(b) * gridDim.y + kvh) * slots + rg;
+    last = atomicAdd(count, 1) == nc - 1;
+    // every block has counted: back to zero, so counters used again (mx.compile keeps one array) start from 0
+    if (last) *count = 0;
+  }
   __syncthreads();
   if (!last) return;
   __threadfence();

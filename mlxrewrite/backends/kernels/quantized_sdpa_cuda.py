@@ -11,7 +11,8 @@ warp per row takes their weights, and each output element's partials are loaded 
 Over a packed cache the launches are chained: each takes its counters from the previous launch over that
 cache (which zeroed them) and zeroes its own for the next, so MLX zero-fills none of its outputs (two graph
 nodes fewer per call), and the chain orders the launches on the GPU (each one's counters are the previous
-one's output).
+one's output). The merging block also sets its counter back to zero, so counters used twice in turn (as
+`mx.compile` reuses an array it captured) still start from zero.
 
 M-invariance: the chunk size depends on N alone and every per-row choice (tile, shuffle tree, which keys a
 thread sums in P.V, the order the key subsets and the chunks are added) depends on D and n_rep alone; M
