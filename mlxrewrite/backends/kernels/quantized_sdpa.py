@@ -215,7 +215,7 @@ def _packed_launch(q: Shape, dtype: mx.Dtype, words: Shape, sb: Shape, rows: int
     where a chain is offered and the query's row groups fit its counters."""
     part = _packed_rows(words, sb, min(rows, words[2]), dims)
     n_rep = q[1] // words[1] if len(q) == 4 and words[1] and q[1] % words[1] == 0 else 0
-    chained = chain and n_rep > 0 and -(-q[2] // cuda.geometry(q[3], n_rep, q[2])[2]) <= cuda.CHAIN_SLOTS
+    chained = chain and n_rep > 0 and cuda.row_groups(q[3], n_rep, q[2]) <= cuda.CHAIN_SLOTS
     plan, _ = _cuda_plan(q, part, part, dtype, group_size, bits, chunk, kind, mask, mask_dtype, sinks, sinks_dtype,
                          True, chained)
     return functools.partial(cuda.launch_chained if chained else cuda.launch, plan), chained

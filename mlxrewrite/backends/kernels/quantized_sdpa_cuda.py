@@ -115,6 +115,11 @@ def geometry(D: int, n_rep: int, M: int) -> tuple[int, int, int]:
     return THREADS // npp, mbmax, min(M, mbmax)
 
 
+def row_groups(D: int, n_rep: int, M: int) -> int:
+    """Blocks per (chunk, kv head, batch): each holds MBE query positions (a chained launch: at most CHAIN_SLOTS)."""
+    return -(-M // geometry(D, n_rep, M)[2])
+
+
 def shared_bytes(D: int, n_rep: int, M: int) -> int:
     tk, _, mbe = geometry(D, n_rep, M)
     rb = n_rep * mbe
@@ -133,7 +138,7 @@ def plan(B: int, Hq: int, Hkv: int, M: int, D: int, N: int, chunk: int, bits: in
     n_rep = Hq // Hkv
     _, mbmax, mbe = geometry(D, n_rep, M)
     nc = -(-N // chunk)
-    nrg = -(-M // mbe)
+    nrg = row_groups(D, n_rep, M)
     if chained and (not packed or nrg > CHAIN_SLOTS):
         raise ValueError(f"quantized_sdpa: a chained launch takes a packed cache and at most {CHAIN_SLOTS} row groups")
     rows_nc = B * Hq * M * nc
@@ -161,15 +166,19 @@ def launch(plan_: tuple, q: mx.array, kv: Sequence[mx.array], mask: mx.array | N
     """One launch; K/V (six parts, or a packed cache's two buffers), q and mask are passed as the views they
     are (no copies)."""
     kernel, launch_args = plan_
-    inputs = [q, *kv] + ([mask] if mask is not None else []) + ([sinks] if sinks is not None else []) + [params]
-    return kernel(inputs=inputs, **launch_args)[0]
+    return kernel(inputs=_inputs(q, kv, mask, sinks, params), **launch_args)[0]
 
 
 def launch_chained(plan_: tuple, q: mx.array, kv: Sequence[mx.array], mask: mx.array | None,
                    sinks: mx.array | None, *, params: mx.array, counters: mx.array) -> tuple[mx.array, mx.array]:
     """A chained launch (plan(chained=True)): (output, the counters for the next launch)."""
     kernel, launch_args = plan_
-    inputs = [q, *kv] + ([mask] if mask is not None else []) + ([sinks] if sinks is not None else []) + \
-        [params, counters]
-    out, _, following = kernel(inputs=inputs, **launch_args)
+    out, _, following = kernel(inputs=_inputs(q, kv, mask, sinks, params, counters), **launch_args)
     return out, following
+
+
+def _inputs(q: mx.array, kv: Sequence[mx.array], mask: mx.array | None, sinks: mx.array | None,
+            *scalars_and_counters: mx.array) -> list[mx.array]:
+    """A launch's inputs in the kernel's order (`_kernel`'s input names): the optional ones only where given."""
+    return [q, *kv] + ([mask] if mask is not None else []) + ([sinks] if sinks is not None else []) + \
+        list(scalars_and_counters)
