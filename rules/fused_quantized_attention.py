@@ -27,11 +27,12 @@ verified (CPU and Metal keep today's rewrites; on CUDA only the architectures in
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import mlx.core as mx
 
 from mlxrewrite.core.facts import Facts, Read
-from mlxrewrite.backends.kernels import quantized_sdpa, quantized_sdpa_packed
+from mlxrewrite.backends.kernels import packed_attention, quantized_sdpa
 from mlxrewrite.core.pattern import GraphPattern
 from mlxrewrite.backends.device import Backend
 from mlxrewrite.core.rule import Bound, Decision, Decline, Region, Rule
@@ -182,26 +183,40 @@ def fused(bound: Bound, decision: Decision) -> mx.array:
 
 
 def direct(decision: Decision, queries: mx.array, q_keys: tuple, q_values: tuple, scale: float, mask, group_size: int,
-           bits: int) -> mx.array | None:
-    """`fused` on the arguments of mlx-lm's function itself (eager mode's fast path): the kernel scales the
-    query as mlx-lm does and takes its 4-axis query and cache views as they are, so no op is replayed; from a
-    packed cache (mlxrewrite.mlx_lm.packed_cache) it reads the cache's two buffers, no view made at all. A
-    mask whose view on the heads only the traced graph tells (neither (L, N) nor (B, 1, L, N)), and a query
-    whose dtype is not the scales' (mlx-lm's matmul then promotes it after scaling), are left to `fused` (None)."""
+           bits: int) -> Callable[..., mx.array | None] | None:
+    """`fused` on the arguments of mlx-lm's function itself (eager mode's fast path), prepared once per analysis
+    from its first call: the kernel scales the query as mlx-lm does and takes its 4-axis query and cache views
+    as they are, so no op is replayed; from a packed cache (mlxrewrite.mlx_lm.packed_cache) it reads the cache's
+    two buffers, no view made at all, and a call costs the prepared kernel's launch. A mask whose view on the
+    heads only the traced graph tells (neither (L, N) nor (B, 1, L, N)), and a query whose dtype is not the
+    scales' (mlx-lm's matmul then promotes it after scaling), are left to `fused` (None). Everything read here
+    is in the region's key (shapes, dtypes, static arguments, a packed cache's layout); per call the prepared
+    form only checks that K and V are one cache's (else None: `fused` takes that call)."""
     if isinstance(mask, mx.array) and not (mask.ndim == 2 or (mask.ndim == 4 and mask.shape[1] == 1)):
         return None
     p = decision.params
     packed = getattr(q_keys, "packed", None)  # a packed cache's fetch: the kernel reads its two buffers
-    if packed is not None and getattr(q_values, "packed", None) is packed and q_keys.which == 0 == 1 - q_values.which:
-        # the guard saw these arrays (their shapes, K's and V's alike, are in the region's key)
+    if packed is not None:
         if queries.dtype != packed.sb.dtype:
             return None
-        return quantized_sdpa_packed(queries, packed, scale=scale, group_size=p["group_size"], bits=p["bits"],
-                                     mask=mask, fill=p["fill"])
+        attend = packed_attention(queries.shape, queries.dtype, packed, scale=scale, group_size=p["group_size"],
+                                  bits=p["bits"], mask=mask, fill=p["fill"])
+
+        def run_packed(queries, q_keys, q_values, scale, mask, group_size, bits):
+            packed = q_keys.packed
+            if getattr(q_values, "packed", None) is not packed or q_keys.which != 0 or q_values.which != 1:
+                return None
+            return attend(queries, packed, mask)
+
+        return run_packed
     if queries.dtype != q_keys[1].dtype:
         return None
-    return quantized_sdpa(queries, q_keys, q_values, scale=scale, group_size=p["group_size"], bits=p["bits"],
-                          mask=mask, fill=p["fill"])
+
+    def run(queries, q_keys, q_values, scale, mask, group_size, bits):
+        return quantized_sdpa(queries, q_keys, q_values, scale=scale, group_size=p["group_size"], bits=p["bits"],
+                              mask=mask, fill=p["fill"])
+
+    return run
 
 
 def _kv_heads(a: mx.array) -> mx.array:

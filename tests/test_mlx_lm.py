@@ -507,8 +507,10 @@ def test_packed_views_give_the_fused_algorithm_mlx_lms_numbers(monkeypatch):
     monkeypatch.setattr(regions, "installed", lambda path: False)
     fetched = packed.update_and_fetch(k[:, :, :1], v[:, :, :1])
     assert all(type(half) is tuple for half in fetched)
-    with pytest.raises(ValueError, match="are not K and V of one shape"):
+    with pytest.raises(ValueError, match="600 rows asked of buffers of 512"):
         quantized_sdpa_packed(q, qk.packed._replace(n=600), **common)
+    with pytest.raises(ValueError, match="are not K and V of one shape"):
+        quantized_sdpa_packed(q, qk.packed._replace(dims=(16, 2, 1)), **common)
 
 
 def test_a_packed_caches_fetches_share_one_kernel_chain_and_a_copy_gets_its_own(monkeypatch):

@@ -109,7 +109,8 @@ class ForwardPass:
         self.rewriter = rewriter
         self.backend = rewriter.backend()
         self.observer = observer
-        self.regions: dict[str, _RegionTable] = {}  # region path -> its table for this pass's backend
+        # region path -> its table for this pass's backend (those made by earlier passes, at once)
+        self.regions: dict[str, _RegionTable] = rewriter.region_tables(self.backend)
         checker = rewriter.check_values
         self.value_check = (lambda array: checker(array, self)) if callable(checker) else \
             (self.check if checker else None)
@@ -120,10 +121,24 @@ class ForwardPass:
         return self.rewriter.handle(call, self)
 
     def region(self, call: regions.RegionCall) -> Any:
-        """A region function was called in this pass (regions.py)."""
+        """A region function was called in this pass (regions.py) and `region_fast` did not serve it."""
         if self.observer is not None:
             self.observer(call)
         return self.rewriter.handle_region(call, self)
+
+    def region_fast(self, path: str, args: tuple, kwargs: dict[str, Any]) -> Any:
+        """A region call's common case, tried first, per attention layer per token: a call of a kind already
+        analysed whose fast rewrite is checked. Its result, or `regions.MISS` (then `region` takes it). Costs the
+        call's generated binder, one key lookup and the rewrite: no `RegionCall`, no frame read."""
+        table = self.regions.get(path)
+        if table is None or self.observer is not None or not table.rules:
+            return regions.MISS
+        try:
+            values, arrays, key = table.signature.split(args, kwargs)
+            analysis = table.analyses.get(key)
+        except TypeError:  # arguments the binder does not take apart (or an unhashable one): the slow way
+            return regions.MISS
+        return self.rewriter.served(analysis, values, arrays)
 
     def check(self, array: mx.array) -> ConstSummary | None:
         """A runtime value summary of `array` as it is now: one synchronisation per call, not per array, as
@@ -302,17 +317,13 @@ class EagerRewriter:
             if analysis is None or analysis.fast is None:  # the slow ways take lazy operands' arrays
                 arrays = _concrete_arrays(arrays)
                 analysis = analysis or table.analyses.get((key, _exact(arrays)))
-        except TypeError:  # arguments this fast path does not take apart (or an unhashable one): as written
+        except TypeError:  # arguments the binder does not take apart (or an unhashable one): as written
             return call.run_original()
         if analysis is None:
             analysis = self._analyse_region(table, key, call, values, arrays, forward_pass)
-        if analysis.fast is not None:
-            try:
-                result = analysis.fast(values, arrays)
-                self._counts[analysis.label] += 1
-                return result
-            except Exception:  # noqa: BLE001 - the slow path below reports it and runs the region as written
-                analysis.fast = None
+        result = self.served(analysis, values, arrays)
+        if result is not regions.MISS:
+            return result
         decision = analysis.decision
         if decision is None:
             self.count(f"{analysis.api}: left as is")
@@ -334,23 +345,21 @@ class EagerRewriter:
         return result
 
     def _direct(self, rule: Rule, decision: Decision, analysis: Analysis, bound: Callable, values: tuple,
-                arrays: list[mx.array], result: Any) -> tuple[Callable, Any]:
+                arrays: list[mx.array], result: Any) -> tuple[Callable | None, Any]:
         """The region's fast rewrite: the rule's direct form (its rewrite on the function's own arguments,
-        skipping the replay of the ops before the pattern) once its first result equals the bound rewrite's
-        bitwise, else the bound rewrite. Where values cannot be compared now (under a transformation) the
-        bound rewrite runs and the direct form waits for a later call."""
-        direct = rule.region.direct
-        if direct is None:
+        prepared once per analysis, skipping the replay of the ops before the pattern) once its first result
+        equals the bound rewrite's bitwise, else the bound rewrite. Where values cannot be compared now (under
+        a transformation), or it does not serve this call, the bound rewrite runs and a later call tries again."""
+        prepare = rule.region.direct
+        if prepare is None:
             return bound, result
-
-        def fast(values: tuple, arrays: list) -> Any:
-            out = direct(decision, *values)
-            return bound(values, arrays) if out is None else out
-
         try:
-            out = direct(decision, *values)
-            if out is None:  # it does not serve this analysis's calls (what it reads of them is in the key)
+            run = prepare(decision, *values)
+            if run is None:  # it does not serve this analysis's calls (what it reads of them is in the key)
                 return bound, result
+            out = run(*values)
+            if out is None:
+                return None, result
             agree = isinstance(out, mx.array) and (out.dtype, out.shape) == (result.dtype, result.shape) and \
                 mx.array_equal(out, result).item()
         except Exception as error:  # noqa: BLE001 - a tracer (undecidable now) or the direct form's bug
@@ -363,7 +372,29 @@ class EagerRewriter:
             self._report(f"rule {rule.name}'s direct form differs from its bound rewrite at {analysis.where}; "
                          f"the bound rewrite runs")
             return bound, result
+
+        def fast(values: tuple, arrays: list) -> Any:
+            out = run(*values)
+            return bound(values, arrays) if out is None else out
+
         return fast, out
+
+    def served(self, analysis: Analysis | None, values: tuple, arrays: list) -> Any:
+        """The analysis's checked fast rewrite on one call, or `regions.MISS`: there is none yet, or it raised
+        (then it is dropped, and the slow way reports the failure and runs the bound rewrite)."""
+        if analysis is None or analysis.fast is None:
+            return regions.MISS
+        try:
+            result = analysis.fast(values, arrays)
+        except Exception:  # noqa: BLE001 - see above
+            analysis.fast = None
+            return regions.MISS
+        self._counts[analysis.label] += 1
+        return result
+
+    def region_tables(self, backend: Backend) -> dict[str, "_RegionTable"]:
+        """The region tables made so far for `backend`, by region path: a new forward pass starts with them."""
+        return {path: table for (path, made_for), table in self._region_tables.items() if made_for == backend}
 
     def _region_table(self, call: regions.RegionCall, forward_pass: ForwardPass) -> "_RegionTable":
         """The rules of the call's region that may run on the pass's backend, the region's signature for them
@@ -538,43 +569,50 @@ _MISSING = object()
 class _RegionSignature:
     """A region function's parameters, read once, to take a call apart and key it in a few microseconds
     (inspect's `bind` and optree cost more than the rest of a fused call). As TorchDynamo compiles its
-    guards, each layout of arguments seen (which are arrays, tuples of arrays, static values) gets a
-    generated function that checks that layout and builds the key with no loop; others take the general way."""
+    guards, each way of calling seen (how many arguments are positional, which are named, and which are
+    arrays, tuples of arrays, lazy operands or static values) gets a generated function that checks it and
+    binds and keys the call with no loop; others take the general way."""
 
     MAX_LAYOUTS = 8
 
     def __init__(self, names: tuple[str, ...], defaults: dict[str, Any], free: dict[str, int]):
         self.names = names
+        self.defaults = defaults
         # per count of positional arguments: the other parameters' names, defaults, and which are required
         self._rest = tuple((names[n:], tuple(defaults.get(name, _MISSING) for name in names[n:]),
                             tuple(i for i in range(n, len(names)) if names[i] not in defaults))
                            for n in range(len(names)))
         self._allowed = tuple(frozenset(names[n:]) for n in range(len(names) + 1))
         self._free = tuple(free.get(name) for name in names)  # the dim each argument's arrays leave free
-        self._keyers: list[Callable[[tuple], tuple | None]] = []
+        self._binders: list[Callable[[tuple, dict], tuple | None]] = []
 
-    def split(self, args: tuple, kwargs: dict) -> tuple[tuple, list[mx.array], tuple]:
+    def split(self, args: tuple, kwargs: dict) -> tuple[tuple, list, tuple]:
         """(every parameter's value in order, the arrays in flatten order, the key: per argument an array's
-        (dtype, shape with its free dim as -1), a tuple of such for a tuple of arrays, or a static value).
-        TypeError: not arguments it takes apart."""
+        (dtype, shape with its free dim as -1), a tuple of such for a tuple of arrays, ("lazy", its type,
+        its `region_layout`) for a lazy operand, or ("static", value)). TypeError: not arguments it takes apart."""
+        for binder in self._binders:
+            found = binder(args, kwargs)
+            if found is not None:
+                return found
+        values = self.values(args, kwargs)
+        arrays, key, layout = self.describe(values)
+        if len(self._binders) < self.MAX_LAYOUTS:
+            self._binders.append(_binder(self, len(args), tuple(kwargs), layout))
+        return values, arrays, key
+
+    def values(self, args: tuple, kwargs: dict) -> tuple:
+        """Every parameter's value in order, defaults filled in; TypeError where the arguments do not fit."""
         n = len(args)
         if n > len(self.names) or (kwargs and not kwargs.keys() <= self._allowed[n]):
             raise TypeError("arguments do not fit the region's parameters")
-        values = args
-        if n < len(self.names):  # the rest by name or default, one C-level loop
-            rest, defaults, required = self._rest[n]
-            values = args + tuple(map(kwargs.get, rest, defaults))
-            for i in required:
-                if values[i] is _MISSING:
-                    raise TypeError("a required argument of the region is missing")
-        for keyer in self._keyers:
-            found = keyer(values)
-            if found is not None:
-                return values, found[0], found[1]
-        arrays, key, layout = self.describe(values)
-        if len(self._keyers) < self.MAX_LAYOUTS:
-            self._keyers.append(_keyer(layout, self._free))
-        return values, arrays, key
+        if n == len(self.names):
+            return args
+        rest, defaults, required = self._rest[n]
+        values = args + tuple(map(kwargs.get, rest, defaults))
+        for i in required:
+            if values[i] is _MISSING:
+                raise TypeError("a required argument of the region is missing")
+        return values
 
     def describe(self, values: tuple) -> tuple[list, tuple, list]:
         """The general way: arrays, key and layout (per argument "array", (tuple or list, length), ("lazy",
@@ -612,9 +650,11 @@ def _array_key(a: mx.array, free: int | None) -> tuple:
     return a.dtype, shape[:free] + _FREE + (shape[free + 1:] if free != -1 else ())
 
 
-def _keyer(layout: list, free: tuple) -> Callable[[tuple], tuple | None]:
-    """A function of the argument values giving (arrays, key) exactly as `describe` would, or None where
-    the values do not have this layout."""
+def _binder(signature: _RegionSignature, positional: int, named: tuple[str, ...], layout: list
+            ) -> Callable[[tuple, dict], tuple | None]:
+    """A function of a call's (args, kwargs) giving (values, arrays, key) exactly as `split`'s general way
+    would, or None where the call is not made this way: `positional` arguments, the parameters `named` by
+    keyword (the others by default), values of this `layout`."""
     outer, inner, arrays, key, unpack = [], [], [], [], []
 
     def array(name: str, dim: int | None, checks: list[str]) -> str:
@@ -625,9 +665,19 @@ def _keyer(layout: list, free: tuple) -> Callable[[tuple], tuple | None]:
         tail = "" if dim == -1 else f" + s_{name}[{dim + 1}:]"  # one shape read per array: each builds a tuple
         return f"({name}.dtype, (s_{name} := {name}.shape)[:{dim}] + F{tail})"
 
-    scope = {"A": mx.array, "F": _FREE, "Lazy": regions.LazyOperand, "NOT_STATIC": frozenset({mx.array, tuple, list})}
-    for i, (entry, dim) in enumerate(zip(layout, free)):
-        name = f"x{i}"
+    scope = {"A": mx.array, "F": _FREE, "Lazy": regions.LazyOperand, "NOT_STATIC": frozenset({mx.array, tuple, list}),
+             "MISSING": _MISSING}
+    names = [f"x{i}" for i in range(len(layout))]
+    binding = [f"    {''.join(f'{x}, ' for x in names[:positional])}= args"] if positional else []
+    for i, parameter in enumerate(signature.names[positional:], positional):
+        if parameter in named:
+            binding.append(f"    x{i} = kwargs.get({parameter!r}, MISSING)")
+            outer.append(f"x{i} is MISSING")
+        else:
+            scope[f"D{i}"] = signature.defaults[parameter]
+            binding.append(f"    x{i} = D{i}")
+    for i, (entry, dim) in enumerate(zip(layout, signature._free)):
+        name = names[i]
         if entry == "array":
             key.append(array(name, dim, outer))
         elif entry == "static":
@@ -645,17 +695,19 @@ def _keyer(layout: list, free: tuple) -> Callable[[tuple], tuple | None]:
             unpack.append(f"{', '.join(items)}, = {name}")
             key.append(f"({kind.__name__}, ({''.join(array(item, dim, inner) + ', ' for item in items)}))")
     source = "\n".join([
-        "def keyer(values):",
-        f"    {''.join(f'x{i}, ' for i in range(len(layout)))}= values",
+        "def binder(args, kwargs):",
+        f"    if len(args) != {positional} or len(kwargs) != {len(named)}:",
+        "        return None",
+        *binding,
         f"    if {' or '.join(outer) or 'False'}:",
         "        return None",
         *(f"    {line}" for line in unpack),
         f"    if {' or '.join(inner) or 'False'}:",
         "        return None",
-        f"    return [{', '.join(arrays)}], ({''.join(k + ', ' for k in key)})",
+        f"    return ({''.join(x + ', ' for x in names)}), [{', '.join(arrays)}], ({''.join(k + ', ' for k in key)})",
     ])
-    exec(compile(source, "<region key>", "exec"), scope)  # noqa: S102 - our own generated guard, as Dynamo's
-    return scope["keyer"]
+    exec(compile(source, "<region binder>", "exec"), scope)  # noqa: S102 - our own generated guard, as Dynamo's
+    return scope["binder"]
 
 
 def _array_facts(key: tuple) -> list[tuple]:

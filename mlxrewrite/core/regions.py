@@ -4,9 +4,11 @@ Eager mode sees calls one at a time, so a subgraph rule (qmm -> mask -> softmax 
 where its subgraph starts. A rule names the function that computes it (`Rule.region`, e.g. mlx-lm's
 `mlx_lm.models.base:quantized_scaled_dot_product_attention`). Eager mode installs a dispatcher in that
 function's place in its module: outside a forward pass of a rewriter that wants regions it calls the
-function at once, so other code, and unwrapped models, see no difference. Inside one, the forward pass
-gets a `RegionCall`: it traces the function on the call's shapes, matches the rule's pattern on that graph
-and either runs the rewrite or the function as written (whose own calls are then decided one by one).
+function at once, so other code, and unwrapped models, see no difference. Inside one, the forward pass's
+`region_fast` serves a call of a kind it has decided and checked (the common case, per layer per token);
+any other gets a `RegionCall`: it traces the function on the call's shapes, matches the rule's pattern on
+that graph and either runs the rewrite or the function as written (whose own calls are then decided one
+by one).
 """
 
 from __future__ import annotations
@@ -108,12 +110,19 @@ def install(path: str) -> str | None:
     return None
 
 
+MISS = object()  # a handler's `region_fast` did not serve the call: its `region` takes it
+
+
 def _dispatcher(path: str, real: Callable) -> Callable:
     def dispatcher(*args: Any, **kwargs: Any) -> Any:
-        handle = getattr(intercept.active_handler(), "region", None)
-        if handle is None:
+        handler = intercept.active_handler()
+        fast = getattr(handler, "region_fast", None)
+        if fast is None:
             return _run(real, args, kwargs)
-        return handle(RegionCall(path, real, args, kwargs, sys._getframe(1)))
+        result = fast(path, args, kwargs)
+        if result is MISS:
+            result = handler.region(RegionCall(path, real, args, kwargs, sys._getframe(1)))
+        return result
 
     dispatcher.__name__ = real.__name__
     dispatcher.__doc__ = real.__doc__

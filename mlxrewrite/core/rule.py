@@ -90,11 +90,13 @@ class Region:
 
     path: str  # "module:function"
     free: dict[str, int] = field(default_factory=dict)  # argument name -> dim of each of its arrays
-    # The rewrite written on the function's own arguments: `direct(decision, *arguments)` (every parameter in
-    # order, defaults filled in) -> the region's result, or None where it does not serve the analysis's calls
-    # (decided from what the region's key holds: shapes, dtypes, static arguments). Eager mode's fast path: it
-    # skips replaying the ops between the arguments and the pattern. Its first result per analysis must equal
-    # the bound rewrite's (dtype, shape and bits), else the bound rewrite runs (reported).
+    # The rewrite written on the function's own arguments, prepared once per analysis: `direct(decision,
+    # *arguments)` (every parameter in order, defaults filled in; the analysis's first call) -> a function of
+    # the same arguments giving the region's result (or None for a call it does not serve: the bound rewrite
+    # takes that one), or None where it serves none of the analysis's calls (decided from what the region's
+    # key holds: shapes, dtypes, static arguments). Eager mode's fast path: it skips replaying the ops between
+    # the arguments and the pattern, and what the key fixes is worked out once. Its first result per analysis
+    # must equal the bound rewrite's (dtype, shape and bits), else the bound rewrite runs (reported).
     direct: Callable[..., Any] | None = field(default=None, repr=False)
 
 

@@ -10,9 +10,8 @@ in index order. `reference` writes that algorithm in MLX ops so the CPU tests ca
 
 from __future__ import annotations
 
-import functools
 from functools import lru_cache
-from typing import Callable, Sequence
+from typing import Sequence
 
 import mlx.core as mx
 
@@ -68,7 +67,7 @@ def clear_caches() -> None:
     current)."""
     from . import kv_pack  # it imports this module
 
-    for cached in (cuda._kernel, _cuda_plan, _packed_launch, _params, kv_pack.cuda._kernel, kv_pack._launcher):
+    for cached in (cuda._kernel, _cuda_plan, _prepared_packed, _params, kv_pack.cuda._kernel, kv_pack._launcher):
         cached.cache_clear()
 
 
@@ -168,32 +167,100 @@ def quantized_sdpa_packed(q: mx.array, packed: kv_layout.Packed, *, scale: float
     The same kernel and numbers as over the six parts `kv_layout.split` makes of them, without making them:
     a decode step then builds no view of the cache (on CUDA; the reference takes the parts).
     """
-    words, sb = packed.words, packed.sb
-    if _resolve(impl) == "reference":
-        _packed_rows(words.shape, sb.shape, packed.n, packed.dims)
-        k, v = packed.parts()
-        return quantized_sdpa(q, k, v, scale=scale, group_size=group_size, bits=bits, mask=mask, fill=fill,
-                              sinks=sinks, impl="reference")
-    kind, mask_arr = _cuda_mask(mask)
-    n, shape = packed.n, words.shape
-    if n > shape[2]:
-        raise ValueError(f"quantized_sdpa_packed: {n} rows asked of buffers of {shape[2]}")
-    chunk = chunk_size(n)
-    # the rows a launch is planned for: whole chunks (a decode loop plans once per chunk), or exactly n where
-    # a mask array, whose last axis is n, is checked against them
-    rows = n if mask_arr is not None else -(-n // chunk) * chunk
-    chain = packed.chain
-    dtype = q.dtype
-    launch, chained = _packed_launch(q.shape, dtype, shape, sb.shape, rows, chunk, packed.dims, group_size, bits,
-                                     kind, *_shape_dtype(mask_arr), *_shape_dtype(sinks), chain is not None)
-    params = _params(float(scale), float(_lowest(dtype) if fill is None else fill), chunk, n)
-    if not chained:
-        return launch(q, (words, sb), mask_arr, sinks, params=params)
-    counters = chain.counters
-    if counters is None or counters.shape[0] != shape[0] * shape[1] * cuda.CHAIN_SLOTS:
-        counters = cuda.chain_counters(shape[0], shape[1])
-    out, chain.counters = launch(q, (words, sb), mask_arr, sinks, params=params, counters=counters)
-    return out
+    return packed_attention(q.shape, q.dtype, packed, scale=scale, group_size=group_size, bits=bits, mask=mask,
+                            fill=fill, sinks=sinks, impl=impl)(q, packed, mask, sinks)
+
+
+def packed_attention(q_shape: Shape, dtype: mx.Dtype, packed: kv_layout.Packed, *, scale: float, group_size: int,
+                     bits: int, mask: Mask = None, fill: float | None = None, sinks: mx.array | None = None,
+                     impl: str = "auto") -> "PackedAttention":
+    """`quantized_sdpa_packed` prepared for queries of `q_shape` and `dtype` over caches laid out as `packed`
+    (any row count), with a mask and sinks like those given (an array mask: any last axis, n or 1): the
+    object to call once per decode step (a rule's direct form holds one per analysis)."""
+    if isinstance(mask, str) and mask != "causal":
+        raise ValueError(f"quantized_sdpa: unknown mask {mask!r}")
+    words, sb = packed.words.shape, packed.sb.shape
+    mask_shape, mask_dtype = _shape_dtype(mask if isinstance(mask, mx.array) else None)
+    return _prepared_packed(tuple(q_shape), dtype, words[:2] + words[3:], sb[3], packed.dims, group_size, bits,
+                            "causal" if isinstance(mask, str) else None, mask_shape and _as_4d_shape(mask_shape)[:3],
+                            mask_dtype, *_shape_dtype(sinks), packed.chain is not None, float(scale),
+                            float(_lowest(dtype) if fill is None else fill), _resolve(impl))
+
+
+class PackedAttention:
+    """Attention over a packed cache's rows [:n], everything but n decided once (`packed_attention`): the
+    shapes checked, the mask kind, whether launches are chained. A call then costs its row count's
+    arithmetic, a launch lookup (one per chunk size and count of chunks: a few per decode) and the kernel call."""
+
+    __slots__ = ("args", "scale", "fill", "impl", "mask_kind", "chained", "launches", "counters_size")
+
+    def __init__(self, q: Shape, dtype: mx.Dtype, words: Shape, sb_width: int, dims: tuple[int, int, int],
+                 group_size: int, bits: int, mode: str | None, mask: Shape | None, mask_dtype: mx.Dtype | None,
+                 sinks: Shape | None, sinks_dtype: mx.Dtype | None, chain: bool, scale: float, fill: float,
+                 impl: str):
+        B, H, width = words
+        part = _packed_rows((B, H, 0, width), (B, H, 0, sb_width), 0, dims)
+        if mask is not None:
+            _check(q, part, part, group_size, bits, (*mask, 1), sinks)
+        else:
+            _check(q, part, part, group_size, bits, None, sinks)
+        self.mask_kind = cuda.MASK_CAUSAL if mode == "causal" else cuda.MASK_NONE if mask is None else \
+            cuda.MASK_BOOL if mask_dtype == mx.bool_ else cuda.MASK_ADD
+        n_rep = q[1] // H
+        self.chained = chain and cuda.row_groups(q[3], n_rep, q[2]) <= cuda.CHAIN_SLOTS
+        self.args = (q, part, dtype, group_size, bits, mask, mask_dtype, sinks, sinks_dtype)
+        self.scale, self.fill, self.impl = scale, fill, impl
+        self.launches: dict[tuple[int, int], tuple] = {}
+        self.counters_size = B * H * cuda.CHAIN_SLOTS
+
+    def __call__(self, q: mx.array, packed: kv_layout.Packed, mask: Mask = None,
+                 sinks: mx.array | None = None) -> mx.array:
+        """q, mask and sinks as prepared (an array mask: any last axis, n or 1); `packed` of the prepared layout,
+        with any row count."""
+        n, words, sb = packed.n, packed.words, packed.sb
+        if n > words.shape[2]:
+            raise ValueError(f"quantized_sdpa_packed: {n} rows asked of buffers of {words.shape[2]}")
+        if type(mask) is mx.array:
+            if mask.ndim != 4:
+                mask = _as_4d(mask)
+            if mask.shape[3] not in (1, n):
+                raise ValueError(f"quantized_sdpa_packed: a mask over {mask.shape[3]} keys for {n} rows")
+        else:
+            mask = None  # None, or the mode prepared ("causal")
+        if self.impl == "reference":
+            k, v = packed.parts()
+            mode = "causal" if self.mask_kind == cuda.MASK_CAUSAL else mask
+            return quantized_sdpa(q, k, v, scale=self.scale, group_size=self.args[3], bits=self.args[4], mask=mode,
+                                  fill=self.fill, sinks=sinks, impl="reference")
+        chunk = chunk_size(n)
+        chunks = -(-n // chunk)
+        plan = self.launches.get((chunk, chunks)) or self._plan(chunk, chunks)
+        params = _params(self.scale, self.fill, chunk, n)
+        if not self.chained:
+            return cuda.launch(plan, q, (words, sb), mask, sinks, params=params)
+        chain = packed.chain
+        if chain is None:
+            raise ValueError("quantized_sdpa_packed: prepared for a cache with a kernel chain, given one without")
+        counters = chain.counters
+        if counters is None or counters.size != self.counters_size:
+            counters = cuda.chain_counters(*words.shape[:2])
+        out, chain.counters = cuda.launch_chained(plan, q, (words, sb), mask, sinks, params=params, counters=counters)
+        return out
+
+    def _plan(self, chunk: int, chunks: int) -> tuple:
+        q, part, dtype, group_size, bits, mask, mask_dtype, sinks, sinks_dtype = self.args
+        B, Hq, M, D = q
+        plan = cuda.plan(B, Hq, part[1], M, D, chunks * chunk, chunk, bits, group_size, dtype, self.mask_kind,
+                         mask_dtype, sinks_dtype, True, self.chained)
+        self.launches[chunk, chunks] = plan
+        return plan
+
+
+_prepared_packed = lru_cache(maxsize=256)(PackedAttention)
+
+
+def _as_4d_shape(shape: Shape) -> Shape:
+    return (1,) * (4 - len(shape)) + tuple(shape)
 
 
 def _packed_rows(words: Shape, sb: Shape, n: int, dims: tuple[int, int, int]) -> Shape:
@@ -203,22 +270,6 @@ def _packed_rows(words: Shape, sb: Shape, n: int, dims: tuple[int, int, int]) ->
         raise ValueError(f"quantized_sdpa_packed: buffers {words}, {sb} with dims {dims} and {n} rows are not K "
                          "and V of one shape")
     return (*words[:2], n, k_words)
-
-
-@lru_cache(maxsize=1024)
-def _packed_launch(q: Shape, dtype: mx.Dtype, words: Shape, sb: Shape, rows: int, chunk: int,
-                   dims: tuple[int, int, int], group_size: int, bits: int, kind: int, mask: Shape | None,
-                   mask_dtype: mx.Dtype | None, sinks: Shape | None, sinks_dtype: mx.Dtype | None,
-                   chain: bool) -> tuple[Callable, bool]:
-    """The packed form's launch for one shape and `rows` (whole chunks, or n: a launch depends on the row
-    count only through the count of chunks, as n itself comes in the scalars), and whether it is chained:
-    where a chain is offered and the query's row groups fit its counters."""
-    part = _packed_rows(words, sb, min(rows, words[2]), dims)
-    n_rep = q[1] // words[1] if len(q) == 4 and words[1] and q[1] % words[1] == 0 else 0
-    chained = chain and n_rep > 0 and cuda.row_groups(q[3], n_rep, q[2]) <= cuda.CHAIN_SLOTS
-    plan, _ = _cuda_plan(q, part, part, dtype, group_size, bits, chunk, kind, mask, mask_dtype, sinks, sinks_dtype,
-                         True, chained)
-    return functools.partial(cuda.launch_chained if chained else cuda.launch, plan), chained
 
 
 def _causal(M: int, N: int) -> mx.array:
