@@ -7,7 +7,8 @@ from a larger buffer as mlx-lm's cache hands it over), calls interleaved over ma
 - `fused call`: the call inside an eager forward pass, where the fused rule fires;
 - `kernel alone`: `quantized_sdpa` called directly with the same arguments (what the rewrite runs);
 - `fused call, packed fetch` and `packed kernel alone`: the same with K and V as a packed cache's lazy
-  fetch (mlxrewrite.mlx_lm.packed_cache: the kernel gets its two buffers, `quantized_sdpa_packed`);
+  fetch (mlxrewrite.mlx_lm.packed_cache: the kernel gets its two buffers, through the launch the rule
+  prepares once per analysis, `packed_attention`);
 - `float SDPA`: `mx.fast.scaled_dot_product_attention` over a float16 cache of the same length (what a
   float cache's attention costs the host);
 - `mlx-lm unfused` (CPU only; on CUDA it raises): the function as shipped.
@@ -74,8 +75,8 @@ def main() -> None:
             return outputs[q.shape, q.dtype]
 
         fused.quantized_sdpa = stub
-        fused.quantized_sdpa_packed = lambda q, packed, **kwargs: stub(q, (), ())
-    kernel, packed_kernel = fused.quantized_sdpa, fused.quantized_sdpa_packed
+        fused.packed_attention = lambda *args, **kwargs: lambda q, packed, mask=None: stub(q, (), ())
+    kernel = fused.quantized_sdpa
     k, v, kf, vf = _cache()
     q = mx.random.normal((B, HQ, 1, D)).astype(DTYPE)
     scale = D**-0.5
@@ -89,13 +90,13 @@ def main() -> None:
     mx.eval(pk.packed.words, pk.packed.sb)
     packed_attention = mlxrewrite.eager(lambda q: _repeated(lambda: mlx_lm_attention(pk, pv))())
     mx.eval(packed_attention(q))
+    prepared = fused.packed_attention(q.shape, q.dtype, pk.packed, scale=scale, group_size=64, bits=8)  # as the rule
     samples = {
         "fused call": _per_call(lambda: attention(q)),
         "kernel alone": _per_call(_repeated(lambda: kernel(q, k, v, scale=scale, group_size=64, bits=8, mask=None,
                                                            fill=None))),
         "fused call, packed fetch": _per_call(lambda: packed_attention(q)),
-        "packed kernel alone": _per_call(_repeated(lambda: packed_kernel(q, pk.packed, scale=scale, group_size=64,
-                                                                         bits=8, mask=None, fill=None))),
+        "packed kernel alone": _per_call(_repeated(lambda: prepared(q, pk.packed, None))),
         "float SDPA": _per_call(_repeated(lambda: mx.fast.scaled_dot_product_attention(q, kf, vf, scale=scale,
                                                                                         mask=None))),
     }
