@@ -44,7 +44,7 @@ def summarize(paths: list[str]) -> dict:
         by_name: dict[str, list[float]] = defaultdict(list)
         for row in csv.DictReader(lines):
             if row.get("Metric Name") == "gpu__time_duration.sum":
-                us = float(row["Metric Value"].replace(",", "")) / (1000 if row["Metric Unit"] == "nsecond" else 1)
+                us = float(row["Metric Value"].replace(",", "")) / (1000 if row["Metric Unit"] in ("nsecond", "ns") else 1)
                 by_name[row["Kernel Name"].split("(")[0][:80]].append(us)
         out[path] = {"kernels": sum(map(len, by_name.values())), "us": round(sum(map(sum, by_name.values())), 1),
                      "by_name": {k: (len(v), round(sum(v), 1)) for k, v in sorted(by_name.items(), key=lambda kv: -sum(kv[1]))}}

@@ -58,7 +58,7 @@ def verified(dtype: mx.Dtype, bits: int, group_size: int, dk: int, dv: int) -> b
     where not, `NOT_VERIFIED` says why."""
     why = None
     if dtype not in cuda.CUDA_TYPES or bits not in (2, 4, 8) or dk % group_size or dv % group_size \
-            or group_size % (32 // bits):
+            or group_size % (32 // bits) or group_size * bits > 32 * 32:  # a lane packs each of a group's words
         why = "outside what the kernel covers"
     else:
         try:

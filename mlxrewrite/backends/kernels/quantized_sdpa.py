@@ -189,10 +189,11 @@ def packed_attention(q_shape: Shape, dtype: mx.Dtype, packed: kv_layout.Packed, 
 
 class PackedAttention:
     """Attention over a packed cache's rows [:n], everything but n decided once (`packed_attention`): the
-    shapes checked, the mask kind, whether launches are chained. A call then costs its row count's
-    arithmetic, a launch lookup (one per chunk size and count of chunks: a few per decode) and the kernel call."""
+    shapes checked, the mask kind, whether launches are chained. A call then costs a few checks and the
+    kernel call: the launch plan and scalars are looked up once per row count (a decode step's layers share
+    one), the plans made once per chunk size and count of chunks (a few per decode)."""
 
-    __slots__ = ("args", "scale", "fill", "impl", "mask_kind", "chained", "launches", "counters_size")
+    __slots__ = ("args", "scale", "fill", "impl", "mask_kind", "chained", "launches", "counters_size", "rows")
 
     def __init__(self, q: Shape, dtype: mx.Dtype, words: Shape, sb_width: int, dims: tuple[int, int, int],
                  group_size: int, bits: int, mode: str | None, mask: Shape | None, mask_dtype: mx.Dtype | None,
@@ -210,8 +211,9 @@ class PackedAttention:
         self.chained = chain and cuda.row_groups(q[3], n_rep, q[2]) <= cuda.CHAIN_SLOTS
         self.args = (q, part, dtype, group_size, bits, mask, mask_dtype, sinks, sinks_dtype)
         self.scale, self.fill, self.impl = scale, fill, impl
-        self.launches: dict[tuple[int, int], tuple] = {}
+        self.launches: dict[tuple[int, int], tuple] = {}  # (chunk size, count of chunks) -> launch plan
         self.counters_size = B * H * cuda.CHAIN_SLOTS
+        self.rows: tuple = (-1, None, None)  # the last row count's (n, plan, scalars)
 
     def __call__(self, q: mx.array, packed: kv_layout.Packed, mask: Mask = None,
                  sinks: mx.array | None = None) -> mx.array:
@@ -232,10 +234,10 @@ class PackedAttention:
             mode = "causal" if self.mask_kind == cuda.MASK_CAUSAL else mask
             return quantized_sdpa(q, k, v, scale=self.scale, group_size=self.args[3], bits=self.args[4], mask=mode,
                                   fill=self.fill, sinks=sinks, impl="reference")
-        chunk = chunk_size(n)
-        chunks = -(-n // chunk)
-        plan = self.launches.get((chunk, chunks)) or self._plan(chunk, chunks)
-        params = _params(self.scale, self.fill, chunk, n)
+        rows = self.rows
+        if rows[0] != n:  # the row count changes once per token, and a step's layers share it
+            rows = self.rows = self._rows(n)
+        _, plan, params = rows
         if not self.chained:
             return cuda.launch(plan, q, (words, sb), mask, sinks, params=params)
         chain = packed.chain
@@ -247,13 +249,18 @@ class PackedAttention:
         out, chain.counters = cuda.launch_chained(plan, q, (words, sb), mask, sinks, params=params, counters=counters)
         return out
 
-    def _plan(self, chunk: int, chunks: int) -> tuple:
-        q, part, dtype, group_size, bits, mask, mask_dtype, sinks, sinks_dtype = self.args
-        B, Hq, M, D = q
-        plan = cuda.plan(B, Hq, part[1], M, D, chunks * chunk, chunk, bits, group_size, dtype, self.mask_kind,
-                         mask_dtype, sinks_dtype, True, self.chained)
-        self.launches[chunk, chunks] = plan
-        return plan
+    def _rows(self, n: int) -> tuple[int, tuple, mx.array]:
+        """(n, the launch plan for n rows, the scalars for n rows)."""
+        chunk = chunk_size(n)
+        chunks = -(-n // chunk)
+        plan = self.launches.get((chunk, chunks))
+        if plan is None:
+            q, part, dtype, group_size, bits, mask, mask_dtype, sinks, sinks_dtype = self.args
+            B, Hq, M, D = q
+            plan = self.launches[chunk, chunks] = cuda.plan(B, Hq, part[1], M, D, chunks * chunk, chunk, bits, group_size,
+                                                            dtype, self.mask_kind, mask_dtype, sinks_dtype, True,
+                                                            self.chained)
+        return n, plan, _params(self.scale, self.fill, chunk, n)
 
 
 _prepared_packed = lru_cache(maxsize=256)(PackedAttention)

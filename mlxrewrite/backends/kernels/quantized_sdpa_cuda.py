@@ -180,5 +180,10 @@ def launch_chained(plan_: tuple, q: mx.array, kv: Sequence[mx.array], mask: mx.a
 def _inputs(q: mx.array, kv: Sequence[mx.array], mask: mx.array | None, sinks: mx.array | None,
             *scalars_and_counters: mx.array) -> list[mx.array]:
     """A launch's inputs in the kernel's order (`_kernel`'s input names): the optional ones only where given."""
-    return [q, *kv] + ([mask] if mask is not None else []) + ([sinks] if sinks is not None else []) + \
-        list(scalars_and_counters)
+    inputs = [q, *kv]
+    if mask is not None:
+        inputs.append(mask)
+    if sinks is not None:
+        inputs.append(sinks)
+    inputs += scalars_and_counters
+    return inputs
