@@ -286,3 +286,52 @@ def test_region_keys_follow_each_argument_layout(cuda):
         assert mx.allclose(got.astype(mx.float32), expected, atol=2e-2).item(), (n, mask_kind, as_list)
     assert run.rewriter.traces == 4  # none, bool, causal, none with list K/V
     assert run.rewriter.calls == {"region quantized_scaled_dot_product_attention: fused-quantized-attention -> fused": 6}
+
+
+def test_a_regions_generated_binder_binds_and_keys_each_way_of_calling_as_the_general_way(cuda):
+    """The binder generated for a way of calling (how many positional arguments, which named) gives the values,
+    arrays and key the general way gives, defaults filled in; another way of calling gets its own binder,
+    and arguments the function does not take are refused (TypeError: the call runs as written)."""
+    from mlxrewrite.core import eager
+
+    signature = eager._region_signature(base.quantized_scaled_dot_product_attention, [fused.RULE])
+    (kq, vq, _, _), q = cache_of(1, 2, 40, 64, 8, 64, seed=3), mx.zeros((1, 4, 1, 64))
+    calls = [((q, kq, vq), dict(scale=SCALE, mask=None, group_size=64, bits=8)),
+             ((q, kq, vq), dict(bits=8, group_size=64, mask=None, scale=SCALE)),  # another order: the same binder
+             ((q, kq, vq, SCALE, None), {}),  # the rest by default
+             ((q,), dict(q_keys=kq, q_values=vq, scale=SCALE, mask=None))]
+    for args, kwargs in calls:
+        values = signature.values(args, kwargs)
+        arrays, key, _ = signature.describe(values)
+        for _ in range(2):  # the general way (making the binder), then the binder
+            got_values, got_arrays, got_key = signature.split(args, kwargs)
+            assert got_values == values and got_key == key and all(a is b for a, b in zip(got_arrays, arrays))
+    assert len(signature._binders) == 3
+    assert signature._binders[0](calls[2][0], {}) is None  # not its way of calling
+    assert signature.values(*calls[2])[-3:] == (None, 64, 8)  # mlx-lm's defaults
+    for args, kwargs in [((q, kq, vq, SCALE), {}), ((q, kq, vq), dict(scale=SCALE, mask=None, sinks=None))]:
+        with pytest.raises(TypeError):
+            signature.split(args, kwargs)
+
+
+def test_a_decided_region_call_is_served_without_a_region_call_or_a_frame(cuda, monkeypatch):
+    """Past a kind's first call (traced, decided, its direct form checked) the forward pass's `region_fast`
+    serves it: no `RegionCall` is made; a new kind, or a pass with an observer, takes the slow way."""
+    from mlxrewrite.core import regions
+
+    made = []
+    real = regions.RegionCall.__init__
+    monkeypatch.setattr(regions.RegionCall, "__init__", lambda self, *a: made.append(1) or real(self, *a))
+    kq, vq, _, _ = cache_of(1, 2, 300, 64, 8, 64, seed=8)
+    run = mlxrewrite.eager(lambda q: [base.quantized_scaled_dot_product_attention(
+        q, kq, vq, scale=SCALE, mask=None, group_size=64, bits=8) for _ in range(5)][-1])
+    q = mx.random.normal((1, 8, 1, 64))
+    first = run(q)
+    assert made == [1]  # the first call only (traced, its bound rewrite and direct form checked)
+    made.clear()
+    assert mx.array_equal(run(q), first).item() and made == []
+    run.rewriter.run(lambda: base.quantized_scaled_dot_product_attention(q, kq, vq, scale=SCALE, mask=None,
+                                                                          group_size=64, bits=8), (), {},
+                     observer=lambda call: None)
+    assert made == [1]  # an observer sees every call: the slow way
+    assert run.rewriter.calls["region quantized_scaled_dot_product_attention: fused-quantized-attention -> fused"] == 11

@@ -183,6 +183,13 @@ def test_a_decode_loop_over_a_packed_cache_plans_once_per_chunk_and_keeps_few_sc
         with pytest.raises(ValueError, match="4353 rows asked of buffers of 4352"):
             quantized_sdpa_packed(q, kv_layout.Packed(words, sb, 4353, dims), scale=0.125, group_size=gs, bits=bits,
                                   impl="cuda")
+        with pytest.raises(ValueError, match="a mask over 4049 keys for 4050 rows"):  # the kernel would read past it
+            quantized_sdpa_packed(q, kv_layout.Packed(words, sb, 4050, dims), scale=0.125, group_size=gs, bits=bits,
+                                  mask=mx.ones((1, 4049), dtype=mx.bool_), impl="cuda")
+        with pytest.raises(ValueError, match="unknown mask 'causual'"):
+            quantized_sdpa_packed(q, kv_layout.Packed(words, sb, 4050, dims), scale=0.125, group_size=gs, bits=bits,
+                                  mask="causual", impl="cuda")
+        assert len(launches) == 101  # neither refused call launched
     finally:
         clear_caches()  # no stub kernel left behind for later tests
 
