@@ -386,7 +386,7 @@ class EagerRewriter:
             return regions.MISS
         try:
             result = analysis.fast(values, arrays)
-        except Exception:  # noqa: BLE001 - see above
+        except Exception:  # noqa: BLE001 - a rule's bug: the slow way reports it and runs the bound rewrite
             analysis.fast = None
             return regions.MISS
         self._counts[analysis.label] += 1
