@@ -173,8 +173,8 @@ def test_a_decode_loop_over_a_packed_cache_plans_once_per_chunk_and_keeps_few_sc
         assert all(grid[0] == -(-params[3] // 256) * cuda.THREADS for grid, params in launches)
         prepared = sdpa.packed_attention(q.shape, q.dtype, kv_layout.Packed(words, sb, 4000, dims), scale=0.125,
                                          group_size=gs, bits=bits, impl="cuda")
-        assert sdpa._prepared_packed.cache_info().currsize == 1  # one preparation serves every row count
-        assert sorted(prepared.launches) == [(256, 16), (256, 17)]  # 16 chunks up to 4096 rows, 17 after
+        assert sdpa._prepared_packed.cache_info().currsize == 1 and prepared.rows[0] == 4099  # one for every n
+        assert sdpa._cuda_plan.cache_info().misses == 2  # 16 chunks up to 4096 rows, 17 after
         assert sdpa._params.cache_info().currsize <= 16  # not a token's worth each for the last 256 tokens
         # a mask's last axis is n itself, not whole chunks: planning this call for 4096 rows used to raise
         quantized_sdpa_packed(q, kv_layout.Packed(words, sb, 4050, dims), scale=0.125, group_size=gs, bits=bits,
@@ -189,7 +189,10 @@ def test_a_decode_loop_over_a_packed_cache_plans_once_per_chunk_and_keeps_few_sc
         with pytest.raises(ValueError, match="unknown mask 'causual'"):
             quantized_sdpa_packed(q, kv_layout.Packed(words, sb, 4050, dims), scale=0.125, group_size=gs, bits=bits,
                                   mask="causual", impl="cuda")
-        assert len(launches) == 101  # neither refused call launched
+        with pytest.raises(ValueError, match="17 query heads per kv head"):  # the kernel's limits, as unpacked
+            quantized_sdpa_packed(mx.zeros((1, 68, 1, D), mx.float16), kv_layout.Packed(words, sb, 4050, dims),
+                                  scale=0.125, group_size=gs, bits=bits, impl="cuda")
+        assert len(launches) == 101  # no refused call launched
     finally:
         clear_caches()  # no stub kernel left behind for later tests
 

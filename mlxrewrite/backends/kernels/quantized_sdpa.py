@@ -177,41 +177,33 @@ def packed_attention(q_shape: Shape, dtype: mx.Dtype, packed: kv_layout.Packed, 
     """`quantized_sdpa_packed` prepared for queries of `q_shape` and `dtype` over caches laid out as `packed`
     (any row count), with a mask and sinks like those given (an array mask: any last axis, n or 1): the
     object to call once per decode step (a rule's direct form holds one per analysis)."""
-    if isinstance(mask, str) and mask != "causal":
-        raise ValueError(f"quantized_sdpa: unknown mask {mask!r}")
+    kind, mask = _cuda_mask(mask)
     words, sb = packed.words.shape, packed.sb.shape
-    mask_shape, mask_dtype = _shape_dtype(mask if isinstance(mask, mx.array) else None)
-    return _prepared_packed(tuple(q_shape), dtype, words[:2] + words[3:], sb[3], packed.dims, group_size, bits,
-                            "causal" if isinstance(mask, str) else None, mask_shape and _as_4d_shape(mask_shape)[:3],
-                            mask_dtype, *_shape_dtype(sinks), packed.chain is not None, float(scale),
-                            float(_lowest(dtype) if fill is None else fill), _resolve(impl))
+    mask_shape, mask_dtype = _shape_dtype(mask)
+    return _prepared_packed(tuple(q_shape), dtype, words[:2] + words[3:], sb[3], packed.dims, group_size, bits, kind,
+                            mask_shape and mask_shape[:3], mask_dtype, *_shape_dtype(sinks), packed.chain is not None,
+                            float(scale), float(_lowest(dtype) if fill is None else fill), _resolve(impl))
 
 
 class PackedAttention:
     """Attention over a packed cache's rows [:n], everything but n decided once (`packed_attention`): the
     shapes checked, the mask kind, whether launches are chained. A call then costs a few checks and the
-    kernel call: the launch plan and scalars are looked up once per row count (a decode step's layers share
-    one), the plans made once per chunk size and count of chunks (a few per decode)."""
+    kernel call: the launch plan (`_cuda_plan`, which checks what the kernel takes) and the scalars are
+    looked up once per row count, which a decode step's layers share."""
 
-    __slots__ = ("args", "scale", "fill", "impl", "mask_kind", "chained", "launches", "counters_size", "rows")
+    __slots__ = ("args", "scale", "fill", "impl", "mask_kind", "chained", "counters_size", "rows")
 
     def __init__(self, q: Shape, dtype: mx.Dtype, words: Shape, sb_width: int, dims: tuple[int, int, int],
-                 group_size: int, bits: int, mode: str | None, mask: Shape | None, mask_dtype: mx.Dtype | None,
+                 group_size: int, bits: int, mask_kind: int, mask: Shape | None, mask_dtype: mx.Dtype | None,
                  sinks: Shape | None, sinks_dtype: mx.Dtype | None, chain: bool, scale: float, fill: float,
                  impl: str):
         B, H, width = words
         part = _packed_rows((B, H, 0, width), (B, H, 0, sb_width), 0, dims)
-        if mask is not None:
-            _check(q, part, part, group_size, bits, (*mask, 1), sinks)
-        else:
-            _check(q, part, part, group_size, bits, None, sinks)
-        self.mask_kind = cuda.MASK_CAUSAL if mode == "causal" else cuda.MASK_NONE if mask is None else \
-            cuda.MASK_BOOL if mask_dtype == mx.bool_ else cuda.MASK_ADD
-        n_rep = q[1] // H
-        self.chained = chain and cuda.row_groups(q[3], n_rep, q[2]) <= cuda.CHAIN_SLOTS
+        _check(q, part, part, group_size, bits, None if mask is None else (*mask, 1), sinks)
+        self.mask_kind = mask_kind
+        self.chained = chain and cuda.row_groups(q[3], q[1] // H, q[2]) <= cuda.CHAIN_SLOTS
         self.args = (q, part, dtype, group_size, bits, mask, mask_dtype, sinks, sinks_dtype)
         self.scale, self.fill, self.impl = scale, fill, impl
-        self.launches: dict[tuple[int, int], tuple] = {}  # (chunk size, count of chunks) -> launch plan
         self.counters_size = B * H * cuda.CHAIN_SLOTS
         self.rows: tuple = (-1, None, None)  # the last row count's (n, plan, scalars)
 
@@ -250,24 +242,17 @@ class PackedAttention:
         return out
 
     def _rows(self, n: int) -> tuple[int, tuple, mx.array]:
-        """(n, the launch plan for n rows, the scalars for n rows)."""
+        """(n, the launch plan for n rows, the scalars for n rows): a launch depends on the row count only
+        through the count of chunks, as n itself comes in the scalars, so it is planned for whole chunks."""
         chunk = chunk_size(n)
-        chunks = -(-n // chunk)
-        plan = self.launches.get((chunk, chunks))
-        if plan is None:
-            q, part, dtype, group_size, bits, mask, mask_dtype, sinks, sinks_dtype = self.args
-            B, Hq, M, D = q
-            plan = self.launches[chunk, chunks] = cuda.plan(B, Hq, part[1], M, D, chunks * chunk, chunk, bits, group_size,
-                                                            dtype, self.mask_kind, mask_dtype, sinks_dtype, True,
-                                                            self.chained)
+        q, part, dtype, group_size, bits, mask, mask_dtype, sinks, sinks_dtype = self.args
+        rows = (*part[:2], -(-n // chunk) * chunk, part[3])
+        plan, _ = _cuda_plan(q, rows, rows, dtype, group_size, bits, chunk, self.mask_kind,
+                             None if mask is None else (*mask, 1), mask_dtype, sinks, sinks_dtype, True, self.chained)
         return n, plan, _params(self.scale, self.fill, chunk, n)
 
 
 _prepared_packed = lru_cache(maxsize=256)(PackedAttention)
-
-
-def _as_4d_shape(shape: Shape) -> Shape:
-    return (1,) * (4 - len(shape)) + tuple(shape)
 
 
 def _packed_rows(words: Shape, sb: Shape, n: int, dims: tuple[int, int, int]) -> Shape:
