@@ -7,7 +7,7 @@ from a larger buffer as mlx-lm's cache hands it over), calls interleaved over ma
 - `fused call`: the call inside an eager forward pass, where the fused rule fires;
 - `kernel alone`: `quantized_sdpa` called directly with the same arguments (what the rewrite runs);
 - `fused call, packed fetch` and `packed kernel alone`: the same with K and V as a packed cache's lazy
-  fetch (mlxrewrite.mlx_lm.packed_cache: the kernel gets its two buffers, through the launch the rule
+  fetch (mlxrewrite.mlx_lm.packed_cache: the kernel gets its buffer, through the launch the rule
   prepares once per analysis, `packed_attention`);
 - `float SDPA`: `mx.fast.scaled_dot_product_attention` over a float16 cache of the same length (what a
   float cache's attention costs the host);
@@ -87,7 +87,7 @@ def main() -> None:
     attention = mlxrewrite.eager(lambda q: _repeated(mlx_lm_attention)())  # CALLS region calls in one pass
     mx.eval(attention(q))
     pk, pv = packed_cache.pack(QuantizedKVCache(group_size=64, bits=8)).update_and_fetch(kf, vf)  # lazy fetch
-    mx.eval(pk.packed.words, pk.packed.sb)
+    mx.eval(pk.packed.kv)
     packed_attention = mlxrewrite.eager(lambda q: _repeated(lambda: mlx_lm_attention(pk, pv))())
     mx.eval(packed_attention(q))
     prepared = fused.packed_attention(q.shape, q.dtype, pk.packed, scale=scale, group_size=64, bits=8)  # as the rule

@@ -20,7 +20,7 @@ import mlx.core as mx
 
 from bench import record
 from bench.gpu_fused_attention import dense, per_call_seconds
-from mlxrewrite.backends.kernels import chunk_size, kv_layout, kv_pack
+from mlxrewrite.backends.kernels import chunk_size, kv_pack
 from mlxrewrite.backends.kernels import quantized_sdpa
 
 B, HQ, HKV, D, GS, BITS, DT = 1, 16, 4, 128, 64, 8, mx.float16
@@ -47,9 +47,8 @@ def main() -> None:
     for n in (1024, 4096, 8192, 16384, 32768):
         mx.random.seed(0)
         kf, vf = (mx.random.normal((B, HKV, n + 256, D)).astype(DT) for _ in range(2))
-        words, sb = kv_pack.reference(kf, vf, GS, BITS)
-        packed = kv_layout.Packed(words, sb, n, (D * BITS // 32, D // GS, D // GS))
-        mx.eval(kf, vf, words, sb)
+        packed = kv_pack.packed(kf, vf, GS, BITS, n)
+        mx.eval(kf, vf, packed.kv)
         scale = D ** -0.5
         q0 = mx.random.normal((B, HQ, 1, D)).astype(DT)
         row = {"N": n, "default_chunk": chunk_size(n),

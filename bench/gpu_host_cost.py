@@ -19,7 +19,7 @@ from typing import Callable
 import mlx.core as mx
 
 from bench import record
-from mlxrewrite.backends.kernels import kv_layout, kv_pack
+from mlxrewrite.backends.kernels import kv_pack
 from mlxrewrite.backends.kernels.quantized_sdpa import on_cuda, quantized_sdpa, quantized_sdpa_packed
 
 L, ROUNDS = 16, 60
@@ -76,12 +76,10 @@ def main() -> None:
     vf = [mx.random.normal((B, HKV, cap, D)).astype(DT) for _ in range(2 * L)]
     q = mx.random.normal((B, HQ, 1, D)).astype(DT)
     row = mx.random.normal((B, HKV, 1, D)).astype(DT)
-    words, sb = zip(*(kv_pack.reference(k, v, GS, BITS) for k, v in zip(kf, vf)))
-    words, sb = list(words), list(sb)
-    dims = (D * BITS // 32, D // GS, D // GS)
-    mx.eval(kf, vf, words, sb, q, row)
-    views = [kv_layout.split(w[..., :N, :], s[..., :N, :], *dims) for w, s in zip(words, sb)]
-    packed = [kv_layout.Packed(w, s, N, dims) for w, s in zip(words, sb)]
+    packed = [kv_pack.packed(k, v, GS, BITS, N) for k, v in zip(kf, vf)]
+    kv = [p.kv for p in packed]
+    mx.eval(kf, vf, kv, q, row)
+    views = [p.parts() for p in packed]
     mx.eval(views)
     scale = D ** -0.5
     rows = itertools.cycle(range(N - 2047, N + 1))  # more row counts than the scalars cache holds
@@ -97,29 +95,26 @@ def main() -> None:
     def packed_update(n: int) -> list[mx.array]:
         out = []
         for i in range(n):
-            w, s = kv_pack.kv_pack(row, row, GS, BITS)
-            words[i][..., N:N + 1, :] = w
-            sb[i][..., N:N + 1, :] = s
-            out += [words[i], sb[i]]
+            kv[i][..., N:N + 1, :] = kv_pack.kv_pack(row, row, GS, BITS)
+            out.append(kv[i])
         return out
 
     cases = {
         "slice [..., :N, :] (no kernel)": lambda n: [kf[i][..., :N, :] for i in range(n)],
-        "packed views: 2 slices + 2 splits": lambda n: [a for i in range(n) for p in
-                                                        kv_layout.split(words[i][..., :N, :], sb[i][..., :N, :], *dims)
-                                                        for a in p],
+        "packed views: a slice, 2 splits and a dtype view": lambda n: [a for i in range(n) for p in packed[i].parts()
+                                                                        for a in p],
         "float cache update: 2 slice updates": float_update,
-        "kv_pack rows": lambda n: [a for _ in range(n) for a in kv_pack.kv_pack(row, row, GS, BITS)],
-        "packed cache update: kv_pack + 2 slice updates": packed_update,
+        "kv_pack rows": lambda n: [kv_pack.kv_pack(row, row, GS, BITS) for _ in range(n)],
+        "packed cache update: kv_pack + 1 slice update": packed_update,
         "float SDPA over 2 sliced views": lambda n: [mx.fast.scaled_dot_product_attention(
             q, kf[i][..., :N, :], vf[i][..., :N, :], scale=scale) for i in range(n)],
         "fused kernel over the 6 packed views": lambda n: [quantized_sdpa(
             q, views[i][0], views[i][1], scale=scale, group_size=GS, bits=BITS) for i in range(n)],
-        "fused kernel over the 2 packed buffers": lambda n: [quantized_sdpa_packed(
+        "fused kernel over the packed buffer": lambda n: [quantized_sdpa_packed(
             q, packed[i], scale=scale, group_size=GS, bits=BITS) for i in range(n)],
-        "fused kernel over the 2 packed buffers, a new row count each call (a new scalars array)": lambda n: [
-            quantized_sdpa_packed(q, kv_layout.Packed(packed[i].words, packed[i].sb, next(rows), dims), scale=scale,
-                                  group_size=GS, bits=BITS) for i in range(n)],
+        "fused kernel over the packed buffer, a new row count each call (a new scalars array)": lambda n: [
+            quantized_sdpa_packed(q, packed[i]._replace(n=next(rows)), scale=scale, group_size=GS, bits=BITS)
+            for i in range(n)],
         "mx.array of 4 floats (a kernel's scalars)": lambda n: [mx.array([0.5, -1.0, 256.0, float(i)]) for i in range(n)],
         "q * scale (one elementwise op)": lambda n: [q * scale for _ in range(n)],
         "mx.zeros (a fill)": lambda n: [mx.zeros((B, HQ, 1, D), DT) for _ in range(n)],

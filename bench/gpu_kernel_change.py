@@ -36,8 +36,8 @@ def main() -> None:
     for i, (dtype, bits, gs, D, rep, M, mask_kind, sinks, n) in enumerate(GRID):
         mx.random.seed(i)
         B, Hkv = 1 if rep > 1 else 2, 2
-        words, sb = kv_pack.reference(*(mx.random.normal((B, Hkv, n + 5, D)).astype(dtype) for _ in range(2)), gs, bits)
-        k, v = kv_layout.Packed(words, sb, n, (D * bits // 32, D // gs, D // gs)).parts()
+        k, v = kv_pack.packed(*(mx.random.normal((B, Hkv, n + 5, D)).astype(dtype) for _ in range(2)), gs, bits,
+                              n).parts()
         q = mx.random.normal((B, Hkv * rep, M, D)).astype(dtype)
         mask = {"none": None, "causal": "causal"}.get(mask_kind) or make_mask(mask_kind, B, Hkv * rep, M, n, dtype)
         sk = mx.random.normal((Hkv * rep,)).astype(dtype) if sinks else None
@@ -51,14 +51,14 @@ def main() -> None:
         print(rows[-1], flush=True)
     timing = []
     for n in (4096, 32768):
-        words, sb = kv_pack.reference(*(mx.random.normal((1, 4, n, 128)).astype(mx.float16) for _ in range(2)), 64, 8)
-        k, v = kv_layout.Packed(words, sb, n, (32, 2, 2)).parts()
+        cache = kv_pack.packed(*(mx.random.normal((1, 4, n, 128)).astype(mx.float16) for _ in range(2)), 64, 8)
+        k, v = cache.parts()
         row = {"N": n}
         for label, header in (("old", old), ("new", new)):
             _use(header)
             row[f"{label}_us"] = chain_us(lambda q: quantized_sdpa(q, k, v, scale=128 ** -0.5, group_size=64, bits=8))
         for label, chain in (("new_packed", None), ("new_packed_chained", kv_layout.Chain())):  # as a packed cache launches
-            packed = kv_layout.Packed(words, sb, n, (32, 2, 2), chain)
+            packed = cache._replace(chain=chain)
             row[f"{label}_us"] = chain_us(lambda q: quantized_sdpa_packed(q, packed, scale=128 ** -0.5, group_size=64,
                                                                           bits=8))
         timing.append(row)

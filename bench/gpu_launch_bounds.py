@@ -17,7 +17,7 @@ import mlx.core as mx
 
 from bench import record
 from bench.gpu_chunk_latency import chain_us
-from mlxrewrite.backends.kernels import clear_caches, kv_layout, kv_pack, quantized_sdpa_packed
+from mlxrewrite.backends.kernels import clear_caches, kv_pack, quantized_sdpa_packed
 from mlxrewrite.backends.kernels import quantized_sdpa_cuda as cuda
 
 _REAL_KERNEL = cuda.mx.fast.cuda_kernel
@@ -40,8 +40,7 @@ def _declaration(name: str, inputs: list[tuple[str, str, bool, bool]], outputs: 
 def _bounded(min_blocks: int):
     """cuda_kernel, but the header gets a declaration of the packed f16 kernel with launch bounds."""
     def make(*, name, input_names, output_names, source, header, **kw):
-        inputs = [("q", "__half", True, True), ("words", "uint32_t", False, True), ("sb", "__half", False, True),
-                  ("params", "float", False, False)]
+        inputs = [("q", "__half", True, True), ("kv", "uint32_t", False, True), ("params", "float", False, False)]
         assert input_names == [i[0] for i in inputs], input_names
         decl = _declaration(name, inputs, [("out", "__half"), ("work", "float")], min_blocks)
         return _REAL_KERNEL(name=f"{name}", input_names=input_names, output_names=output_names, source=source,
@@ -54,10 +53,9 @@ def main() -> None:
     rows = []
     for n in (4096, 32768):
         mx.random.seed(0)
-        words, sb = kv_pack.reference(*(mx.random.normal((1, 4, n, 128)).astype(mx.float16) for _ in range(2)), 64, 8)
-        packed = kv_layout.Packed(words, sb, n, (32, 2, 2))
+        packed = kv_pack.packed(*(mx.random.normal((1, 4, n, 128)).astype(mx.float16) for _ in range(2)), 64, 8)
         q = mx.random.normal((1, 16, 1, 128)).astype(mx.float16)
-        mx.eval(words, sb, q)
+        mx.eval(packed.kv, q)
         call = lambda x: quantized_sdpa_packed(x, packed, scale=128 ** -0.5, group_size=64, bits=8)  # noqa: E731
         cuda.mx.fast.cuda_kernel = _REAL_KERNEL
         clear_caches()

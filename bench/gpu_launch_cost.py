@@ -1,100 +1,118 @@
-"""Where the host time of one fused-kernel call goes (GPU machine): each layer of `quantized_sdpa` alone.
+"""Where the host time of a decode step's fused attention and cache update goes (GPU machine), layer by layer.
 
-Run: python3 bench/gpu_launch_cost.py OUT_DIR. Median host us per call, graph building only, of: the plan
-lookup (`_cuda_plan`), the scalar array, the `mx.fast.cuda_kernel` call with the plan's arguments, the
-whole `quantized_sdpa`, and for scale MLX's float SDPA and a one-op `mx.fast.cuda_kernel` of a tiny source.
+Run: python3 -m bench.gpu_launch_cost OUT_DIR. Median host us per call, graph building only (CALLS calls in
+a row, then evaluated), over an 8-bit packed cache of 4096 rows (B=1, 16 q / 4 kv heads, head dim 128, fp16):
+- attention: `PackedAttention` (what the fused rule's direct form calls), `launch_chained` under it, the
+  bare `mx.fast.cuda_kernel` call with that plan's arguments, and the row count's scalar against an array of
+  4 floats (made one per step: MLX takes arrays of up to 8 bytes from a pool, larger ones it allocates);
+- cache update: the packed cache's `update_and_fetch`, `kv_pack` under it, its bare kernel call, the slice
+  update;
+- for scale: MLX's float SDPA, a float cache's slice update, and a trivial `cuda_kernel` with 1 or 4 inputs
+  and 1 or 3 outputs (what each operand of a kernel call costs MLX to build).
+The region's own cost (the dispatcher, binder and key) is bench.eager_call_cost's.
 """
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import mlx.core as mx
+from mlx_lm.models.cache import QuantizedKVCache
 
-import importlib
+from bench import record
+from mlxrewrite.backends.kernels import kv_pack, packed_attention
+from mlxrewrite.backends.kernels import quantized_sdpa_cuda as cuda
+from mlxrewrite.core import regions
+from mlxrewrite.mlx_lm import packed_cache
 
-qs = importlib.import_module("mlxrewrite.backends.kernels.quantized_sdpa")
-cuda = importlib.import_module("mlxrewrite.backends.kernels.quantized_sdpa_cuda")
-
-CALLS, ROUNDS = 100, 60
+CALLS, ROUNDS = 64, 80
+B, HQ, HKV, D, N, GS, BITS, DT = 1, 16, 4, 128, 4096, 64, 8, mx.float16
 
 
-def per_call(fn) -> float:
+def per_call(fn: Callable[[], object]) -> float:
+    """Median host us per call of `fn` over ROUNDS rounds of CALLS calls (what they built is evaluated after
+    each round)."""
     samples = []
     for _ in range(ROUNDS):
         start = time.perf_counter()
-        for _ in range(CALLS):
-            out = fn()
+        outs = [fn() for _ in range(CALLS)]
         samples.append((time.perf_counter() - start) / CALLS * 1e6)
-        if isinstance(out, (mx.array, list)):  # the lookups return plans and scalars: nothing to evaluate
-            mx.eval(out)
+        mx.eval(outs)
     return round(sorted(samples)[len(samples) // 2], 2)
 
 
+def _trivial(inputs: int, outputs: int) -> Callable[[list], list]:
+    kernel = mx.fast.cuda_kernel(name=f"trivial_{inputs}_{outputs}", input_names=[f"x{i}" for i in range(inputs)],
+                                 output_names=[f"y{i}" for i in range(outputs)], ensure_row_contiguous=False,
+                                 source="".join(f"if (threadIdx.x == 0) y{i}[0] = 1.f;" for i in range(outputs)))
+    args = dict(output_shapes=[(1,)] * outputs, output_dtypes=[mx.float32] * outputs, grid=(32, 1, 1),
+                threadgroup=(32, 1, 1))
+    return lambda operands: kernel(inputs=operands[:inputs], **args)
+
+
 def main() -> None:
-    out_dir = Path(sys.argv[1] if len(sys.argv) > 1 else ".")
-    B, Hq, Hkv, D, N = 1, 16, 4, 128, 4093
-    buf = mx.random.normal((B, Hkv, N + 3, D)).astype(mx.float16)
-    k = tuple(a[..., :N, :] for a in mx.quantize(buf, 64, 8))
-    v = tuple(a[..., :N, :] for a in mx.quantize(buf, 64, 8))
-    q = mx.random.normal((B, Hq, 1, D)).astype(mx.float16)
-    kf = buf[..., :N, :]
-    mx.eval(k, v, q, kf)
-    plan_args = (q.shape, k[0].shape, v[0].shape, q.dtype, 64, 8, None, cuda.MASK_NONE, None, None, None, None)
-    plan, chunk = qs._cuda_plan(*plan_args)
-    params = qs._params(0.088, -65504.0, chunk)
+    out_dir = Path(next((a for a in sys.argv[1:] if not a.startswith("--")), "."))
+    mx.random.seed(0)
+    keys, values = (mx.random.normal((B, HKV, N - 1, D)).astype(DT) for _ in range(2))
+    row = mx.random.normal((B, HKV, 1, D)).astype(DT)
+    q = mx.random.normal((B, HQ, 1, D)).astype(DT)
+    regions.installed = lambda path: path == packed_cache.ATTENTION  # fetches as under the wrapper: lazy
+    cache = packed_cache.pack(QuantizedKVCache(group_size=GS, bits=BITS))
+    cache.update_and_fetch(keys, values)
+    fetched = cache.update_and_fetch(row, row)[0]
+    packed = fetched.packed
+    kf = mx.zeros((B, HKV, N + 256, D), DT)
+    mx.eval(packed.kv, q, row, kf)
+    attend = packed_attention(q.shape, q.dtype, packed, scale=D ** -0.5, group_size=GS, bits=BITS)
+    attend(q, packed)
+    _, plan, params, count = attend.rows
     kernel, launch_args = plan
-    inputs = [q, *k, *v, params]
-    tiny = mx.fast.cuda_kernel(name="tiny", input_names=["x"], output_names=["y"],
-                               source="y[0] = x[0];", ensure_row_contiguous=False)
-    one = mx.zeros((1,))
+    counters = cuda.chain_counters(B, HKV)
+    pack = kv_pack._launcher(row.shape, row.shape, DT, DT, GS, BITS)
+    pack_kernel, pack_args = pack.args[0]
+    operands = [q, packed.kv, params, count, counters]
+    trivial = {(i, o): _trivial(i, o) for i in (1, 4) for o in (1, 3)}
+    kv = packed.kv
+
+    def slice_update() -> mx.array:
+        kv[..., N - 1:N, :] = pack(row, row)
+        return kv
+
+    def float_update() -> mx.array:
+        kf[..., N:N + 1, :] = row
+        return kf
+
+    def update() -> mx.array:
+        cache.offset = N - 1  # the same row again: the buffer keeps its size
+        return cache.update_and_fetch(row, row)[0].packed.kv
+
     rows = {
-        "plan lookup": per_call(lambda: qs._cuda_plan(*plan_args)),
-        "scalar array lookup": per_call(lambda: qs._params(0.088, -65504.0, chunk)),
-        "cuda_kernel call, plan's arguments": per_call(lambda: kernel(inputs=inputs, **launch_args)),
-        "quantized_sdpa": per_call(lambda: qs.quantized_sdpa(q, k, v, scale=0.088, group_size=64, bits=8)),
-        "float SDPA": per_call(lambda: mx.fast.scaled_dot_product_attention(q, kf, kf, scale=0.088)),
-        "tiny cuda_kernel": per_call(lambda: tiny(inputs=[one], output_shapes=[(1,)], output_dtypes=[mx.float32],
-                                                  grid=(1, 1, 1), threadgroup=(1, 1, 1))),
+        "attention: PackedAttention call": per_call(lambda: attend(q, packed)),
+        "attention: launch_chained": per_call(lambda: cuda.launch_chained(plan, q, (kv,), None, None, params, count,
+                                                                          counters)[0]),
+        "attention: bare cuda_kernel call (5 inputs, 3 outputs)": per_call(lambda: kernel(inputs=operands,
+                                                                                          **launch_args)[0]),
+        "attention: a new row count scalar (4 bytes)": per_call(lambda: mx.array(N, dtype=mx.int32)),
+        "attention: a new array of 4 floats (16 bytes)": per_call(lambda: mx.array([0.5, -1.0, 256.0, N])),
+        "update: packed cache update_and_fetch": per_call(update),
+        "update: kv_pack": per_call(lambda: kv_pack.kv_pack(row, row, GS, BITS, packed.row)),
+        "update: bare kv_pack kernel call (2 inputs, 1 output)": per_call(lambda: pack_kernel(inputs=[row, row],
+                                                                                              **pack_args)[0]),
+        "update: kv_pack kernel and its slice update": per_call(slice_update),
+        "float: SDPA": per_call(lambda: mx.fast.scaled_dot_product_attention(q, kf[..., :N, :], kf[..., :N, :],
+                                                                             scale=D ** -0.5)),
+        "float: a cache's slice update": per_call(float_update),
+        **{f"trivial cuda_kernel, {i} inputs, {o} outputs": per_call(lambda fn=fn: fn(operands)[0])
+           for (i, o), fn in trivial.items()},
     }
-
-    def evaluated(make) -> float:
-        """Host us per call of building and evaluating CALLS independent calls in one graph."""
-        samples = []
-        for _ in range(15):
-            start = time.perf_counter()
-            mx.eval([make() for _ in range(CALLS)])
-            samples.append((time.perf_counter() - start) / CALLS * 1e6)
-        return round(sorted(samples)[7], 2)
-
-    def tiny_kernel(header: str = "", init: bool = False, ins: int = 1, outs: int = 1):
-        kernel = mx.fast.cuda_kernel(name=f"tiny{len(header)}_{ins}_{outs}", input_names=[f"x{i}" for i in range(ins)],
-                                     output_names=[f"y{i}" for i in range(outs)], header=header,
-                                     source="".join(f"y{i}[0] = 1.f;" for i in range(outs)), ensure_row_contiguous=False)
-        args = dict(output_shapes=[(1,)] * outs, output_dtypes=[mx.float32] * outs, grid=(1, 1, 1),
-                    threadgroup=(1, 1, 1), **({"init_value": 0} if init else {}))
-        operands = [one] if ins == 1 else inputs[:ins]
-        return lambda: kernel(inputs=operands, **args)[0]
-
-    rows.update({
-        "eval: fused call": evaluated(lambda: qs.quantized_sdpa(q, k, v, scale=0.088, group_size=64, bits=8)),
-        "eval: float SDPA": evaluated(lambda: mx.fast.scaled_dot_product_attention(q, kf, kf, scale=0.088)),
-        "eval: tiny kernel": evaluated(tiny_kernel()),
-        "eval: tiny kernel, init_value": evaluated(tiny_kernel(init=True)),
-        "eval: tiny kernel, init_value, 4 outputs": evaluated(tiny_kernel(init=True, outs=4)),
-        "eval: tiny kernel, 4 outputs": evaluated(tiny_kernel(outs=4)),
-        "eval: tiny kernel, our header": evaluated(tiny_kernel(header=cuda._HEADER)),
-        "eval: tiny kernel, 8 strided inputs": evaluated(tiny_kernel(ins=8)),
-        "eval: one multiply": evaluated(lambda: q * 0.5),
-    })
-    result = {"device": mx.device_info().get("device_name"), "mlx": mx.__version__,
-              "date": time.strftime("%Y-%m-%d"), "host_us_per_call": rows}
-    print(json.dumps(result))
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "gpu_launch_cost.json").write_text(json.dumps(result, indent=1))
+    for name, us in rows.items():
+        print(f"{name:60s} {us}")
+    record.write_json(out_dir, "launch_cost.json", {"shape": dict(B=B, Hq=HQ, Hkv=HKV, N=N, D=D, bits=BITS,
+                                                                  group_size=GS, dtype=str(DT)),
+                                                     "host_us_per_call": rows})
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
 """The fused kernel's packed form on the GPU: bitwise the six-part form over the same cache.
 
 Run (GPU machine): python3 -m bench.gpu_packed_attention OUT_DIR
-`quantized_sdpa_packed` reads rows [:n] of a packed cache's two buffers (longer than n, as the cache grows
-them) where `quantized_sdpa` reads the six views `kv_layout.split` makes of them; the kernel is the same,
+`quantized_sdpa_packed` reads rows [:n] of a packed cache's buffer (longer than n, as the cache grows it)
+where `quantized_sdpa` reads the six views `kv_layout.Row.split` makes of it; the kernel is the same,
 only its addressing differs, so the outputs must be bitwise equal. Over dtypes, bits, group sizes, head
 dims, query heads per kv head, M (decode and verification), masks, sinks and unaligned n; each point also
 against float32 attention over the dequantized cache (bench.gpu_fused_attention.dense). Chained launches (a
@@ -38,8 +38,7 @@ def point(dtype, bits: int, gs: int, D: int, rep: int, M: int, mask_kind: str, s
     B, Hkv = 1 if rep > 1 else 2, 2
     Hq, cap = Hkv * rep, -(-(n + 1) // 256) * 256
     keys, values = (mx.random.normal((B, Hkv, cap, D)).astype(dtype) for _ in range(2))
-    words, sb = kv_pack.reference(keys, values, gs, bits)
-    packed = kv_layout.Packed(words, sb, n, (D * bits // 32, D // gs, D // gs))
+    packed = kv_pack.packed(keys, values, gs, bits, n)
     k, v = packed.parts()
     q = mx.random.normal((B, Hq, M, D)).astype(dtype)
     mask = {"none": None, "causal": "causal"}.get(mask_kind) or make_mask(mask_kind, B, Hq, M, n, dtype)

@@ -12,16 +12,15 @@ import sys
 
 import mlx.core as mx
 
-from mlxrewrite.backends.kernels import kv_layout, kv_pack, quantized_sdpa_packed
+from mlxrewrite.backends.kernels import kv_pack, quantized_sdpa_packed
 
 chunk = next((int(a.split("=")[1]) for a in sys.argv if a.startswith("--chunk=")), None)
 if chunk:
     importlib.import_module("mlxrewrite.backends.kernels.quantized_sdpa").chunk_size = lambda n: chunk
 n = int(next((a for a in sys.argv[1:] if not a.startswith("--")), 32768))
-words, sb = kv_pack.reference(*(mx.random.normal((1, 4, n, 128)).astype(mx.float16) for _ in range(2)), 64, 8)
-packed = kv_layout.Packed(words, sb, n, (32, 2, 2))
+packed = kv_pack.packed(*(mx.random.normal((1, 4, n, 128)).astype(mx.float16) for _ in range(2)), 64, 8)
 q = mx.random.normal((1, 16, 1, 128)).astype(mx.float16)
-mx.eval(words, sb, q)
+mx.eval(packed.kv, q)
 for _ in range(6):
     mx.eval(quantized_sdpa_packed(q, packed, scale=128 ** -0.5, group_size=64, bits=8))
 print("ok", n)

@@ -21,7 +21,7 @@ from bench import record
 from bench.gpu_chunk_latency import chain_us
 from bench.gpu_fused_attention import m_invariance
 from bench.gpu_packed_attention import GRID, point
-from mlxrewrite.backends.kernels import clear_caches, kv_layout, kv_pack, quantized_sdpa_packed
+from mlxrewrite.backends.kernels import clear_caches, kv_pack, quantized_sdpa_packed
 from mlxrewrite.backends.kernels import quantized_sdpa_cuda as cuda
 
 def main() -> None:
@@ -29,9 +29,8 @@ def main() -> None:
     caches = {}
     for n in (4096, 32768):
         mx.random.seed(0)
-        words, sb = kv_pack.reference(*(mx.random.normal((1, 4, n, 128)).astype(mx.float16) for _ in range(2)), 64, 8)
-        mx.eval(words, sb)
-        caches[n] = kv_layout.Packed(words, sb, n, (32, 2, 2))
+        caches[n] = kv_pack.packed(*(mx.random.normal((1, 4, n, 128)).astype(mx.float16) for _ in range(2)), 64, 8)
+        mx.eval(caches[n].kv)
     result = {}
     for rows in (8, 16):
         cuda.ROWS_PER_BLOCK = rows

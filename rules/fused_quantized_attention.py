@@ -187,7 +187,7 @@ def direct(decision: Decision, queries: mx.array, q_keys: tuple, q_values: tuple
     """`fused` on the arguments of mlx-lm's function itself (eager mode's fast path), prepared once per analysis
     from its first call: the kernel scales the query as mlx-lm does and takes its 4-axis query and cache views
     as they are, so no op is replayed; from a packed cache (mlxrewrite.mlx_lm.packed_cache) it reads the cache's
-    two buffers, no view made at all, and a call costs the prepared kernel's launch. A mask whose view on the
+    buffer, no view made at all, and a call costs the prepared kernel's launch. A mask whose view on the
     heads only the traced graph tells (neither (L, N) nor (B, 1, L, N)), and a query whose dtype is not the
     scales' (mlx-lm's matmul then promotes it after scaling), are left to `fused` (None). Everything read here
     is in the region's key (shapes, dtypes, static arguments, a packed cache's layout); per call the prepared
@@ -195,9 +195,9 @@ def direct(decision: Decision, queries: mx.array, q_keys: tuple, q_values: tuple
     if isinstance(mask, mx.array) and not (mask.ndim == 2 or (mask.ndim == 4 and mask.shape[1] == 1)):
         return None
     p = decision.params
-    packed = getattr(q_keys, "packed", None)  # a packed cache's fetch: the kernel reads its two buffers
+    packed = getattr(q_keys, "packed", None)  # a packed cache's fetch: the kernel reads its buffer
     if packed is not None:
-        if queries.dtype != packed.sb.dtype:
+        if queries.dtype != packed.row.dtype:
             return None
         attend = packed_attention(queries.shape, queries.dtype, packed, scale=scale, group_size=p["group_size"],
                                   bits=p["bits"], mask=mask, fill=p["fill"])

@@ -150,10 +150,11 @@ def test_eager_region_fuses_mlx_lm_decode_without_retracing(cuda, kv_heads, bits
 
 
 @pytest.mark.parametrize("kv_heads", [2, 4], ids=["gqa", "mha"])
-def test_a_packed_cache_reaches_the_kernel_as_its_buffers(cuda, kv_heads, monkeypatch):
-    """A packed cache's fetch is lazy: the fused rule's direct form hands the kernel the cache's two buffers
+def test_a_packed_cache_reaches_the_kernel_as_its_buffer(cuda, kv_heads, monkeypatch):
+    """A packed cache's fetch is lazy: the fused rule's direct form hands the kernel the cache's buffer
     (quantized_sdpa_packed), so after the first call of each analysis (traced and checked on the views) no
-    fetch is made into views (the CPU reference then splits the buffers; the CUDA kernel reads them). The logits are bitwise those of mlx-lm's layout through the 256-step growth,
+    fetch is made into views (the CPU reference then splits the buffer; the CUDA kernel reads it). The logits
+    are bitwise those of mlx-lm's layout through the 256-step growth,
     with the same traces and every call fused."""
     from mlxrewrite.mlx_lm import packed_cache
 

@@ -453,6 +453,10 @@ def test_packed_cache_trims_copies_and_takes_a_state_as_mlx_lms():
     want = plain.update_and_fetch(k, v)
     assert same(want, twin.update_and_fetch(k, v)) and same(want, taken.update_and_fetch(k, v))
     assert packed.offset == 11 and twin.offset == taken.offset == 18
+    half, half_plain = packed_cache.pack(MlxLm(group_size=32, bits=4)), MlxLm(group_size=32, bits=4)
+    half.state = half_plain.state = plain.state  # float32 scales, then float16 rows: both keep float32 scales
+    k16, v16 = (a.astype(mx.float16) for a in rows[1])
+    assert same(half_plain.update_and_fetch(k16, v16), half.update_and_fetch(k16, v16))
     with pytest.raises(TypeError, match="pack expects mlx-lm's QuantizedKVCache, got KVCache"):
         packed_cache.pack(KVCache())
     odd = MlxLm(group_size=32, bits=4)
@@ -483,7 +487,7 @@ def test_a_cache_that_cannot_be_packed_keeps_mlx_lms_layout_and_is_reported(monk
 
 def test_packed_views_give_the_fused_algorithm_mlx_lms_numbers(monkeypatch):
     """The fused kernel reads the packed cache's views through their strides, or (quantized_sdpa_packed)
-    the buffers themselves, rows [:n] of a longer buffer; its algorithm (the CPU reference) gives the same
+    the buffer itself, rows [:n] of a longer buffer; its algorithm (the CPU reference) gives the same
     output either way as from mlx-lm's six buffers. While mlx-lm's attention goes through a dispatcher, a
     fetch is lazy (`Fetched`: no view made until read); else it is mlx-lm's tuples."""
     from mlx_lm.models.cache import QuantizedKVCache as MlxLm
@@ -497,7 +501,7 @@ def test_packed_views_give_the_fused_algorithm_mlx_lms_numbers(monkeypatch):
     k, v = mx.random.normal((1, 2, 300, 64)), mx.random.normal((1, 2, 300, 64))
     plain, packed = MlxLm(), packed_cache.pack(MlxLm())
     (pk, pv), (qk, qv) = plain.update_and_fetch(k, v), packed.update_and_fetch(k, v)
-    assert type(qk) is packed_cache.Fetched and qk.packed is qv.packed and qk.packed.words.shape[2] == 512
+    assert type(qk) is packed_cache.Fetched and qk.packed is qv.packed and qk.packed.kv.shape[2] == 512
     assert len(qk) == 3 and [a.shape for a in (*qk, *qv)] == [a.shape for a in (*pk, *pv)]
     q = mx.random.normal((1, 4, 3, 64))
     common = dict(scale=0.125, group_size=64, bits=8, mask="causal", impl="reference")
@@ -507,10 +511,12 @@ def test_packed_views_give_the_fused_algorithm_mlx_lms_numbers(monkeypatch):
     monkeypatch.setattr(regions, "installed", lambda path: False)
     fetched = packed.update_and_fetch(k[:, :, :1], v[:, :, :1])
     assert all(type(half) is tuple for half in fetched)
-    with pytest.raises(ValueError, match="600 rows asked of buffers of 512"):
+    with pytest.raises(ValueError, match="600 rows asked of a buffer of 512"):
         quantized_sdpa_packed(q, qk.packed._replace(n=600), **common)
-    with pytest.raises(ValueError, match="are not K and V of one shape"):
-        quantized_sdpa_packed(q, qk.packed._replace(dims=(16, 2, 1)), **common)
+    with pytest.raises(ValueError, match="is not K and V of one shape with mlx.core.float32 scales"):
+        quantized_sdpa_packed(q, qk.packed._replace(row=qk.packed.row._replace(v_groups=2)), **common)
+    with pytest.raises(ValueError, match="is not K and V of one shape with mlx.core.float16 scales"):
+        quantized_sdpa_packed(q.astype(mx.float16), qk.packed, **common)
 
 
 def test_a_packed_caches_fetches_share_one_kernel_chain_and_a_copy_gets_its_own(monkeypatch):
@@ -541,16 +547,36 @@ def test_a_packed_caches_fetches_share_one_kernel_chain_and_a_copy_gets_its_own(
     assert third.packed.chain is not chain and third.packed.chain.counters is None
 
 
+@pytest.mark.parametrize("dtype,D,bits,gs,width", [(mx.float16, 128, 8, 64, 68), (mx.float16, 64, 4, 64, 20),
+                                                    (mx.bfloat16, 96, 4, 32, 32), (mx.float32, 128, 4, 128, 36)])
+def test_a_packed_row_holds_mlx_lms_parts_on_16_bytes(dtype, D, bits, gs, width):
+    """A packed row is K's words, V's, then the four scales and biases as the cache's dtype, zero-padded to
+    whole 16 bytes (the kernel's loads): `split` gives mlx-lm's parts back bitwise, as views of any rows."""
+    from mlxrewrite.backends.kernels import kv_layout
+
+    row = kv_layout.Row.of(D, D, gs, bits, dtype)
+    k, v = (mx.quantize(mx.random.normal((2, 3, 7, D)).astype(dtype), gs, bits) for _ in range(2))
+    rows = row.join(k, v)
+    assert row.width == width and rows.shape == (2, 3, 7, width) and rows.dtype == mx.uint32 and width % 4 == 0
+    assert mx.array_equal(rows[..., row.words + row.scale_words:], mx.zeros_like(rows[..., :width - row.words -
+                                                                                       row.scale_words])).item()
+    for got, want in zip((*kv_layout.Packed(rows, 5, row).parts()[0], *kv_layout.Packed(rows, 5, row).parts()[1]),
+                         (*k, *v)):
+        assert got.dtype == want.dtype and mx.array_equal(got, want[:, :, :5]).item()
+    wide = row.join(k, (v[0], v[1].astype(mx.float32), v[2].astype(mx.float32)))  # another dtype: cast to the row's
+    assert mx.array_equal(wide, rows).item()
+
+
 def test_kv_pack_rows_are_mx_quantizes_and_its_kernel_waits_for_verification():
     from mlxrewrite.backends.kernels import kv_pack
 
     mx.random.seed(5)
     keys, values = mx.random.normal((2, 3, 4, 64)), mx.random.normal((2, 4, 3, 128)).swapaxes(1, 2)
-    words, sb = kv_pack.kv_pack(keys, values, group_size=32, bits=8)
+    rows = kv_pack.kv_pack(keys, values, group_size=32, bits=8)
     kq, vq = mx.quantize(keys, 32, 8), mx.quantize(values, 32, 8)
-    assert words.shape == (2, 3, 4, 16 + 32) and sb.shape == (2, 3, 4, 2 * (2 + 4))
-    assert mx.array_equal(words, mx.concatenate([kq[0], vq[0]], -1)).item()
-    assert mx.array_equal(sb, mx.concatenate([kq[1], kq[2], vq[1], vq[2]], -1)).item()
+    assert rows.shape == (2, 3, 4, 16 + 32 + 2 * (2 + 4)) and rows.dtype == mx.uint32  # float32 scales: a word each
+    assert mx.array_equal(rows[..., :48], mx.concatenate([kq[0], vq[0]], -1)).item()
+    assert mx.array_equal(rows[..., 48:].view(mx.float32), mx.concatenate([kq[1], kq[2], vq[1], vq[2]], -1)).item()
     if not mx.cuda.is_available():  # off CUDA the kernel cannot pass its battery, and says why
         assert not kv_pack.verified(mx.float16, 8, 64, 128, 128)
         assert "CUDA" in kv_pack.NOT_VERIFIED[mx.float16, 8, 64, 128, 128]

@@ -123,7 +123,7 @@ def test_cuda_launch_plan_writes_its_constants_and_sizes_its_work_buffer(monkeyp
     assert kernel["output_names"] == ["out", "work"] and not kernel["ensure_row_contiguous"]
     packed, _ = cuda.plan(B, Hq, Hkv, M, D, N, chunk, 8, 64, mx.float16, cuda.MASK_NONE, None, None, packed=True)
     cuda._kernel.cache_clear()
-    assert packed["input_names"] == ["q", "words", "sb", "params"] and "qsdpa::split_packed<" in packed["source"]
+    assert packed["input_names"] == ["q", "kv", "params", "rows"] and "qsdpa::split_packed<" in packed["source"]
     assert packed["name"].startswith("qsdpa_packed_") and packed["header"] == kernel["header"]
 
 
@@ -140,11 +140,12 @@ def test_the_kernel_source_includes_its_device_code_by_path():
                             f'// sha256 {hashlib.sha256(text.encode()).hexdigest()[:16]}\n')  # MLX appends to it
 
 
-def test_a_decode_loop_over_a_packed_cache_plans_once_per_chunk_and_keeps_few_scalar_arrays(monkeypatch):
+def test_a_decode_loop_over_a_packed_cache_plans_once_per_chunk_and_makes_one_small_scalar_per_token(monkeypatch):
     """A packed cache's row count changes every token; the launch depends on it only through the count of
-    chunks (the rows themselves come in the scalars), so 100 tokens cost one plan per 256 of them. The
-    scalars are one small array per token, and only a few are kept: MLX allocates host-visible memory anew
-    (about 180 us on an H200 host) for each one while the old ones stay alive."""
+    chunks (the row count itself comes in a scalar), so 100 tokens cost one plan per 256 of them. The row
+    count is the one array made per token, of 4 bytes: MLX takes those from a pool, while a 16-byte array
+    costs an allocation of host-visible memory (145-180 us on an H200 host); the float scalars are made
+    once per chunk size."""
     import importlib
 
     from mlxrewrite.backends.kernels import clear_caches, kv_layout, quantized_sdpa_packed
@@ -155,42 +156,45 @@ def test_a_decode_loop_over_a_packed_cache_plans_once_per_chunk_and_keeps_few_sc
 
     def kernel(**_):
         def call(inputs, output_shapes, output_dtypes, grid, **__):
-            launches.append((grid, inputs[-1].tolist()))  # the scalars come last
+            launches.append((grid, inputs[-2].tolist(), inputs[-1]))  # the float scalars, then the row count
             return [mx.zeros(s, d) for s, d in zip(output_shapes, output_dtypes)]
         return call
 
     monkeypatch.setattr(mx.fast, "cuda_kernel", kernel)
     clear_caches()
     D, bits, gs = 128, 8, 64
-    dims = (D * bits // 32, D // gs, D // gs)
-    words, sb = mx.zeros((1, 4, 4352, 2 * D * bits // 32), mx.uint32), mx.zeros((1, 4, 4352, 4 * D // gs), mx.float16)
+    row = kv_layout.Row.of(D, D, gs, bits, mx.float16)
+    kv = mx.zeros((1, 4, 4352, row.width), mx.uint32)
     q = mx.zeros((1, 16, 1, D), mx.float16)
     try:
         for n in range(4000, 4100):
-            quantized_sdpa_packed(q, kv_layout.Packed(words, sb, n, dims), scale=0.125, group_size=gs, bits=bits,
+            quantized_sdpa_packed(q, kv_layout.Packed(kv, n, row), scale=0.125, group_size=gs, bits=bits,
                                   impl="cuda")
-        assert [params[3] for _, params in launches] == list(range(4000, 4100))
-        assert all(grid[0] == -(-params[3] // 256) * cuda.THREADS for grid, params in launches)
-        prepared = sdpa.packed_attention(q.shape, q.dtype, kv_layout.Packed(words, sb, 4000, dims), scale=0.125,
+        counts = [count for *_, count in launches]
+        assert all(c.dtype == mx.int32 and c.nbytes == 4 for c in counts)
+        assert [c.item() for c in counts] == list(range(4000, 4100))
+        assert all(params == [0.125, float(mx.finfo(mx.float16).min), 256.0] for _, params, _ in launches)
+        assert all(grid[0] == -(-c.item() // 256) * cuda.THREADS for grid, _, c in launches)
+        prepared = sdpa.packed_attention(q.shape, q.dtype, kv_layout.Packed(kv, 4000, row), scale=0.125,
                                          group_size=gs, bits=bits, impl="cuda")
         assert sdpa._prepared_packed.cache_info().currsize == 1 and prepared.rows[0] == 4099  # one for every n
         assert sdpa._cuda_plan.cache_info().misses == 2  # 16 chunks up to 4096 rows, 17 after
-        assert sdpa._params.cache_info().currsize <= 16  # not a token's worth each for the last 256 tokens
+        assert sdpa._params.cache_info().currsize == 1  # one float scalars array for the whole loop
         # a mask's last axis is n itself, not whole chunks: planning this call for 4096 rows used to raise
-        quantized_sdpa_packed(q, kv_layout.Packed(words, sb, 4050, dims), scale=0.125, group_size=gs, bits=bits,
+        quantized_sdpa_packed(q, kv_layout.Packed(kv, 4050, row), scale=0.125, group_size=gs, bits=bits,
                               mask=mx.ones((1, 1, 1, 4050), dtype=mx.bool_), impl="cuda")
-        assert launches[-1][1][3] == 4050
-        with pytest.raises(ValueError, match="4353 rows asked of buffers of 4352"):
-            quantized_sdpa_packed(q, kv_layout.Packed(words, sb, 4353, dims), scale=0.125, group_size=gs, bits=bits,
+        assert launches[-1][2].item() == 4050
+        with pytest.raises(ValueError, match="4353 rows asked of a buffer of 4352"):
+            quantized_sdpa_packed(q, kv_layout.Packed(kv, 4353, row), scale=0.125, group_size=gs, bits=bits,
                                   impl="cuda")
         with pytest.raises(ValueError, match="a mask over 4049 keys for 4050 rows"):  # the kernel would read past it
-            quantized_sdpa_packed(q, kv_layout.Packed(words, sb, 4050, dims), scale=0.125, group_size=gs, bits=bits,
+            quantized_sdpa_packed(q, kv_layout.Packed(kv, 4050, row), scale=0.125, group_size=gs, bits=bits,
                                   mask=mx.ones((1, 4049), dtype=mx.bool_), impl="cuda")
         with pytest.raises(ValueError, match="unknown mask 'causual'"):
-            quantized_sdpa_packed(q, kv_layout.Packed(words, sb, 4050, dims), scale=0.125, group_size=gs, bits=bits,
+            quantized_sdpa_packed(q, kv_layout.Packed(kv, 4050, row), scale=0.125, group_size=gs, bits=bits,
                                   mask="causual", impl="cuda")
         with pytest.raises(ValueError, match="17 query heads per kv head"):  # the kernel's limits, as unpacked
-            quantized_sdpa_packed(mx.zeros((1, 68, 1, D), mx.float16), kv_layout.Packed(words, sb, 4050, dims),
+            quantized_sdpa_packed(mx.zeros((1, 68, 1, D), mx.float16), kv_layout.Packed(kv, 4050, row),
                                   scale=0.125, group_size=gs, bits=bits, impl="cuda")
         assert len(launches) == 101  # no refused call launched
     finally:
@@ -219,13 +223,13 @@ def test_launches_over_a_packed_cache_chain_their_counters_and_ask_mlx_to_fill_n
     monkeypatch.setattr(mx.fast, "cuda_kernel", kernel)
     clear_caches()
     D, bits, gs, B, Hkv = 128, 8, 64, 2, 4
-    dims = (D * bits // 32, D // gs, D // gs)
-    words, sb = mx.zeros((B, Hkv, 512, 2 * D * bits // 32), mx.uint32), mx.zeros((B, Hkv, 512, 4 * D // gs), mx.float16)
+    row = kv_layout.Row.of(D, D, gs, bits, mx.float16)
+    kv = mx.zeros((B, Hkv, 512, row.width), mx.uint32)
     chain = kv_layout.Chain()
     try:
         for n, M in ((300, 1), (301, 1), (305, 4), (306, 1)):
             q = mx.zeros((B, 16, M, D), mx.float16)
-            quantized_sdpa_packed(q, kv_layout.Packed(words, sb, n, dims, chain), scale=0.125, group_size=gs,
+            quantized_sdpa_packed(q, kv_layout.Packed(kv, n, row, chain), scale=0.125, group_size=gs,
                                   bits=bits, impl="cuda")
             made, inputs, outs, init = launches[-1]
             assert init is None and made["output_names"] == ["out", "work", "next"] and chain.counters is outs[2]
@@ -233,8 +237,8 @@ def test_launches_over_a_packed_cache_chain_their_counters_and_ask_mlx_to_fill_n
             assert outs[2].shape == (B * Hkv * cuda.CHAIN_SLOTS,) and outs[2].dtype == mx.int32
         assert mx.array_equal(launches[0][1][-1], mx.zeros((B * Hkv * cuda.CHAIN_SLOTS,), mx.int32)).item()
         assert all(later[1][-1] is earlier[2][2] for earlier, later in zip(launches, launches[1:]))
-        for q, packed in ((mx.zeros((B, 16 * Hkv, 17, D), mx.float16), kv_layout.Packed(words, sb, 300, dims, chain)),
-                          (mx.zeros((B, 16, 1, D), mx.float16), kv_layout.Packed(words, sb, 300, dims))):
+        for q, packed in ((mx.zeros((B, 16 * Hkv, 17, D), mx.float16), kv_layout.Packed(kv, 300, row, chain)),
+                          (mx.zeros((B, 16, 1, D), mx.float16), kv_layout.Packed(kv, 300, row))):
             before = chain.counters
             quantized_sdpa_packed(q, packed, scale=0.125, group_size=gs, bits=bits, impl="cuda")
             made, inputs, outs, init = launches[-1]

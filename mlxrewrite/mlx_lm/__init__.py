@@ -11,8 +11,8 @@ depends on, so a 256-token decode traces each distinct call once. mlx-lm's quant
 (`models/base.py`, expand_dims + broadcast quantized_matmul) is folded; masks of the batched cache are
 runtime values and are dropped only with `check_masks=True`, which checks the masks the cache itself
 builds (`make_mask`), each once per forward pass, and never a mask a model computes from activations.
-On a CUDA GPU, mlx-lm's `QuantizedKVCache` objects are packed in place (`packed_cache`: two buffers per
-layer, a token added in three ops, mlx-lm's numbers); elsewhere they update through `cache_update`.
+On a CUDA GPU, mlx-lm's `QuantizedKVCache` objects are packed in place (`packed_cache`: one buffer per
+layer, a token added in two ops, mlx-lm's numbers); elsewhere they update through `cache_update`.
 
 Coverage is checked, not assumed: on the first forward pass of each route (the cache types, and one
 token or several), each attention layer must make at least one intercepted attention call. Layers whose
@@ -107,7 +107,7 @@ def wrap(model: nn.Module, *, rules: list[Rule] | None = None, disable: tuple[st
     `cache_update.update_and_fetch`, the same ops and state with a fifth of the Python (where the installed
     mlx-lm's method is the one it was checked against; `explain` says when not).
     `packed_cache`: mlx-lm's `QuantizedKVCache` objects that a forward pass gets are turned into
-    `packed_cache.QuantizedKVCache` (in place, once: two buffers instead of six, a token added in three ops,
+    `packed_cache.QuantizedKVCache` (in place, once: one buffer instead of six, a token added in two ops,
     mlx-lm's numbers and API). None: on a CUDA GPU, where its kernel runs (and the installed mlx-lm's cache
     is the one it was checked against); True: everywhere (elsewhere `mx.quantize` packs the rows); False: never.
 

@@ -3,8 +3,8 @@
 mlx-lm's `QuantizedKVCache` keeps six buffers per layer (K and V weights, scales, biases) and adds each token
 with two quantize calls and six slice updates: on a GPU decode step, where every op costs the host several
 microseconds, that is more than the attention itself. A packed cache (mlxrewrite.mlx_lm.packed_cache)
-keeps two buffers (`kv_layout`); `kv_pack` gives one token's (or a prompt's) rows of both, which the cache
-writes with two slice updates. The numbers are `mx.quantize`'s, bitwise.
+keeps one buffer (`kv_layout`); `kv_pack` gives one token's (or a prompt's) rows of it, which the cache
+writes with one slice update. The numbers are `mx.quantize`'s, bitwise.
 
 `reference` is the definition in MLX ops. The CUDA kernel (kv_pack_cuda) is used only where `verified`
 found it bitwise equal to the installed `mx.quantize` on this device, for that dtype, bits, group size and
@@ -21,20 +21,32 @@ from typing import Callable
 import mlx.core as mx
 
 from . import kv_pack_cuda as cuda
-from .kv_layout import join
+from .kv_layout import Chain, Packed, Row
 from .quantized_sdpa import on_cuda
 
 
-def reference(keys: mx.array, values: mx.array, group_size: int, bits: int) -> tuple[mx.array, mx.array]:
-    """(words, sb) from `mx.quantize` of keys and values (B, H, n, D)."""
-    return join(mx.quantize(keys, group_size=group_size, bits=bits),
-                mx.quantize(values, group_size=group_size, bits=bits))
+def reference(keys: mx.array, values: mx.array, group_size: int, bits: int, row: Row | None = None) -> mx.array:
+    """The packed rows of `mx.quantize` of keys and values (B, H, n, D), laid out as `row` (by default the
+    row of keys' dtype; another row's dtype takes the scales cast to it, as mlx-lm's buffers would)."""
+    row = row or Row.of(keys.shape[-1], values.shape[-1], group_size, bits, keys.dtype)
+    return row.join(mx.quantize(keys, group_size=group_size, bits=bits),
+                    mx.quantize(values, group_size=group_size, bits=bits))
 
 
-def kv_pack(keys: mx.array, values: mx.array, group_size: int, bits: int) -> tuple[mx.array, mx.array]:
-    """(words, sb) for keys and values (B, H, n, D); the CUDA kernel where `verified`, else `reference`."""
-    launch = _launcher(keys.shape, values.shape, keys.dtype, values.dtype, group_size, bits) if on_cuda() else None
-    return launch(keys, values) if launch is not None else reference(keys, values, group_size, bits)
+def kv_pack(keys: mx.array, values: mx.array, group_size: int, bits: int, row: Row | None = None) -> mx.array:
+    """`reference`'s rows: the CUDA kernel where `verified` (and `row` is that of keys' dtype), else `reference`."""
+    launch = None
+    if on_cuda() and (row is None or row.dtype == keys.dtype):
+        launch = _launcher(keys.shape, values.shape, keys.dtype, values.dtype, group_size, bits)
+    return launch(keys, values) if launch is not None else reference(keys, values, group_size, bits, row)
+
+
+def packed(keys: mx.array, values: mx.array, group_size: int, bits: int, n: int | None = None,
+           chain: Chain | None = None) -> Packed:
+    """Rows [:n] (default all) of a packed cache holding keys and values (B, H, N, D) quantized (`reference`)."""
+    rows = reference(keys, values, group_size, bits)
+    return Packed(rows, rows.shape[2] if n is None else n,
+                  Row.of(keys.shape[-1], values.shape[-1], group_size, bits, keys.dtype), chain)
 
 
 @lru_cache(maxsize=1024)
@@ -65,7 +77,7 @@ def verified(dtype: mx.Dtype, bits: int, group_size: int, dk: int, dv: int) -> b
             for i, (keys, values) in enumerate(_battery(dtype, dk, dv)):
                 got = cuda.launch(cuda.plan(*keys.shape, dv, dtype, group_size, bits), keys, values)
                 want = reference(keys, values, group_size, bits)
-                if not all(mx.array_equal(g.view(mx.uint8), w.view(mx.uint8)).item() for g, w in zip(got, want)):
+                if not mx.array_equal(got, want).item():
                     why = f"differs from mx.quantize on battery case {i}"
                     break
         except Exception as error:  # noqa: BLE001 - a kernel that does not build or run here is not used

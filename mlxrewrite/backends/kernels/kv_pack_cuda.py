@@ -1,4 +1,5 @@
-"""CUDA kernel for `kv_pack`: new K/V rows quantized as `mx.quantize` does, written as packed cache rows.
+"""CUDA kernel for `kv_pack`: new K/V rows quantized as `mx.quantize` does, written as packed cache rows
+(kv_layout.Row: the words, then the scales and biases as T, then zeros to the row's width).
 
 One warp per quantization group (K's groups, then V's, of one row of one head): a token's rows are a few
 dozen groups, so the group's loads must be spread over lanes, not made one after another. Its arithmetic is MLX's
@@ -18,6 +19,8 @@ from functools import lru_cache
 from typing import Any
 
 import mlx.core as mx
+
+from .kv_layout import Row
 
 THREADS = 256
 
@@ -59,14 +62,17 @@ const float q0 = roundf(__fdiv_rn(edge, scale));
 const bool at_zero = q0 == 0.0f;
 scale = at_zero ? scale : __fdiv_rn(edge, q0);
 const float bias = at_zero ? 0.f : edge;
+constexpr int WORDS = (GK + GV) * GS * BITS / 32;  // K's and V's words; then the scales and biases as T
+uint32_t* w_row = rows + row * WIDTH;
 if (lane == 0) {
-  T* sb_row = sb + row * (2 * (GK + GV));
+  T* sb_row = reinterpret_cast<T*>(w_row + WORDS);
   const int sb_at = is_v ? 2 * GK + gg : gg;
   sb_row[sb_at] = static_cast<T>(scale);
   sb_row[sb_at + (is_v ? GV : GK)] = static_cast<T>(bias);
 }
+if (g == 0 && lane < PAD) w_row[WIDTH - PAD + lane] = 0u;  // the row's padding, so that rows are deterministic
 if (lane < GS / PER_WORD) {
-  uint32_t* w_row = words + row * ((GK + GV) * GS * BITS / 32) + (is_v ? GK * GS * BITS / 32 : 0) + gg * GS * BITS / 32;
+  w_row += (is_v ? GK * GS * BITS / 32 : 0) + gg * GS * BITS / 32;
   uint32_t word = 0;
 #pragma unroll
   for (int e = 0; e < PER_WORD; ++e) {
@@ -82,25 +88,25 @@ CUDA_TYPES = {mx.float16: "__half", mx.bfloat16: "__nv_bfloat16", mx.float32: "f
 
 
 @lru_cache(maxsize=None)
-def _kernel(dtype: mx.Dtype, bits: int, group_size: int, groups_k: int, groups_v: int) -> Any:
+def _kernel(dtype: mx.Dtype, bits: int, group_size: int, row: Row) -> Any:
+    pad = row.width - row.words - row.scale_words
     constants = (f"using T = {CUDA_TYPES[dtype]};\nconstexpr int BITS = {bits}, GS = {group_size}, "
-                 f"GK = {groups_k}, GV = {groups_v};\n")
-    tag = f"{str(dtype).rsplit('.', 1)[-1]}_{bits}_{group_size}_{groups_k}_{groups_v}"
-    return mx.fast.cuda_kernel(name=f"kv_pack_{tag}", input_names=["k", "v"], output_names=["words", "sb"],
+                 f"GK = {row.k_groups}, GV = {row.v_groups}, WIDTH = {row.width}, PAD = {pad};\n")
+    tag = f"{row.dtype_name}_{bits}_{group_size}_{row.k_groups}_{row.v_groups}_{row.width}"
+    return mx.fast.cuda_kernel(name=f"kv_pack_{tag}", input_names=["k", "v"], output_names=["rows"],
                                source=constants + _SOURCE, ensure_row_contiguous=False)
 
 
 def plan(B: int, H: int, n: int, dk: int, dv: int, dtype: mx.Dtype, group_size: int, bits: int) -> tuple:
     """The kernel and its launch arguments for one shape (kv_pack caches them per shape)."""
-    gk, gv = dk // group_size, dv // group_size
-    rows = B * H * n
-    threads = -(-rows * (gk + gv) * 32 // THREADS) * THREADS  # a warp per group
-    launch_args = dict(output_shapes=[(B, H, n, (dk + dv) * bits // 32), (B, H, n, 2 * (gk + gv))],
-                       output_dtypes=[mx.uint32, dtype], grid=(threads, 1, 1), threadgroup=(THREADS, 1, 1))
-    return _kernel(dtype, bits, group_size, gk, gv), launch_args
+    row = Row.of(dk, dv, group_size, bits, dtype)
+    threads = -(-B * H * n * (row.k_groups + row.v_groups) * 32 // THREADS) * THREADS  # a warp per group
+    launch_args = dict(output_shapes=[(B, H, n, row.width)], output_dtypes=[mx.uint32], grid=(threads, 1, 1),
+                       threadgroup=(THREADS, 1, 1))
+    return _kernel(dtype, bits, group_size, row), launch_args
 
 
-def launch(plan_: tuple, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
+def launch(plan_: tuple, keys: mx.array, values: mx.array) -> mx.array:
+    """The packed rows (kv_layout.Row) of keys and values (B, H, n, D)."""
     kernel, launch_args = plan_
-    words, sb = kernel(inputs=[keys, values], **launch_args)
-    return words, sb
+    return kernel(inputs=[keys, values], **launch_args)[0]

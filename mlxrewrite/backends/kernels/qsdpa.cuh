@@ -394,17 +394,20 @@ __device__ void split(
   }
 }
 
-// A packed cache (kv_pack.join's layout): K's words then V's in `words`, K scales, K biases, V scales, V biases
-// in `sb`, over rows [0, N) of buffers that may be longer; the six parts are column offsets of the two.
+// A packed cache (kv_layout.Row): a row of `kv` is K's words, V's, then K scales, K biases, V scales, V biases
+// as T, over rows [0, rows[0]) of a buffer that may be longer; the six parts are column offsets of it.
 template <typename T, typename MT, typename ST, int D, int BITS, int GS, int NREP, int MBMAX, int MBE, int MASK,
           bool SINKS>
 __device__ void split_packed(
-    const T* q, const Shape& q_shape, const Strides& q_st, const uint32_t* words, const Strides& w_st,
-    const T* sb, const Strides& sb_st, const MT* mask, const Shape& m_shape, const Strides& m_st, const ST* sinks,
-    const float* params, T* out, float* work, int* done = nullptr, int* next = nullptr) {
-  constexpr int KW = D * BITS / 32, KG = D / GS;
+    const T* q, const Shape& q_shape, const Strides& q_st, const uint32_t* kv, const Strides& kv_st,
+    const MT* mask, const Shape& m_shape, const Strides& m_st, const ST* sinks,
+    const float* params, const int* rows, T* out, float* work, int* done = nullptr, int* next = nullptr) {
+  constexpr int KW = D * BITS / 32, KG = D / GS, PER_WORD = 4 / sizeof(T);
+  Strides sb_st = kv_st;  // the scales' strides in T: the rows' in words, times T values per word
+  for (int i = 0; i < 3; ++i) sb_st[i] *= PER_WORD;
+  const T* sb = reinterpret_cast<const T*>(kv + 2 * KW);
   split<T, MT, ST, D, BITS, GS, NREP, MBMAX, MBE, MASK, SINKS>(
-      q, q_shape, q_st, static_cast<int>(params[3]), words, w_st, sb, sb_st, sb + KG, sb_st, words + KW, w_st,
+      q, q_shape, q_st, rows[0], kv, kv_st, sb, sb_st, sb + KG, sb_st, kv + KW, kv_st,
       sb + 2 * KG, sb_st, sb + 3 * KG, sb_st, mask, m_shape, m_st, sinks, params, out, work, done, next);
 }
 

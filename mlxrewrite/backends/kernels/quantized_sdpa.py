@@ -53,12 +53,19 @@ def _lowest(dtype: mx.Dtype) -> float:
 
 
 @lru_cache(maxsize=16)
-def _params(scale: float, fill: float, chunk: int, n: int = 0) -> mx.array:
-    """The kernel's float scalars (n: a packed cache's rows), one cached array per distinct value set: a
-    decode step's layers share one. Few are kept: each array MLX makes from Python data is host-visible
-    memory, which costs about 180 us to allocate on an H200 host unless a freed one is reused
-    (bench/results/cuda-nvidia-h200/step_profile_n4096_cprofile.txt), so a decode loop's old ones must go."""
-    return mx.array([scale, fill, float(chunk), float(n)], dtype=mx.float32)
+def _params(scale: float, fill: float, chunk: int) -> mx.array:
+    """The kernel's float scalars, one cached array per distinct value set (a decode loop makes a new one
+    when the chunk size changes: every 16k keys). An array MLX makes from Python data is host-visible
+    memory: above 8 bytes it costs 145-180 us to allocate on an H200 host unless a freed one of its size is
+    reused (bench/results/cuda-nvidia-h200/step_profile_n4096_cprofile*.txt), so a packed cache's row
+    count, new each token, comes in its own 4-byte array (`_rows_scalar`), which MLX takes from its pool
+    of small buffers."""
+    return mx.array([scale, fill, float(chunk)], dtype=mx.float32)
+
+
+def _rows_scalar(n: int) -> mx.array:
+    """A packed cache's row count for the kernel: a 4-byte array (MLX's pool of small buffers)."""
+    return mx.array(n, dtype=mx.int32)
 
 
 def clear_caches() -> None:
@@ -156,15 +163,15 @@ def quantized_sdpa(q: mx.array, k: Quantized, v: Quantized, *, scale: float, gro
     kind, mask_arr = _cuda_mask(mask)
     plan, chunk = _cuda_plan(q.shape, k[0].shape, v[0].shape, q.dtype, group_size, bits, split, kind,
                              *_shape_dtype(mask_arr), *_shape_dtype(sinks))
-    return cuda.launch(plan, q, (*k, *v), mask_arr, sinks, params=_params(float(scale), float(fill), chunk))
+    return cuda.launch(plan, q, (*k, *v), mask_arr, sinks, _params(float(scale), float(fill), chunk))
 
 
 def quantized_sdpa_packed(q: mx.array, packed: kv_layout.Packed, *, scale: float, group_size: int, bits: int,
                           mask: Mask = None, fill: float | None = None, sinks: mx.array | None = None,
                           impl: str = "auto") -> mx.array:
-    """`quantized_sdpa` over rows [:n] of a packed cache's two buffers (kv_layout), read where they are.
+    """`quantized_sdpa` over rows [:n] of a packed cache's buffer (kv_layout), read where it is.
 
-    The same kernel and numbers as over the six parts `kv_layout.split` makes of them, without making them:
+    The same kernel and numbers as over the six parts `kv_layout.Row.split` makes of it, without making them:
     a decode step then builds no view of the cache (on CUDA; the reference takes the parts).
     """
     return packed_attention(q.shape, q.dtype, packed, scale=scale, group_size=group_size, bits=bits, mask=mask,
@@ -178,9 +185,9 @@ def packed_attention(q_shape: Shape, dtype: mx.Dtype, packed: kv_layout.Packed, 
     (any row count), with a mask and sinks like those given (an array mask: any last axis, n or 1): the
     object to call once per decode step (a rule's direct form holds one per analysis)."""
     kind, mask = _cuda_mask(mask)
-    words, sb = packed.words.shape, packed.sb.shape
     mask_shape, mask_dtype = _shape_dtype(mask)
-    return _prepared_packed(tuple(q_shape), dtype, words[:2] + words[3:], sb[3], packed.dims, group_size, bits, kind,
+    kv = packed.kv.shape
+    return _prepared_packed(tuple(q_shape), dtype, kv[:2] + kv[3:], packed.row, group_size, bits, kind,
                             mask_shape and mask_shape[:3], mask_dtype, *_shape_dtype(sinks), packed.chain is not None,
                             float(scale), float(_lowest(dtype) if fill is None else fill), _resolve(impl))
 
@@ -193,27 +200,26 @@ class PackedAttention:
 
     __slots__ = ("args", "scale", "fill", "impl", "mask_kind", "chained", "counters_size", "rows")
 
-    def __init__(self, q: Shape, dtype: mx.Dtype, words: Shape, sb_width: int, dims: tuple[int, int, int],
-                 group_size: int, bits: int, mask_kind: int, mask: Shape | None, mask_dtype: mx.Dtype | None,
-                 sinks: Shape | None, sinks_dtype: mx.Dtype | None, chain: bool, scale: float, fill: float,
-                 impl: str):
-        B, H, width = words
-        part = _packed_rows((B, H, 0, width), (B, H, 0, sb_width), 0, dims)
+    def __init__(self, q: Shape, dtype: mx.Dtype, kv: Shape, row: kv_layout.Row, group_size: int, bits: int,
+                 mask_kind: int, mask: Shape | None, mask_dtype: mx.Dtype | None, sinks: Shape | None,
+                 sinks_dtype: mx.Dtype | None, chain: bool, scale: float, fill: float, impl: str):
+        B, H, width = kv
+        part = _packed_rows(B, H, width, row, dtype)
         _check(q, part, part, group_size, bits, None if mask is None else (*mask, 1), sinks)
         self.mask_kind = mask_kind
         self.chained = chain and cuda.row_groups(q[3], q[1] // H, q[2]) <= cuda.CHAIN_SLOTS
         self.args = (q, part, dtype, group_size, bits, mask, mask_dtype, sinks, sinks_dtype)
         self.scale, self.fill, self.impl = scale, fill, impl
         self.counters_size = B * H * cuda.CHAIN_SLOTS
-        self.rows: tuple = (-1, None, None)  # the last row count's (n, plan, scalars)
+        self.rows: tuple = (-1, None, None, None)  # the last row count's (n, plan, scalars, row count scalar)
 
     def __call__(self, q: mx.array, packed: kv_layout.Packed, mask: Mask = None,
                  sinks: mx.array | None = None) -> mx.array:
         """q, mask and sinks as prepared (an array mask: any last axis, n or 1); `packed` of the prepared layout,
         with any row count."""
-        n, words, sb = packed.n, packed.words, packed.sb
-        if n > words.shape[2]:
-            raise ValueError(f"quantized_sdpa_packed: {n} rows asked of buffers of {words.shape[2]}")
+        n, kv = packed.n, packed.kv
+        if n > kv.shape[2]:
+            raise ValueError(f"quantized_sdpa_packed: {n} rows asked of a buffer of {kv.shape[2]}")
         if type(mask) is mx.array:
             if mask.ndim != 4:
                 mask = _as_4d(mask)
@@ -229,39 +235,40 @@ class PackedAttention:
         rows = self.rows
         if rows[0] != n:  # the row count changes once per token, and a step's layers share it
             rows = self.rows = self._rows(n)
-        _, plan, params = rows
+        _, plan, params, count = rows
         if not self.chained:
-            return cuda.launch(plan, q, (words, sb), mask, sinks, params=params)
+            return cuda.launch(plan, q, (kv,), mask, sinks, params, count)
         chain = packed.chain
         if chain is None:
             raise ValueError("quantized_sdpa_packed: prepared for a cache with a kernel chain, given one without")
         counters = chain.counters
         if counters is None or counters.size != self.counters_size:
-            counters = cuda.chain_counters(*words.shape[:2])
-        out, chain.counters = cuda.launch_chained(plan, q, (words, sb), mask, sinks, params=params, counters=counters)
+            counters = cuda.chain_counters(*kv.shape[:2])
+        out, chain.counters = cuda.launch_chained(plan, q, (kv,), mask, sinks, params, count, counters)
         return out
 
-    def _rows(self, n: int) -> tuple[int, tuple, mx.array]:
-        """(n, the launch plan for n rows, the scalars for n rows): a launch depends on the row count only
-        through the count of chunks, as n itself comes in the scalars, so it is planned for whole chunks."""
+    def _rows(self, n: int) -> tuple[int, tuple, mx.array, mx.array]:
+        """(n, the launch plan for n rows, the scalars, n as a scalar): a launch depends on the row count only
+        through the count of chunks, as n itself comes in its scalar, so it is planned for whole chunks."""
         chunk = chunk_size(n)
         q, part, dtype, group_size, bits, mask, mask_dtype, sinks, sinks_dtype = self.args
         rows = (*part[:2], -(-n // chunk) * chunk, part[3])
         plan, _ = _cuda_plan(q, rows, rows, dtype, group_size, bits, chunk, self.mask_kind,
                              None if mask is None else (*mask, 1), mask_dtype, sinks, sinks_dtype, True, self.chained)
-        return n, plan, _params(self.scale, self.fill, chunk, n)
+        return n, plan, _params(self.scale, self.fill, chunk), _rows_scalar(n)
 
 
 _prepared_packed = lru_cache(maxsize=256)(PackedAttention)
 
 
-def _packed_rows(words: Shape, sb: Shape, n: int, dims: tuple[int, int, int]) -> Shape:
-    """The shape of K's (and V's) words over rows [:n]; ValueError where the buffers are not one K/V shape."""
-    k_words, k_groups, v_groups = dims
-    if words[-1] != 2 * k_words or sb[-1] != 4 * k_groups or v_groups != k_groups or n > words[2]:
-        raise ValueError(f"quantized_sdpa_packed: buffers {words}, {sb} with dims {dims} and {n} rows are not K "
-                         "and V of one shape")
-    return (*words[:2], n, k_words)
+def _packed_rows(B: int, H: int, width: int, row: kv_layout.Row, dtype: mx.Dtype) -> Shape:
+    """The shape of K's (and V's) words over no rows; ValueError where the buffer's rows are not K and V of one
+    shape with scales of the query's dtype, 16-byte aligned, as the kernel reads them."""
+    if width != row.width or row.v_words != row.k_words or row.v_groups != row.k_groups or row.dtype != dtype \
+            or width % 4 or row.words % 4:
+        raise ValueError(f"quantized_sdpa_packed: a buffer of rows of {width} words laid out as {row} is not K and "
+                         f"V of one shape with {dtype} scales")
+    return (B, H, 0, row.k_words)
 
 
 def _causal(M: int, N: int) -> mx.array:

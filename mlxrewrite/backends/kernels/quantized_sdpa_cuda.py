@@ -43,13 +43,13 @@ _V_REGION = 9216  # floats: one tile of dequantized V (TK x 36 x D/32), reused f
 HEADER_PATH = Path(__file__).with_name("qsdpa.cuh")  # the kernel's device code
 
 _TEMPLATE = "<T, MT, ST, D, BITS, GS, NREP, MBMAX, MBE, MASK, SINKS>"
-# mlx-lm's six parts (N from the K words' shape), or a packed cache's two buffers (N from params[3])
+# mlx-lm's six parts (N from the K words' shape), or a packed cache's buffer (N from `rows`, its own scalar)
 _CALLS = {False: ("qsdpa::split" + _TEMPLATE + "(q, q_shape, q_strides, kw_shape[2], kw, kw_strides, ks, ks_strides, "
                   "kb, kb_strides, vw, vw_strides, vs, vs_strides, vb, vb_strides, {mask}, {sinks}, params, out, work);"),
-          True: ("qsdpa::split_packed" + _TEMPLATE + "(q, q_shape, q_strides, words, words_strides, sb, sb_strides, "
-                 "{mask}, {sinks}, params, out, work{chain});")}
+          True: ("qsdpa::split_packed" + _TEMPLATE + "(q, q_shape, q_strides, kv, kv_strides, {mask}, {sinks}, params, "
+                 "rows, out, work{chain});")}
 _CHAIN = ", const_cast<int*>(counters), next"  # a chained launch's counters (written in place) and its `next`
-_KV_NAMES = {False: ["kw", "ks", "kb", "vw", "vs", "vb"], True: ["words", "sb"]}
+_KV_NAMES = {False: ["kw", "ks", "kb", "vw", "vs", "vb"], True: ["kv"]}
 CHAIN_SLOTS = 16  # counters per (batch, kv head) of a chained launch (qsdpa.cuh): at most 16 row groups
 _ARRAY_MASK = "mask, mask_shape, mask_strides"
 _NO_MASK = "static_cast<const MT*>(nullptr), q_shape, q_strides"  # unused when MASK is 0 or 3
@@ -87,7 +87,7 @@ def _kernel(constants: tuple, array_mask: bool, sinks: bool, shared_memory: int,
     """One kernel object per instantiation, its template arguments written into the source: MLX formats
     template arguments anew on every call, constants in the source cost nothing per call."""
     names = ["q"] + _KV_NAMES[packed] + (["mask"] if array_mask else []) + (["sinks"] if sinks else []) + ["params"] \
-        + (["counters"] if chained else [])
+        + (["rows"] if packed else []) + (["counters"] if chained else [])
     lines = []
     for name, value in constants:
         if isinstance(value, mx.Dtype):
@@ -132,7 +132,7 @@ def plan(B: int, Hq: int, Hkv: int, M: int, D: int, N: int, chunk: int, bits: in
          dtype: mx.Dtype, mask_kind: int, mask_dtype: mx.Dtype | None, sinks_dtype: mx.Dtype | None,
          packed: bool = False, chained: bool = False) -> tuple:
     """Everything about a launch that depends only on shapes and dtypes (the caller caches it per shape).
-    packed: K and V come as a packed cache's two buffers (`launch` gets them as `kv`), else as six parts.
+    packed: K and V come as a packed cache's buffer (`launch` gets it as `kv`), else as six parts.
     chained (packed only): the launch takes `counters` (`chain_counters`, or the previous chained launch's
     third output, which it zeroes) instead of counters in a zero-filled work buffer, so MLX fills nothing."""
     n_rep = Hq // Hkv
@@ -141,9 +141,8 @@ def plan(B: int, Hq: int, Hkv: int, M: int, D: int, N: int, chunk: int, bits: in
     nrg = row_groups(D, n_rep, M)
     if chained and (not packed or nrg > CHAIN_SLOTS):
         raise ValueError(f"quantized_sdpa: a chained launch takes a packed cache and at most {CHAIN_SLOTS} row groups")
-    rows_nc = B * Hq * M * nc
-    shapes, dtypes = [(B, Hq, M, D), (rows_nc * (D + 2) + B * Hkv * nrg,)], [dtype, mx.float32]
-    if chained:
+    shapes, dtypes = [(B, Hq, M, D), (B * Hq * M * nc * (D + 2) + B * Hkv * nrg,)], [dtype, mx.float32]
+    if chained:  # the work buffer is not kept past the launch: a verification pass's is megabytes per layer
         shapes.append((B * Hkv * CHAIN_SLOTS,))
         dtypes.append(mx.int32)
     launch_args = dict(output_shapes=shapes, output_dtypes=dtypes, init_value=None if chained else 0,
@@ -161,24 +160,25 @@ def chain_counters(B: int, Hkv: int) -> mx.array:
     return mx.zeros((B * Hkv * CHAIN_SLOTS,), dtype=mx.int32)
 
 
-def launch(plan_: tuple, q: mx.array, kv: Sequence[mx.array], mask: mx.array | None, sinks: mx.array | None, *,
-           params: mx.array) -> mx.array:
-    """One launch; K/V (six parts, or a packed cache's two buffers), q and mask are passed as the views they
-    are (no copies)."""
+def launch(plan_: tuple, q: mx.array, kv: Sequence[mx.array], mask: mx.array | None, sinks: mx.array | None,
+           *scalars: mx.array) -> mx.array:
+    """One launch; K/V (six parts, or a packed cache's buffer), q and mask are passed as the views they are
+    (no copies). scalars: `params` (and a packed cache's row count)."""
     kernel, launch_args = plan_
-    return kernel(inputs=_inputs(q, kv, mask, sinks, params), **launch_args)[0]
+    return kernel(inputs=_inputs(q, kv, mask, sinks, scalars), **launch_args)[0]
 
 
 def launch_chained(plan_: tuple, q: mx.array, kv: Sequence[mx.array], mask: mx.array | None,
-                   sinks: mx.array | None, *, params: mx.array, counters: mx.array) -> tuple[mx.array, mx.array]:
+                   sinks: mx.array | None, params: mx.array, rows: mx.array,
+                   counters: mx.array) -> tuple[mx.array, mx.array]:
     """A chained launch (plan(chained=True)): (output, the counters for the next launch)."""
     kernel, launch_args = plan_
-    out, _, following = kernel(inputs=_inputs(q, kv, mask, sinks, params, counters), **launch_args)
+    out, _, following = kernel(inputs=_inputs(q, kv, mask, sinks, (params, rows, counters)), **launch_args)
     return out, following
 
 
 def _inputs(q: mx.array, kv: Sequence[mx.array], mask: mx.array | None, sinks: mx.array | None,
-            *scalars_and_counters: mx.array) -> list[mx.array]:
+            scalars_and_counters: tuple) -> list[mx.array]:
     """A launch's inputs in the kernel's order (`_kernel`'s input names): the optional ones only where given."""
     inputs = [q, *kv]
     if mask is not None:
