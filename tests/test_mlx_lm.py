@@ -567,6 +567,37 @@ def test_a_packed_row_holds_mlx_lms_parts_on_16_bytes(dtype, D, bits, gs, width)
     assert mx.array_equal(wide, rows).item()
 
 
+def test_kv_pack_kernel_writes_whole_rows_and_serves_only_its_dtypes_row(monkeypatch):
+    """The row kernel's launch (checked without a GPU: the kernel object is recorded, not built) writes one
+    output of the row's width, padding included, a warp per group; a cache row of another dtype (a state
+    assigned with float32 scales, float16 rows added) is packed by `reference`, which casts the scales."""
+    import importlib
+
+    from mlxrewrite.backends.kernels import kv_layout, kv_pack
+
+    cuda = importlib.import_module("mlxrewrite.backends.kernels.kv_pack_cuda")
+    monkeypatch.setattr(mx.fast, "cuda_kernel", lambda **kernel: kernel)
+    cuda._kernel.cache_clear()
+    try:
+        kernel, launch = cuda.plan(2, 3, 5, 64, 64, mx.float16, 64, 4)
+        assert launch["output_shapes"] == [(2, 3, 5, 20)] and launch["output_dtypes"] == [mx.uint32]
+        assert launch["grid"] == (-(-2 * 3 * 5 * 2 * 32 // cuda.THREADS) * cuda.THREADS, 1, 1)
+        assert kernel["output_names"] == ["rows"] and "WIDTH = 20, PAD = 2;" in kernel["source"]
+    finally:
+        cuda._kernel.cache_clear()
+    launched = []
+    monkeypatch.setattr(kv_pack, "on_cuda", lambda: True)
+    monkeypatch.setattr(kv_pack, "_launcher", lambda *key: lambda k, v: launched.append(key) or "kernel rows")
+    keys = mx.random.normal((1, 2, 1, 64)).astype(mx.float16)
+    assert kv_pack.kv_pack(keys, keys, 64, 4, kv_layout.Row.of(64, 64, 64, 4, mx.float16)) == "kernel rows"
+    row32 = kv_layout.Row.of(64, 64, 64, 4, mx.float32)
+    wide = kv_pack.kv_pack(keys, keys, 64, 4, row32)
+    assert len(launched) == 1 and wide.shape == (1, 2, 1, 20)  # 16 words, 4 float32 scales
+    q16 = mx.quantize(keys, 64, 4)
+    assert mx.array_equal(row32.split(wide)[0][1], q16[1].astype(mx.float32)).item()  # float16's scales, widened
+    assert mx.array_equal(wide, row32.join(q16, q16)).item()
+
+
 def test_kv_pack_rows_are_mx_quantizes_and_its_kernel_waits_for_verification():
     from mlxrewrite.backends.kernels import kv_pack
 
