@@ -384,8 +384,9 @@ def _decode_packed(packed, toks, prompt=250, cache=None):
 
 
 def test_packed_cache_is_bitwise_mlx_lms_across_a_buffer_growth():
-    """Two buffers instead of six change no number: logits and every state array are mlx-lm's, through the
-    256-step growth; the cache objects stay the ones passed (turned in place) and read as mlx-lm's."""
+    """One buffer instead of six changes no number: logits and every state array are mlx-lm's, through the
+    256-step growth; the cache objects stay the ones passed (turned in place) and read as mlx-lm's. `nbytes`
+    is the buffer's: mlx-lm's count where rows need no padding, more where they do."""
     from mlxrewrite.mlx_lm import packed_cache
 
     toks = tokens(270)
@@ -397,7 +398,10 @@ def test_packed_cache_is_bitwise_mlx_lms_across_a_buffer_growth():
     assert not any(packed_cache.is_packed(c) for c in plain_cache)
     a, b = _states(plain_cache), _states(packed_cache_list)
     assert len(a) == len(b) and all(x.shape == y.shape and mx.array_equal(x, y).item() for x, y in zip(a, b))
-    assert [c.nbytes for c in plain_cache] == [c.nbytes for c in packed_cache_list]
+    assert [c.nbytes for c in packed_cache_list] == [c._kv.nbytes for c in packed_cache_list]
+    row = packed_cache_list[0]._row
+    assert [c.nbytes * (row.words + row.scale_words) for c in plain_cache] == \
+        [c.nbytes * row.width for c in packed_cache_list]
 
 
 @pytest.mark.skipif(mx.cuda.is_available(), reason="on CUDA the default packs")
@@ -457,14 +461,20 @@ def test_packed_cache_trims_copies_and_takes_a_state_as_mlx_lms():
     half.state = half_plain.state = plain.state  # float32 scales, then float16 rows: both keep float32 scales
     k16, v16 = (a.astype(mx.float16) for a in rows[1])
     assert same(half_plain.update_and_fetch(k16, v16), half.update_and_fetch(k16, v16))
+    assert {a.dtype for a in (*half.keys[1:], *half.values[1:])} == {mx.float32}
     with pytest.raises(TypeError, match="pack expects mlx-lm's QuantizedKVCache, got KVCache"):
         packed_cache.pack(KVCache())
     odd = MlxLm(group_size=32, bits=4)
     odd.update_and_fetch(*rows[0])
     odd.values = (odd.values[0], odd.values[1].astype(mx.float16), odd.values[2])
-    with pytest.raises(ValueError, match="with one scales dtype; got keys"):
+    with pytest.raises(ValueError, match="with one scales dtype and words for its groups; got keys"):
         packed_cache.pack(odd)
     assert type(odd) is MlxLm  # left as it was
+    narrow = packed_cache.pack(MlxLm(group_size=32, bits=4))
+    state_k, state_v, *rest = plain.state
+    narrow.state = (state_k, (state_v[0][..., :4], *state_v[1:]), *rest)  # V's words of a smaller head
+    with pytest.raises(ValueError, match=r"\(4 bits, group size 32\) takes"):
+        narrow.update_and_fetch(*rows[1])
 
 
 def test_a_cache_that_cannot_be_packed_keeps_mlx_lms_layout_and_is_reported(monkeypatch):
@@ -517,6 +527,8 @@ def test_packed_views_give_the_fused_algorithm_mlx_lms_numbers(monkeypatch):
         quantized_sdpa_packed(q, qk.packed._replace(row=qk.packed.row._replace(v_groups=2)), **common)
     with pytest.raises(ValueError, match="is not K and V of one shape with mlx.core.float16 scales"):
         quantized_sdpa_packed(q.astype(mx.float16), qk.packed, **common)
+    with pytest.raises(ValueError, match="is not K and V of one shape"):  # the cache's groups are of 64
+        quantized_sdpa_packed(q, qk.packed, **{**common, "group_size": 32})
 
 
 def test_a_packed_caches_fetches_share_one_kernel_chain_and_a_copy_gets_its_own(monkeypatch):

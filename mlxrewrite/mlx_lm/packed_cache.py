@@ -96,7 +96,7 @@ class QuantizedKVCache(MlxLmQuantizedKVCache):
         self._plain = None
         if keys is None or values is None:
             return
-        _check_packable(keys, values)
+        _check_packable(keys, values, self.group_size, self.bits)
         self._chain = kv_layout.Chain()
         k_dim, v_dim = (parts[1].shape[-1] * self.group_size for parts in (keys, values))
         self._row = kv_layout.Row.of(k_dim, v_dim, self.group_size, self.bits, keys[1].dtype)
@@ -153,19 +153,27 @@ class QuantizedKVCache(MlxLmQuantizedKVCache):
         kv = self._kv[..., :self.offset, :] if self.offset % self.step else self._kv
         self._kv = mx.concatenate([kv, mx.zeros((B, H, steps, self._row.width), dtype=mx.uint32)], axis=-2)
 
+    @property
+    def nbytes(self) -> int:
+        """The memory the cache holds: its buffer, padding included (mlx-lm's count where rows need none)."""
+        return self._kv.nbytes if self._plain is None and self._kv is not None else super().nbytes
+
     def keys_and_values(self) -> tuple[Parts, Parts]:
         if self._plain is not None:
             self._pack()
         return self._rows(self.offset).parts()
 
 
-def _check_packable(keys: Parts, values: Parts) -> None:
+def _check_packable(keys: Parts, values: Parts, group_size: int, bits: int) -> None:
     """mlx-lm's layout as its own update makes it: (weights, scales, biases) each, over the same rows, with
-    one scales dtype (else packing would change the dtype of the state)."""
+    one scales dtype (else packing would change the dtype of the state), words and groups of one head dim at
+    the cache's bits and group size (else the row's parts would be cut at the wrong columns)."""
     if len(keys) != 3 or len(values) != 3 or keys[0].shape[:3] != values[0].shape[:3] or \
-            len({a.dtype for a in (*keys[1:], *values[1:])}) != 1:
-        raise ValueError("a packed QuantizedKVCache takes (weights, scales, biases) for keys and for values over "
-                         f"the same rows, with one scales dtype; got keys {[(a.shape, a.dtype) for a in keys]}, "
+            len({a.dtype for a in (*keys[1:], *values[1:])}) != 1 or \
+            any(p[0].shape[-1] * 32 != bits * group_size * p[1].shape[-1] for p in (keys, values)):
+        raise ValueError(f"a packed QuantizedKVCache ({bits} bits, group size {group_size}) takes (weights, "
+                         "scales, biases) for keys and for values over the same rows, with one scales dtype and "
+                         f"words for its groups; got keys {[(a.shape, a.dtype) for a in keys]}, "
                          f"values {[(a.shape, a.dtype) for a in values]}")
 
 
@@ -175,7 +183,7 @@ def pack(cache: MlxLmQuantizedKVCache) -> QuantizedKVCache:
     if type(cache) is not MlxLmQuantizedKVCache:
         raise TypeError(f"pack expects mlx-lm's QuantizedKVCache, got {type(cache).__name__}")
     if cache.keys is not None:
-        _check_packable(cache.keys, cache.values)
+        _check_packable(cache.keys, cache.values, cache.group_size, cache.bits)
     plain = [vars(cache).pop("keys"), vars(cache).pop("values")]
     cache.__class__ = QuantizedKVCache
     cache._plain, cache._kv, cache._row, cache._layout = plain, None, None, None

@@ -204,7 +204,7 @@ class PackedAttention:
                  mask_kind: int, mask: Shape | None, mask_dtype: mx.Dtype | None, sinks: Shape | None,
                  sinks_dtype: mx.Dtype | None, chain: bool, scale: float, fill: float, impl: str):
         B, H, width = kv
-        part = _packed_rows(B, H, width, row, dtype)
+        part = _packed_rows(B, H, width, row, dtype, group_size, bits)
         _check(q, part, part, group_size, bits, None if mask is None else (*mask, 1), sinks)
         self.mask_kind = mask_kind
         self.chained = chain and cuda.row_groups(q[3], q[1] // H, q[2]) <= cuda.CHAIN_SLOTS
@@ -261,11 +261,13 @@ class PackedAttention:
 _prepared_packed = lru_cache(maxsize=256)(PackedAttention)
 
 
-def _packed_rows(B: int, H: int, width: int, row: kv_layout.Row, dtype: mx.Dtype) -> Shape:
+def _packed_rows(B: int, H: int, width: int, row: kv_layout.Row, dtype: mx.Dtype, group_size: int,
+                 bits: int) -> Shape:
     """The shape of K's (and V's) words over no rows; ValueError where the buffer's rows are not K and V of one
-    shape with scales of the query's dtype, 16-byte aligned, as the kernel reads them."""
+    shape, quantized with `group_size` and `bits`, with scales of the query's dtype, 16-byte aligned, as the
+    kernel reads them."""
     if width != row.width or row.v_words != row.k_words or row.v_groups != row.k_groups or row.dtype != dtype \
-            or width % 4 or row.words % 4:
+            or row.k_words * 32 != bits * group_size * row.k_groups or width % 4 or row.words % 4:
         raise ValueError(f"quantized_sdpa_packed: a buffer of rows of {width} words laid out as {row} is not K and "
                          f"V of one shape with {dtype} scales")
     return (B, H, 0, row.k_words)
