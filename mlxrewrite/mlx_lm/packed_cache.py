@@ -11,8 +11,8 @@ kernel reads the buffer itself, so a step it serves makes no view. The numbers a
 `mx.quantize`'s, and verified so on the device before its kernel is used).
 
 The object stays an mlx-lm `QuantizedKVCache` to every reader: `keys`, `values`, `state` (and so
-`save_prompt_cache`, which writes it as mlx-lm's class, and loading back), `offset`, `trim`, `nbytes`.
-Assigning `keys`/`values`/`state` repacks once. `pack(cache)` turns mlx-lm's object into this class in
+`save_prompt_cache`, which writes it as mlx-lm's class, and loading back), `offset`, `trim`, `nbytes` (the
+memory it holds: mlx-lm's count, and more where its rows are padded). Assigning `keys`/`values`/`state` repacks once. `pack(cache)` turns mlx-lm's object into this class in
 place (one copy of what it holds, once); the mlx-lm wrapper does that on CUDA, where the kernel runs.
 """
 
