@@ -12,8 +12,9 @@ kernel reads the buffer itself, so a step it serves makes no view. The numbers a
 
 The object stays an mlx-lm `QuantizedKVCache` to every reader: `keys`, `values`, `state` (and so
 `save_prompt_cache`, which writes it as mlx-lm's class, and loading back), `offset`, `trim`, `nbytes` (the
-memory it holds: mlx-lm's count, and more where its rows are padded). Assigning `keys`/`values`/`state` repacks once. `pack(cache)` turns mlx-lm's object into this class in
-place (one copy of what it holds, once); the mlx-lm wrapper does that on CUDA, where the kernel runs.
+memory it holds: mlx-lm's count, and more where its rows are padded). Assigning `keys`/`values`/`state`
+repacks once. `pack(cache)` turns mlx-lm's object into this class in place (one copy of what it holds,
+once); the mlx-lm wrapper does that on CUDA, where the kernel runs.
 """
 
 from __future__ import annotations
@@ -130,7 +131,7 @@ class QuantizedKVCache(MlxLmQuantizedKVCache):
 
     def _region_layout(self) -> tuple:
         """What fixes the arrays of this cache's fetches but their rows: a region keys them by it."""
-        self._layout = (self._kv.shape[:2], self._kv.shape[3], self._row)
+        self._layout = (self._kv.shape[:2], self._row)  # the row fixes the buffer's width
         return self._layout
 
     def _settle(self) -> None:

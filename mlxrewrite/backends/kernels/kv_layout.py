@@ -54,13 +54,17 @@ class Row(NamedTuple):
         """Words per row, padding included."""
         return -(-(self.words + self.scale_words) // _ALIGN) * _ALIGN
 
+    @property
+    def pad(self) -> int:
+        """Zero words at the row's end."""
+        return self.width - self.words - self.scale_words
+
     def join(self, k: Parts, v: Parts) -> mx.array:
         """Rows of K's and V's parts (B, H, n, .) in this layout (scales of another dtype cast to this one's)."""
         scales = mx.concatenate([k[1], k[2], v[1], v[2]], axis=-1).astype(self.dtype).view(mx.uint32)
         parts = [k[0], v[0], scales]
-        pad = self.width - self.words - self.scale_words
-        if pad:
-            parts.append(mx.zeros((*scales.shape[:-1], pad), dtype=mx.uint32))
+        if self.pad:
+            parts.append(mx.zeros((*scales.shape[:-1], self.pad), dtype=mx.uint32))
         return mx.concatenate(parts, axis=-1)
 
     def split(self, rows: mx.array) -> tuple[Parts, Parts]:

@@ -44,9 +44,8 @@ def kv_pack(keys: mx.array, values: mx.array, group_size: int, bits: int, row: R
 def packed(keys: mx.array, values: mx.array, group_size: int, bits: int, n: int | None = None,
            chain: Chain | None = None) -> Packed:
     """Rows [:n] (default all) of a packed cache holding keys and values (B, H, N, D) quantized (`reference`)."""
-    rows = reference(keys, values, group_size, bits)
-    return Packed(rows, rows.shape[2] if n is None else n,
-                  Row.of(keys.shape[-1], values.shape[-1], group_size, bits, keys.dtype), chain)
+    row = Row.of(keys.shape[-1], values.shape[-1], group_size, bits, keys.dtype)
+    return Packed(reference(keys, values, group_size, bits, row), keys.shape[2] if n is None else n, row, chain)
 
 
 @lru_cache(maxsize=1024)

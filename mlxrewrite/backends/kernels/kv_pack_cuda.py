@@ -89,9 +89,8 @@ CUDA_TYPES = {mx.float16: "__half", mx.bfloat16: "__nv_bfloat16", mx.float32: "f
 
 @lru_cache(maxsize=None)
 def _kernel(dtype: mx.Dtype, bits: int, group_size: int, row: Row) -> Any:
-    pad = row.width - row.words - row.scale_words
     constants = (f"using T = {CUDA_TYPES[dtype]};\nconstexpr int BITS = {bits}, GS = {group_size}, "
-                 f"GK = {row.k_groups}, GV = {row.v_groups}, WIDTH = {row.width}, PAD = {pad};\n")
+                 f"GK = {row.k_groups}, GV = {row.v_groups}, WIDTH = {row.width}, PAD = {row.pad};\n")
     tag = f"{row.dtype_name}_{bits}_{group_size}_{row.k_groups}_{row.v_groups}_{row.width}"
     return mx.fast.cuda_kernel(name=f"kv_pack_{tag}", input_names=["k", "v"], output_names=["rows"],
                                source=constants + _SOURCE, ensure_row_contiguous=False)
