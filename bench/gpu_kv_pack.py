@@ -1,11 +1,12 @@
 """The packed cache's row kernel on the GPU: bitwise `mx.quantize` over the grid mlx-lm's models use, and its cost.
 
 Run (GPU machine): python3 -m bench.gpu_kv_pack OUT_DIR
-- verified: `kv_pack.verified` (the battery the kernel must pass before it is used) for float16, bfloat16 and
-  float32 rows, bits 4 and 8, group sizes 32/64/128, head dims 64/96/128/256 (and K 192 over V 128);
+- verified: `kv_pack.verified` (the battery the kernel must pass before it is used, its in-place form too)
+  for float16, bfloat16 and float32 rows, bits 4 and 8, group sizes 32/64/128, head dims 64/96/128/256 (and K 192 over V 128);
 - a decode-sized and a prompt-sized comparison with `reference` (two mx.quantize), bitwise;
 - host us to build, and us to build and evaluate, one decode step's rows: the kernel against the two
-  mx.quantize calls plus mlx-lm's six slice updates it replaces.
+  mx.quantize calls plus mlx-lm's six slice updates it replaces, and the kernel plus one slice update against
+  the kernel writing the rows in place (`kv_pack.in_place_writer`, what a packed cache does on CUDA).
 """
 
 from __future__ import annotations
@@ -60,7 +61,9 @@ def main() -> None:
             buffers[3 + i][..., 100:101, :] = v[i]
         return buffers
 
-    kv = mx.zeros((1, 8, 4096, kv_layout.Row.of(128, 128, 64, 8, mx.float16).width), mx.uint32)
+    row = kv_layout.Row.of(128, 128, 64, 8, mx.float16)
+    kv = mx.zeros((1, 8, 4096, row.width), mx.uint32)
+    write, at = kp.in_place_writer(keys, values, 64, 8, row), mx.array(100, dtype=mx.int32)
 
     def packed_update():
         kv[..., 100:101, :] = kp.kv_pack(keys, values, 64, 8)
@@ -70,13 +73,14 @@ def main() -> None:
     for name, fn in (("kv_pack kernel", lambda: kp.kv_pack(keys, values, 64, 8)),
                      ("two mx.quantize", lambda: [mx.quantize(keys, 64, 8), mx.quantize(values, 64, 8)]),
                      ("packed cache update (kernel + 1 slice update)", packed_update),
-                     ("mlx-lm's update (2 quantize + 6 slice updates)", mlx_lm_update)):
+                     ("mlx-lm's update (2 quantize + 6 slice updates)", mlx_lm_update),
+                     *[("packed cache update in place (kernel)", lambda: write(keys, values, kv, at))] * bool(write)):
         build, total = _us(fn)
         timing[name] = {"build_us": round(build, 2), "build_and_eval_us": round(total, 2)}
     record.write_json(out_dir, "kv_pack.json", {
         "verified": f"{len(grid) - len(failed)} of {len(grid)}", "failed": failed,
         "why": {str(k): v for k, v in list(kp.NOT_VERIFIED.items())[:5]}, "bitwise_vs_mx_quantize": compared,
-        "host_us": timing})
+        "in_place_served": write is not None, "host_us": timing})
 
 
 if __name__ == "__main__":

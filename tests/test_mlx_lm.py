@@ -477,6 +477,84 @@ def test_packed_cache_trims_copies_and_takes_a_state_as_mlx_lms():
         narrow.update_and_fetch(*rows[1])
 
 
+def _in_place_on_cpu(monkeypatch, written: list) -> None:
+    """kv_pack's in-place kernel as the CPU can show it: the rows written into the buffer's memory (every array
+    sharing it sees them, as on the GPU), the row count returned; `written` gets each write's first row."""
+    import numpy as np
+
+    from mlxrewrite.backends.kernels import kv_pack
+    from mlxrewrite.core import regions
+    from mlxrewrite.mlx_lm import packed_cache
+
+    def writer(keys, values, group_size, bits, row):
+        def write(keys, values, kv, at):
+            mx.eval(kv)
+            start, n = at.item(), keys.shape[2]
+            np.asarray(memoryview(kv))[:, :, start:start + n] = kv_pack.reference(keys, values, group_size, bits, row)
+            written.append(start)
+            return mx.array(start + n, dtype=mx.int32)
+
+        return write
+
+    monkeypatch.setattr(kv_pack, "in_place_writer", writer)
+    monkeypatch.setattr(regions, "installed", lambda path: path == packed_cache.ATTENTION)
+
+
+def test_a_packed_cache_writes_rows_in_place_only_where_no_array_shows_them(monkeypatch):
+    """On CUDA a token's rows go straight into the buffer (one kernel, no slice update), which MLX does not
+    see: so only rows that no array shows are written so, and every array the cache handed out keeps its
+    numbers. After a state read (views of the whole buffer), a trim below what a fetch showed, a fetch read
+    as views, or a copy (which shares the buffer), the next update writes by ops (a buffer of its own where
+    shared), and the one after goes back in place. Throughout, the rows are mlx-lm's."""
+    import copy
+
+    import numpy as np
+    from mlx_lm.models.cache import QuantizedKVCache as MlxLm
+
+    from mlxrewrite.mlx_lm import packed_cache
+
+    written: list = []
+    _in_place_on_cpu(monkeypatch, written)
+    mx.random.seed(6)
+    plain, packed = MlxLm(group_size=32, bits=4), packed_cache.pack(MlxLm(group_size=32, bits=4))
+    plain.step = packed.step = 16  # a growth on the way
+
+    def step(caches, n=1):
+        k, v = mx.random.normal((1, 2, n, 64)), mx.random.normal((1, 2, n, 64))
+        return [c.update_and_fetch(k, v) for c in caches]
+
+    def rows_agree(plain, packed):
+        want = plain.keys_and_values()
+        got = packed_cache.kv_layout.Packed(packed._kv, packed.offset, packed._row).parts()
+        return all(mx.array_equal(a, b).item() for a, b in zip((*want[0], *want[1]), (*got[0], *got[1])))
+
+    step([plain, packed], 7)
+    step([plain, packed])
+    step([plain, packed])
+    assert written == [0, 7, 8] and rows_agree(plain, packed)
+    held = packed.state  # views of the whole buffer
+    snapshot = [np.array(a) for a in (*held[0], *held[1])]
+    step([plain, packed])
+    step([plain, packed])  # a new buffer: in place again
+    assert written == [0, 7, 8, 10]
+    fetched = step([plain, packed], 6)[1]  # through a growth (to 11 + 16 rows)
+    assert written[-1] == 11 and packed._kv.shape[2] == 27
+    plain.trim(3), packed.trim(3)
+    step([plain, packed])  # below what the fetch showed: by ops
+    step([plain, packed])
+    assert written[-1] == 15 and rows_agree(plain, packed)
+    kept = [np.array(a) for a in (*fetched[0], *fetched[1])]  # a fetch read as views ...
+    step([plain, packed])  # ... so this update writes by ops
+    assert written[-1] == 15
+    twin, plain_twin = copy.deepcopy(packed), copy.deepcopy(plain)
+    step([plain, packed])
+    step([plain_twin, twin])
+    step([plain, packed]), step([plain_twin, twin])
+    assert written[-2:] == [18, 18] and rows_agree(plain, packed) and rows_agree(plain_twin, twin)
+    assert all(np.array_equal(np.array(a), b) for a, b in zip((*held[0], *held[1]), snapshot))
+    assert all(np.array_equal(np.array(a), b) for a, b in zip((*fetched[0], *fetched[1]), kept))
+
+
 def test_a_cache_that_cannot_be_packed_keeps_mlx_lms_layout_and_is_reported(monkeypatch):
     from mlxrewrite.mlx_lm import packed_cache
 
@@ -534,8 +612,8 @@ def test_packed_views_give_the_fused_algorithm_mlx_lms_numbers(monkeypatch):
 def test_a_packed_caches_fetches_share_one_kernel_chain_and_a_copy_gets_its_own(monkeypatch):
     """The fused kernel's launches over one cache are chained through their merge counters (no zero-fill),
     which it writes in place: every fetch of the cache carries the cache's one chain; a repack (state
-    assigned, the buffers' shape may change) and a copy (deepcopy, pickle: launches over the two could run at
-    once) start a new one, while a shallow copy shares it (its launches then run in turn)."""
+    assigned, the buffers' shape may change) and a copy (deepcopy, pickle, copy: launches over the two could
+    run at once) start a new one."""
     import copy
     import pickle
 
@@ -551,9 +629,9 @@ def test_a_packed_caches_fetches_share_one_kernel_chain_and_a_copy_gets_its_own(
     chain = first.packed.chain
     assert chain is second.packed.chain and chain.counters is None
     chain.counters = mx.zeros((32,), dtype=mx.int32)  # what a launch leaves there
-    for twin in (copy.deepcopy(cache), pickle.loads(pickle.dumps(cache))):
+    for twin in (copy.deepcopy(cache), pickle.loads(pickle.dumps(cache)), copy.copy(cache)):
         assert twin._chain is not chain and twin._chain.counters is None
-    assert copy.copy(cache)._chain is chain
+    assert cache._chain is chain
     cache.state = cache.state
     third = cache.update_and_fetch(k[:, :, :1], k[:, :, :1])[0]
     assert third.packed.chain is not chain and third.packed.chain.counters is None

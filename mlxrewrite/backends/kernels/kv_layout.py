@@ -96,13 +96,19 @@ class Chain:
 
 class Packed(NamedTuple):
     """Rows [:n] of a packed cache's buffer `kv` (which may be longer), laid out as `row`.
-    chain: the cache's `Chain` (the CUDA kernel's counters for its next launch over the cache), or None."""
+    chain: the cache's `Chain` (the CUDA kernel's counters for its next launch over the cache), or None.
+    count: where the last rows were written into `kv` in place (`kv_pack.in_place_writer`), that write's
+    row count (n, as an array): a kernel reading the rows takes it, so that it runs after the write."""
 
     kv: mx.array
     n: int
     row: Row
     chain: Chain | None = None
+    count: mx.array | None = None
 
     def parts(self) -> tuple[Parts, Parts]:
-        """mlx-lm's (weights, scales, biases) of K and of V, as views of rows [:n]."""
+        """mlx-lm's (weights, scales, biases) of K and of V, as views of rows [:n] (after waiting for an in-place
+        write: MLX would not order the views' readers after it)."""
+        if self.count is not None:
+            mx.eval(self.count)
         return self.row.split(self.kv if self.n == self.kv.shape[2] else self.kv[:, :, :self.n])

@@ -26,7 +26,7 @@ THREADS = 256
 
 _SOURCE = r"""
 // one warp per group: lane l reads elements l, l + 32, ... for the min and max, then packs word l
-const int64_t total = static_cast<int64_t>(k_shape[0]) * k_shape[1] * k_shape[2] * (GK + GV);
+@COUNT@const int64_t total = static_cast<int64_t>(k_shape[0]) * k_shape[1] * k_shape[2] * (GK + GV);
 const int64_t i = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
 const int lane = threadIdx.x % 32;
 if (i >= total) return;
@@ -63,7 +63,7 @@ const bool at_zero = q0 == 0.0f;
 scale = at_zero ? scale : __fdiv_rn(edge, q0);
 const float bias = at_zero ? 0.f : edge;
 constexpr int WORDS = (GK + GV) * GS * BITS / 32;  // K's and V's words; then the scales and biases as T
-uint32_t* w_row = rows + row * WIDTH;
+@ROW_POINTER@
 if (lane == 0) {
   T* sb_row = reinterpret_cast<T*>(w_row + WORDS);
   const int sb_at = is_v ? 2 * GK + gg : gg;
@@ -84,28 +84,50 @@ if (lane < GS / PER_WORD) {
 }
 """
 
+# Where a group's row goes: its own output (`rows`, contiguous), or, in place, row `at + n` of the cache's buffer
+# `kv` (which the launch takes as an input and writes through its strides), the launch's one output being the
+# row count after it (`count`, from the count before it, `at`)
+_ROWS_OUT = "uint32_t* w_row = rows + row * WIDTH;"
+_ROWS_IN_PLACE = ("uint32_t* w_row = const_cast<uint32_t*>(kv) + b * kv_strides[0] + h * kv_strides[1] + "
+                  "(static_cast<int64_t>(at[0]) + n) * kv_strides[2];")
+_COUNT = ("if (blockIdx.x == 0 && threadIdx.x == 0) count[0] = at[0] + k_shape[2];\n"
+          "if (at[0] + k_shape[2] > kv_shape[2]) return;  // the caller grows the buffer first: never written past\n")
+_NAMES = {False: (["k", "v"], ["rows"]), True: (["k", "v", "kv", "at"], ["count"])}
+
 CUDA_TYPES = {mx.float16: "__half", mx.bfloat16: "__nv_bfloat16", mx.float32: "float"}
 
 
 @lru_cache(maxsize=None)
-def _kernel(dtype: mx.Dtype, bits: int, group_size: int, row: Row) -> Any:
+def _kernel(dtype: mx.Dtype, bits: int, group_size: int, row: Row, in_place: bool = False) -> Any:
     constants = (f"using T = {CUDA_TYPES[dtype]};\nconstexpr int BITS = {bits}, GS = {group_size}, "
                  f"GK = {row.k_groups}, GV = {row.v_groups}, WIDTH = {row.width}, PAD = {row.pad};\n")
     tag = f"{row.dtype_name}_{bits}_{group_size}_{row.k_groups}_{row.v_groups}_{row.width}"
-    return mx.fast.cuda_kernel(name=f"kv_pack_{tag}", input_names=["k", "v"], output_names=["rows"],
-                               source=constants + _SOURCE, ensure_row_contiguous=False)
+    source = _SOURCE.replace("@COUNT@", _COUNT if in_place else "").replace(
+        "@ROW_POINTER@", _ROWS_IN_PLACE if in_place else _ROWS_OUT)
+    inputs, outputs = _NAMES[in_place]
+    return mx.fast.cuda_kernel(name=f"kv_pack{'_in_place' if in_place else ''}_{tag}", input_names=inputs,
+                               output_names=outputs, source=constants + source, ensure_row_contiguous=False)
 
 
-def plan(B: int, H: int, n: int, dk: int, dv: int, dtype: mx.Dtype, group_size: int, bits: int) -> tuple:
+def plan(B: int, H: int, n: int, dk: int, dv: int, dtype: mx.Dtype, group_size: int, bits: int,
+         in_place: bool = False) -> tuple:
     """The kernel and its launch arguments for one shape (kv_pack caches them per shape)."""
     row = Row.of(dk, dv, group_size, bits, dtype)
     threads = -(-B * H * n * (row.k_groups + row.v_groups) * 32 // THREADS) * THREADS  # a warp per group
-    launch_args = dict(output_shapes=[(B, H, n, row.width)], output_dtypes=[mx.uint32], grid=(threads, 1, 1),
+    output = ((), mx.int32) if in_place else ((B, H, n, row.width), mx.uint32)
+    launch_args = dict(output_shapes=[output[0]], output_dtypes=[output[1]], grid=(threads, 1, 1),
                        threadgroup=(THREADS, 1, 1))
-    return _kernel(dtype, bits, group_size, row), launch_args
+    return _kernel(dtype, bits, group_size, row, in_place), launch_args
 
 
 def launch(plan_: tuple, keys: mx.array, values: mx.array) -> mx.array:
     """The packed rows (kv_layout.Row) of keys and values (B, H, n, D)."""
     kernel, launch_args = plan_
     return kernel(inputs=[keys, values], **launch_args)[0]
+
+
+def launch_in_place(plan_: tuple, keys: mx.array, values: mx.array, kv: mx.array, at: mx.array) -> mx.array:
+    """Rows `at` .. `at` + n of the buffer `kv` (B, H, capacity, width) written in place (plan(in_place=True));
+    returns the row count after them (int32, 0-d), the one array that orders the write before its readers."""
+    kernel, launch_args = plan_
+    return kernel(inputs=[keys, values, kv, at], **launch_args)[0]

@@ -236,6 +236,8 @@ class PackedAttention:
         if rows[0] != n:  # the row count changes once per token, and a step's layers share it
             rows = self.rows = self._rows(n)
         _, plan, params, count = rows
+        if packed.count is not None:  # the row count an in-place write of the rows left: read after it
+            count = packed.count
         if not self.chained:
             return cuda.launch(plan, q, (kv,), mask, sinks, params, count)
         chain = packed.chain
